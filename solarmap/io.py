@@ -1,0 +1,344 @@
+"""The edges: reading tiles from rasters, writing GeoPackages atomically.
+
+Reading is windowed (one tile at a time, in row-major order so GDAL's block cache is reused), so
+peak memory depends on the tile size, not on the raster's size.
+
+Pixel values are scaled to floats in [0, 1] with one rule per scene (never per tile, so tiles stay
+comparable):
+
+* 8-bit: divide by 255.
+* other integers: divide by 2**NBITS - 1 when the file declares NBITS (e.g. 12-bit sensors stored in
+  16 bits), else by the 99.8th percentile of a decimated read of the whole raster.
+* floats: kept as they are when that percentile is at most 1 (reflectance), else divided by it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from solarmap.errors import GeoreferenceError, InputError, OutputError
+from solarmap.tiling import Grid, Tile, resampled_grid
+
+DEFAULT_BANDS = (1, 2, 3)
+_SCALE_PERCENTILE = 99.8
+_SCALE_SAMPLE_PX = 1024
+
+
+@dataclass(frozen=True)
+class TileImage:
+    """A tile's pixels: float32 (bands, size, size) in [0, 1], and where they are valid."""
+
+    tile: Tile
+    pixels: np.ndarray
+    valid: np.ndarray
+
+    @property
+    def is_empty(self) -> bool:
+        """No valid pixel, or a uniform black/white fill (collars of mosaics without a nodata tag)."""
+        if not self.valid.any():
+            return True
+        values = self.pixels[:, self.valid]
+        return bool(values.min() == values.max() and values.min() in (0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What solarmap needs to know about a raster before reading tiles from it."""
+
+    path: str
+    source_grid: Grid
+    grid: Grid
+    bands: tuple[int, ...]
+    dtype: str
+    scale: float
+    has_mask: bool
+    block_shape: tuple[int, int]
+
+
+def parse_bands(text: str | None) -> tuple[int, ...]:
+    """'1,2,3' -> (1, 2, 3); None -> RGB default."""
+    if text is None or text == "":
+        return DEFAULT_BANDS
+    try:
+        bands = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        raise InputError(f"--bands takes comma-separated band numbers like 1,2,3, got {text!r}") from None
+    if len(bands) != 3 or min(bands) < 1:
+        raise InputError(f"--bands needs three band numbers (1-based) for R,G,B, got {text!r}")
+    return bands
+
+
+def _open(path: str | os.PathLike):
+    path = str(path)
+    if not path.startswith(("/vsi", "http://", "https://", "s3://")) and not os.path.exists(path):
+        raise InputError(f"input raster not found: {path}")
+    if os.path.isdir(path):
+        raise InputError(f"input is a directory, not a raster: {path}")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else "unreadable"
+        raise InputError(f"cannot read {path} as a raster ({first_line})") from None
+
+
+def _scale_for(dataset, bands: tuple[int, ...]) -> float:
+    dtype = np.dtype(dataset.dtypes[bands[0] - 1])
+    if dtype == np.uint8:
+        return 255.0
+    nbits = dataset.tags(bands[0], ns="IMAGE_STRUCTURE").get("NBITS")
+    if nbits and np.issubdtype(dtype, np.integer):
+        return float(2 ** int(nbits) - 1)
+    factor = max(dataset.width, dataset.height) / _SCALE_SAMPLE_PX
+    out_h = max(1, int(dataset.height / max(factor, 1)))
+    out_w = max(1, int(dataset.width / max(factor, 1)))
+    sample = dataset.read(list(bands), out_shape=(len(bands), out_h, out_w), masked=True,
+                          resampling=Resampling.nearest)
+    values = np.ma.compressed(sample).astype(np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 1.0
+    high = float(np.percentile(values, _SCALE_PERCENTILE))
+    if np.issubdtype(dtype, np.floating) and high <= 1.0:
+        return 1.0
+    return max(high, 1.0)
+
+
+def describe_scene(path: str | os.PathLike, *, bands: Sequence[int] = DEFAULT_BANDS,
+                   gsd_m: float | None = None) -> SceneInfo:
+    """Open ``path`` briefly to check it and work out its grids, bands and value scale."""
+    with _open(path) as dataset:
+        return _describe(dataset, str(path), tuple(bands), gsd_m)
+
+
+def _describe(dataset, path: str, bands: tuple[int, ...], gsd_m: float | None) -> SceneInfo:
+    if dataset.count < max(bands):
+        raise InputError(
+            f"{path} has {dataset.count} band(s) but band {max(bands)} is needed; "
+            f"solarmap needs RGB imagery (pick bands with --bands R,G,B)"
+        )
+    if dataset.crs is None:
+        raise GeoreferenceError(
+            f"{path} has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:32611 {path})"
+        )
+    if dataset.transform == Affine.identity() and not dataset.gcps[0]:
+        raise GeoreferenceError(f"{path} has no geotransform; georeference it first")
+    source_grid = Grid(height=dataset.height, width=dataset.width, transform=dataset.transform,
+                       crs=dataset.crs)
+    flags = [dataset.mask_flag_enums[b - 1] for b in bands]
+    has_mask = dataset.nodata is not None or any(MaskFlags.all_valid not in f for f in flags)
+    return SceneInfo(
+        path=path,
+        source_grid=source_grid,
+        grid=resampled_grid(source_grid, gsd_m),
+        bands=bands,
+        dtype=str(dataset.dtypes[bands[0] - 1]),
+        scale=_scale_for(dataset, bands),
+        has_mask=has_mask,
+        block_shape=tuple(dataset.block_shapes[0]),
+    )
+
+
+class SceneReader:
+    """Reads tiles of one raster on the working grid (resampled to the target GSD if asked).
+
+    Open once, read many tiles, close; use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, bands: Sequence[int] = DEFAULT_BANDS,
+                 gsd_m: float | None = None):
+        self._dataset = _open(path)
+        try:
+            self.info = _describe(self._dataset, str(path), tuple(bands), gsd_m)
+        except Exception:
+            self._dataset.close()
+            raise
+        src, grid = self.info.source_grid, self.info.grid
+        self._fx = src.width / grid.width
+        self._fy = src.height / grid.height
+        self._resampled = (src.width, src.height) != (grid.width, grid.height)
+        downsampling = self._fx > 1 or self._fy > 1
+        self._resampling = Resampling.average if downsampling else Resampling.bilinear
+
+    def __enter__(self) -> "SceneReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._dataset.close()
+
+    def _source_window(self, valid: Window) -> Window:
+        if not self._resampled:
+            return valid
+        return Window(valid.col_off * self._fx, valid.row_off * self._fy,
+                      valid.width * self._fx, valid.height * self._fy)
+
+    def read_tile(self, tile: Tile) -> TileImage:
+        """The tile's pixels (padded with zeros past the raster's edge) and validity mask."""
+        size_h, size_w = int(tile.window.height), int(tile.window.width)
+        valid_h, valid_w = int(tile.valid.height), int(tile.valid.width)
+        src_window = self._source_window(tile.valid)
+        raw = self._dataset.read(list(self.info.bands), window=src_window,
+                                 out_shape=(len(self.info.bands), valid_h, valid_w),
+                                 resampling=self._resampling)
+        pixels = np.zeros((len(self.info.bands), size_h, size_w), dtype=np.float32)
+        scaled = raw.astype(np.float32) / np.float32(self.info.scale)
+        pixels[:, :valid_h, :valid_w] = np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0)
+        valid = np.zeros((size_h, size_w), dtype=bool)
+        if self.info.has_mask:
+            mask = self._dataset.dataset_mask(window=src_window, out_shape=(valid_h, valid_w),
+                                              resampling=Resampling.nearest)
+            valid[:valid_h, :valid_w] = mask > 0
+        else:
+            valid[:valid_h, :valid_w] = True
+        if np.issubdtype(raw.dtype, np.floating):
+            valid[:valid_h, :valid_w] &= np.isfinite(raw).all(axis=0)
+        return TileImage(tile=tile, pixels=pixels, valid=valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output paths and atomic writes
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool, suffixes: Sequence[str] = (".gpkg",)) -> Path:
+    """Fail early, before any work, if ``path`` could not be written at the end."""
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise OutputError(
+            f"output {out} must end in {' or '.join(suffixes)} (solarmap writes GeoPackage)"
+        )
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output directory is not writable: {parent}")
+    if out.is_dir():
+        raise OutputError(f"output path is a directory: {out}")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output exists: {out} (use --overwrite to replace it)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    On any error the temporary file is removed and ``path`` (if it existed) is left untouched.
+    """
+    out = check_output_path(path, overwrite=overwrite, suffixes=(Path(path).suffix.lower(),))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".tmp{out.suffix}", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()  # writers (GDAL) want to create the file themselves
+    try:
+        yield tmp
+        if out.exists() and not overwrite:
+            raise OutputError(f"output exists: {out} (use --overwrite to replace it)")
+        os.replace(tmp, out)
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-journal"), Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+def write_geopackage(frame, path: str | os.PathLike, *, layer: str = "panels",
+                     metadata: dict[str, str] | None = None, style_qml: str | None = None,
+                     style_name: str = "solarmap default", overwrite: bool = False) -> Path:
+    """Write a GeoDataFrame as one GeoPackage layer, with run metadata and a default QGIS style.
+
+    The file appears at ``path`` only when complete (temporary file + rename).
+    """
+    import pyogrio
+
+    out = Path(path)
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        try:
+            pyogrio.write_dataframe(
+                frame, tmp, layer=layer, driver="GPKG",
+                layer_metadata={k: str(v) for k, v in (metadata or {}).items()} or None,
+                promote_to_multi=False,
+            )
+            if style_qml is not None:
+                geometry_column = _gpkg_geometry_column(tmp, layer)
+                add_layer_style(tmp, layer=layer, geometry_column=geometry_column,
+                                qml=style_qml, name=style_name)
+        except OSError as exc:
+            raise OutputError(f"could not write {out}: {exc.strerror or exc}") from None
+        except sqlite3.Error as exc:
+            raise OutputError(f"could not write {out}: {exc}") from None
+    return out
+
+
+def _gpkg_geometry_column(path: Path, layer: str) -> str:
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        row = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?",
+                          (layer,)).fetchone()
+    return row[0] if row else "geom"
+
+
+def add_layer_style(path: str | os.PathLike, *, layer: str, geometry_column: str, qml: str,
+                    name: str) -> None:
+    """Store ``qml`` as the layer's default style in the QGIS ``layer_styles`` table."""
+    with contextlib.closing(sqlite3.connect(path)) as con, con:
+        con.execute(
+            """CREATE TABLE IF NOT EXISTS layer_styles (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256),
+                f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT, styleSLD TEXT,
+                useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30),
+                update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"""
+        )
+        con.execute(
+            "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, description) "
+            "VALUES ('layer_styles', 'attributes', 'layer_styles', 'QGIS layer styles')"
+        )
+        con.execute(
+            "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
+            "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, owner) "
+            "VALUES ('', '', ?, ?, ?, ?, '', 1, ?, 'solarmap')",
+            (layer, geometry_column, name, qml, "Panel outlines graduated by area"),
+        )
+
+
+def read_layer_metadata(path: str | os.PathLike, layer: str = "panels") -> dict[str, str]:
+    """The run metadata stored with a layer by :func:`write_geopackage`."""
+    import pyogrio
+
+    return dict(pyogrio.read_info(path, layer=layer).get("layer_metadata") or {})
+
+
+def write_geotiff(path: str | os.PathLike, array: np.ndarray, *, transform: Affine, crs,
+                  nodata=None, overwrite: bool = False, tiled: bool = True) -> Path:
+    """Write a small (in-memory) array as a compressed GeoTIFF, atomically."""
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    profile = dict(driver="GTiff", height=array.shape[1], width=array.shape[2], count=array.shape[0],
+                   dtype=array.dtype, crs=crs, transform=transform, compress="deflate", nodata=nodata)
+    if tiled and min(array.shape[1:]) >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(array)
+    return Path(path)
+
+
+def block_aligned(info: SceneInfo, stride_px: int) -> bool:
+    """Whether tile reads start on the file's internal block boundaries (no resampling case)."""
+    block_h, block_w = info.block_shape
+    same_grid = info.grid == info.source_grid
+    return same_grid and stride_px % block_h == 0 and stride_px % block_w == 0

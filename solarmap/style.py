@@ -1,0 +1,59 @@
+"""The default QGIS style for the panels layer (stored in the GeoPackage's ``layer_styles`` table).
+
+Outlines, graduated by area so that small residential arrays and large ground-mounted plants read
+differently at a glance; fills are mostly transparent so the imagery stays visible underneath.
+"""
+
+from __future__ import annotations
+
+from xml.sax.saxutils import quoteattr
+
+# (lower m², upper m², outline RGB, label)
+AREA_CLASSES = (
+    (0.0, 20.0, "255,255,0", "< 20 m²"),
+    (20.0, 60.0, "255,170,0", "20 – 60 m²"),
+    (60.0, 250.0, "255,85,0", "60 – 250 m²"),
+    (250.0, 1.0e12, "230,0,169", "≥ 250 m²"),
+)
+
+
+def _fill_symbol(name: int, rgb: str) -> str:
+    options = {
+        "color": f"{rgb},50",
+        "style": "solid",
+        "outline_color": f"{rgb},255",
+        "outline_style": "solid",
+        "outline_width": "0.6",
+        "outline_width_unit": "MM",
+        "joinstyle": "miter",
+    }
+    option_xml = "".join(
+        f'<Option name={quoteattr(k)} type="QString" value={quoteattr(v)}/>' for k, v in options.items()
+    )
+    prop_xml = "".join(f"<prop k={quoteattr(k)} v={quoteattr(v)}/>" for k, v in options.items())
+    return (
+        f'<symbol type="fill" name="{name}" alpha="1" clip_to_extent="1" force_rhr="0">'
+        f'<layer class="SimpleFill" enabled="1" locked="0" pass="0">'
+        f'<Option type="Map">{option_xml}</Option>{prop_xml}'
+        f"</layer></symbol>"
+    )
+
+
+def panels_qml(attribute: str = "area_m2") -> str:
+    """A QGIS QML document: graduated outline renderer on ``attribute`` plus labels-free display."""
+    ranges = "".join(
+        f'<range lower="{lo}" upper="{hi}" symbol="{i}" label={quoteattr(label)} render="true"/>'
+        for i, (lo, hi, _, label) in enumerate(AREA_CLASSES)
+    )
+    symbols = "".join(_fill_symbol(i, rgb) for i, (_, _, rgb, _) in enumerate(AREA_CLASSES))
+    return (
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        '<qgis version="3.28.0" styleCategories="Symbology|Fields|MapTips">'
+        f'<renderer-v2 type="graduatedSymbol" attr={quoteattr(attribute)} graduatedMethod="GraduatedColor" '
+        'symbollevels="0" enableorderby="0" forceraster="0" referencescale="-1">'
+        f"<ranges>{ranges}</ranges><symbols>{symbols}</symbols>"
+        "</renderer-v2>"
+        '<mapTip>[% "area_m2" %] m² — score [% "score" %]</mapTip>'
+        "<layerGeometryType>2</layerGeometryType>"
+        "</qgis>\n"
+    )

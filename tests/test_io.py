@@ -1,0 +1,178 @@
+import os
+import sqlite3
+import xml.dom.minidom
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+from affine import Affine
+
+from conftest import UTM_ORIGIN
+from solarmap.errors import GeoreferenceError, InputError, OutputError
+from solarmap.io import (SceneReader, check_output_path, describe_scene, parse_bands, read_layer_metadata,
+                         write_geopackage)
+from solarmap.style import panels_qml
+from solarmap.tiling import TileSpec, iter_tiles
+
+
+def first_tile(reader, size=16, overlap=0):
+    return next(iter_tiles(reader.info.grid, TileSpec(size, overlap)))
+
+
+def test_read_tile_scales_uint8_and_pads_edges(geotiff):
+    array = np.full((3, 10, 12), 51, dtype=np.uint8)
+    with SceneReader(geotiff(array)) as reader:
+        image = reader.read_tile(first_tile(reader))
+    assert image.pixels.shape == (3, 16, 16) and image.pixels.dtype == np.float32
+    assert image.pixels[:, :10, :12] == pytest.approx(0.2)
+    assert (image.pixels[:, 10:, :] == 0).all() and (image.pixels[:, :, 12:] == 0).all()
+    assert image.valid[:10, :12].all() and not image.valid[10:, :].any() and not image.valid[:, 12:].any()
+
+
+def test_nodata_tiles_are_empty_and_partial_nodata_is_masked(geotiff):
+    array = np.full((3, 32, 16), 100, dtype=np.uint8)
+    array[:, :16, :] = 0  # first tile entirely nodata
+    array[:, 16:20, :4] = 0
+    with SceneReader(geotiff(array, nodata=0)) as reader:
+        assert reader.info.has_mask
+        tiles = list(iter_tiles(reader.info.grid, TileSpec(16, 0)))
+        first, second = (reader.read_tile(t) for t in tiles)
+    assert first.is_empty
+    assert not second.is_empty
+    assert not second.valid[:4, :4].any() and second.valid[4:, :].all()
+
+
+def test_uniform_black_or_white_fill_without_nodata_is_skipped(geotiff):
+    for value in (0, 255):
+        with SceneReader(geotiff(np.full((3, 16, 16), value, dtype=np.uint8))) as reader:
+            assert reader.read_tile(first_tile(reader)).is_empty
+    with SceneReader(geotiff(np.full((3, 16, 16), 90, dtype=np.uint8))) as reader:
+        assert not reader.read_tile(first_tile(reader)).is_empty
+
+
+def test_16_bit_uses_nbits_or_percentile(geotiff):
+    array = np.full((3, 16, 16), 2047, dtype=np.uint16)
+    assert describe_scene(geotiff(array, NBITS=12)).scale == 4095
+    ramp = np.tile(np.arange(256, dtype=np.uint16) * 40, (3, 16, 1))  # max 10200
+    info = describe_scene(geotiff(ramp))
+    assert 9_000 < info.scale <= 10_200
+    with SceneReader(geotiff(ramp)) as reader:
+        pixels = reader.read_tile(first_tile(reader, size=256)).pixels
+    assert pixels.max() == 1.0 and pixels.min() == 0.0
+
+
+def test_float_reflectance_is_kept(geotiff):
+    array = np.full((3, 8, 8), 0.4, dtype=np.float32)
+    with SceneReader(geotiff(array)) as reader:
+        assert reader.info.scale == 1.0
+        image = reader.read_tile(first_tile(reader))
+    assert image.pixels[:, :8, :8] == pytest.approx(0.4)
+
+
+def test_reading_at_a_coarser_gsd_averages(geotiff):
+    array = np.zeros((3, 32, 32), dtype=np.uint8)
+    array[:, :, ::2] = 200  # stripes one pixel wide at 0.5 m
+    with SceneReader(geotiff(array), gsd_m=1.0) as reader:
+        assert (reader.info.grid.height, reader.info.grid.width) == (16, 16)
+        image = reader.read_tile(first_tile(reader))
+    assert image.pixels[:, :16, :16] == pytest.approx(100 / 255, abs=0.01)
+
+
+def test_bands_option_picks_bands(geotiff):
+    array = np.stack([np.full((8, 8), v, np.uint8) for v in (10, 20, 30, 40)])
+    with SceneReader(geotiff(array), bands=parse_bands("4,3,2")) as reader:
+        image = reader.read_tile(first_tile(reader, 8))
+    assert image.pixels[:, 0, 0] * 255 == pytest.approx([40, 30, 20])
+    with pytest.raises(InputError, match="three band numbers"):
+        parse_bands("1,2")
+
+
+@pytest.mark.parametrize("bands", [1, 2])
+def test_too_few_bands_is_an_input_error(geotiff, bands):
+    path = geotiff(np.zeros((bands, 8, 8), np.uint8))
+    with pytest.raises(InputError, match=f"has {bands} band"):
+        describe_scene(path)
+
+
+def test_raster_without_crs_is_refused(geotiff):
+    with pytest.raises(GeoreferenceError, match="no CRS"):
+        describe_scene(geotiff(np.zeros((3, 8, 8), np.uint8), crs=None))
+
+
+def test_missing_and_non_raster_inputs(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        describe_scene(tmp_path / "nope.tif")
+    text = tmp_path / "notes.tif"
+    text.write_text("not a raster")
+    with pytest.raises(InputError, match="cannot read"):
+        describe_scene(text)
+
+
+# ---- GeoPackage --------------------------------------------------------------------------------
+
+def panels(n=2):
+    x0, y0 = UTM_ORIGIN
+    geoms = [shapely.box(x0 + 10 * i, y0, x0 + 10 * i + 3, y0 + 2) for i in range(n)]
+    return gpd.GeoDataFrame({"id": np.arange(1, n + 1), "area_m2": [6.0] * n, "score": [0.9] * n,
+                             "cam_peak": [3.5] * n, "centroid_lon": [-117.0] * n, "centroid_lat": [36.1] * n,
+                             "source": ["a.tif"] * n}, geometry=geoms, crs="EPSG:32611")
+
+
+def test_geopackage_round_trip_with_style_and_metadata(tmp_path):
+    out = tmp_path / "panels.gpkg"
+    write_geopackage(panels(), out, metadata={"model": "m1", "tile_size_px": 299}, style_qml=panels_qml())
+    back = gpd.read_file(out, layer="panels")
+    assert back.crs.to_epsg() == 32611
+    assert list(back.columns[:-1]) == ["id", "area_m2", "score", "cam_peak", "centroid_lon", "centroid_lat", "source"]
+    assert back.geometry.iloc[1].bounds == panels().geometry.iloc[1].bounds
+    assert read_layer_metadata(out) == {"model": "m1", "tile_size_px": "299"}
+    with sqlite3.connect(out) as con:
+        table, column, qml, default = con.execute(
+            "SELECT f_table_name, f_geometry_column, styleQML, useAsDefault FROM layer_styles").fetchone()
+    assert (table, column, default) == ("panels", "geom", 1)
+    doc = xml.dom.minidom.parseString(qml.split("\n", 1)[1])
+    assert doc.getElementsByTagName("renderer-v2")[0].getAttribute("attr") == "area_m2"
+    assert not [p for p in os.listdir(tmp_path) if p != "panels.gpkg"]  # no temporary files left
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path):
+    out = tmp_path / "panels.gpkg"
+    write_geopackage(panels(1), out)
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match="--overwrite"):
+        write_geopackage(panels(3), out)
+    assert out.read_bytes() == before
+    write_geopackage(panels(3), out, overwrite=True)
+    assert len(gpd.read_file(out, layer="panels")) == 3
+
+
+def test_failed_write_leaves_previous_output_intact(tmp_path, monkeypatch):
+    out = tmp_path / "panels.gpkg"
+    write_geopackage(panels(1), out)
+    before = out.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # the features are written, then the disk fills up while the style is added
+    monkeypatch.setattr("solarmap.io.add_layer_style", disk_full)
+    with pytest.raises(OutputError, match="No space left"):
+        write_geopackage(panels(2), out, overwrite=True, style_qml=panels_qml())
+    assert out.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["panels.gpkg"]
+
+
+@pytest.mark.parametrize("name, match", [("missing/dir/out.gpkg", "does not exist"), ("out.shp", "must end in")])
+def test_bad_output_paths(tmp_path, name, match):
+    with pytest.raises(OutputError, match=match):
+        check_output_path(tmp_path / name, overwrite=False)
+
+
+def test_unwritable_output_directory(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(OutputError, match="not writable"):
+        check_output_path(locked / "x.gpkg", overwrite=False)
