@@ -33,6 +33,9 @@ from solarmap.errors import GeoreferenceError, InputError, OutputError
 from solarmap.tiling import Grid, Tile, resampled_grid
 
 DEFAULT_BANDS = (1, 2, 3)
+# GDAL's block cache defaults to 5 % of RAM; row-major tile reads only need about one row of tiles'
+# blocks, so a fixed cache keeps memory flat however large the raster (users may still set their own).
+_DEFAULT_GDAL_CACHEMAX = 256 * 1024 * 1024  # bytes
 _SCALE_PERCENTILE = 99.8
 _SCALE_SAMPLE_PX = 1024
 
@@ -159,11 +162,17 @@ class SceneReader:
 
     def __init__(self, path: str | os.PathLike, *, bands: Sequence[int] = DEFAULT_BANDS,
                  gsd_m: float | None = None):
-        self._dataset = _open(path)
+        self._env = rasterio.Env(**({} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": _DEFAULT_GDAL_CACHEMAX}))
+        self._env.__enter__()
+        try:
+            self._dataset = _open(path)
+        except Exception:
+            self._env.__exit__(None, None, None)
+            raise
         try:
             self.info = _describe(self._dataset, str(path), tuple(bands), gsd_m)
         except Exception:
-            self._dataset.close()
+            self.close()
             raise
         src, grid = self.info.source_grid, self.info.grid
         self._fx = src.width / grid.width
@@ -180,6 +189,7 @@ class SceneReader:
 
     def close(self) -> None:
         self._dataset.close()
+        self._env.__exit__(None, None, None)
 
     def _source_window(self, valid: Window) -> Window:
         if not self._resampled:
@@ -255,6 +265,64 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
                 leftover.unlink()
 
 
+class GeoPackageWriter:
+    """Streams GeoDataFrame chunks into one layer of a temporary GeoPackage beside ``path``.
+
+    ``commit`` adds run metadata and the QGIS style and renames the file onto ``path``; until then
+    (and if anything fails) ``path`` is untouched and the temporary file is removed. Memory stays
+    bounded by one chunk however many polygons a run finds.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, layer: str = "panels", overwrite: bool = False):
+        self.path = Path(path)
+        self.layer = layer
+        self.rows = 0
+        self._stack = contextlib.ExitStack()
+        self._tmp = self._stack.enter_context(atomic_path(self.path, overwrite=overwrite))
+        self._created = False
+
+    def __enter__(self) -> "GeoPackageWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def append(self, frame, *, layer_metadata: dict[str, str] | None = None) -> None:
+        import pyogrio
+
+        try:
+            pyogrio.write_dataframe(frame, self._tmp, layer=self.layer, driver="GPKG", append=self._created,
+                                    geometry_type="Polygon" if not self._created else None,
+                                    promote_to_multi=False, layer_metadata=layer_metadata or None)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"could not write {self.path}: {exc.strerror or exc}") from None
+        self._created = True
+        self.rows += len(frame)
+
+    def commit(self, *, empty_frame, metadata: dict[str, str] | None = None, style_qml: str | None = None,
+               style_name: str = "solarmap default") -> Path:
+        """Finish the file (``empty_frame`` gives the schema if nothing was appended) and rename it."""
+        try:
+            self.append(empty_frame, layer_metadata={k: str(v) for k, v in (metadata or {}).items()})
+            if style_qml is not None:
+                add_layer_style(self._tmp, layer=self.layer, geometry_column=_gpkg_geometry_column(self._tmp, self.layer),
+                                qml=style_qml, name=style_name)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"could not write {self.path}: {exc.strerror or exc}") from None
+        except sqlite3.Error as exc:
+            self.abort()
+            raise OutputError(f"could not write {self.path}: {exc}") from None
+        self._stack.close()  # renames the temporary file onto the target
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file; the target path is left as it was."""
+        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
 def write_geopackage(frame, path: str | os.PathLike, *, layer: str = "panels",
                      metadata: dict[str, str] | None = None, style_qml: str | None = None,
                      style_name: str = "solarmap default", overwrite: bool = False) -> Path:
@@ -262,25 +330,11 @@ def write_geopackage(frame, path: str | os.PathLike, *, layer: str = "panels",
 
     The file appears at ``path`` only when complete (temporary file + rename).
     """
-    import pyogrio
-
-    out = Path(path)
-    with atomic_path(out, overwrite=overwrite) as tmp:
-        try:
-            pyogrio.write_dataframe(
-                frame, tmp, layer=layer, driver="GPKG",
-                layer_metadata={k: str(v) for k, v in (metadata or {}).items()} or None,
-                promote_to_multi=False,
-            )
-            if style_qml is not None:
-                geometry_column = _gpkg_geometry_column(tmp, layer)
-                add_layer_style(tmp, layer=layer, geometry_column=geometry_column,
-                                qml=style_qml, name=style_name)
-        except OSError as exc:
-            raise OutputError(f"could not write {out}: {exc.strerror or exc}") from None
-        except sqlite3.Error as exc:
-            raise OutputError(f"could not write {out}: {exc}") from None
-    return out
+    writer = GeoPackageWriter(path, layer=layer, overwrite=overwrite)
+    with writer:
+        writer.append(frame)
+        return writer.commit(empty_frame=frame.iloc[:0], metadata=metadata, style_qml=style_qml,
+                             style_name=style_name)
 
 
 def _gpkg_geometry_column(path: Path, layer: str) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from solarmap import __version__
 from solarmap.errors import OptionError
-from solarmap.io import DEFAULT_BANDS, SceneReader, TileImage, check_output_path, write_geopackage
+from solarmap.io import DEFAULT_BANDS, GeoPackageWriter, SceneReader, TileImage, check_output_path
 from solarmap.style import panels_qml
 from solarmap.tiling import TileSpec, iter_tiles, tile_grid_shape
 from solarmap.vectorize import SeamMerger, core_pieces, panels_frame, upsample_scores
@@ -122,22 +122,38 @@ def _batches(images: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def detect_scene(path: str | Path, *, scorer: Scorer, config: DetectConfig = DetectConfig(),
-                 progress: ProgressCallback | None = None):
-    """Run the pipeline over one raster; return (GeoDataFrame of panels, DetectStats).
+CHUNK_POLYGONS = 2000
+
+
+def iter_panel_frames(path: str | Path, *, scorer: Scorer, config: DetectConfig, stats: DetectStats,
+                      progress: ProgressCallback | None = None, chunk_polygons: int = CHUNK_POLYGONS):
+    """Run the pipeline over one raster, yielding GeoDataFrames of finished panels as they complete.
 
     Tiles are read, scored and vectorized in row-major order; memory is bounded by one batch of
-    tiles plus the polygons along one row of tile seams.
+    tiles, the polygons along one row of tile seams and one chunk of finished polygons. The last
+    frame yielded may be empty; ids continue across frames. ``stats`` is filled in as it goes.
     """
     started = time.perf_counter()
-    stats = DetectStats()
     spec = config.tile_spec
     with SceneReader(path, bands=config.bands, gsd_m=config.gsd_m) as reader:
         grid = reader.info.grid
         rows, cols = tile_grid_shape(grid, spec)
         stats.tiles_total = rows * cols
         merger = SeamMerger((grid.height, grid.width))
-        finished = []
+        gsd_x, gsd_y = grid.ground_resolution_m()
+        next_id = 1
+
+        def to_frame(pieces):
+            nonlocal next_id
+            t0 = time.perf_counter()
+            frame = panels_frame(pieces, grid_transform=grid.transform, crs=grid.crs,
+                                 source=Path(str(path)).name, min_area_m2=config.min_area_m2,
+                                 simplify_px=config.simplify_m / ((gsd_x + gsd_y) / 2), first_id=next_id)
+            next_id += len(frame)
+            stats.polygons += len(frame)
+            stats.area_m2 += float(frame["area_m2"].sum())
+            stats.stage_seconds["vectorize"] += time.perf_counter() - t0
+            return frame
 
         def read_all() -> Iterator[TileImage]:
             for tile in iter_tiles(grid, spec):
@@ -146,20 +162,28 @@ def detect_scene(path: str | Path, *, scorer: Scorer, config: DetectConfig = Det
                 stats.stage_seconds["read"] += time.perf_counter() - t0
                 yield image
 
+        finished = []
         for batch in _batches(read_all(), config.batch_size):
             finished.extend(_process_batch(batch, scorer, config, merger, stats))
+            if len(finished) >= chunk_polygons:
+                yield to_frame(finished)
+                finished = []
             if progress is not None:
+                stats.seconds = time.perf_counter() - started
                 progress(stats)
-        t0 = time.perf_counter()
         finished.extend(merger.finish())
-        gsd_x, gsd_y = grid.ground_resolution_m()
-        frame = panels_frame(finished, grid_transform=grid.transform, crs=grid.crs,
-                             source=Path(str(path)).name, min_area_m2=config.min_area_m2,
-                             simplify_px=config.simplify_m / ((gsd_x + gsd_y) / 2))
-        stats.stage_seconds["vectorize"] += time.perf_counter() - t0
-    stats.polygons = len(frame)
-    stats.area_m2 = float(frame["area_m2"].sum()) if len(frame) else 0.0
+        yield to_frame(finished)
     stats.seconds = time.perf_counter() - started
+
+
+def detect_scene(path: str | Path, *, scorer: Scorer, config: DetectConfig = DetectConfig(),
+                 progress: ProgressCallback | None = None):
+    """Run the pipeline over one raster; return (GeoDataFrame of panels, DetectStats)."""
+    import pandas as pd
+
+    stats = DetectStats()
+    frames = list(iter_panel_frames(path, scorer=scorer, config=config, stats=stats, progress=progress))
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
     return frame, stats
 
 
@@ -207,12 +231,20 @@ def run_metadata(*, config: DetectConfig, model_name: str, source: str, stats: D
 
 
 def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config: DetectConfig = DetectConfig(),
-                   overwrite: bool = False, progress: ProgressCallback | None = None):
-    """:func:`detect_scene`, then write the GeoPackage atomically. Output is checked before work starts."""
+                   overwrite: bool = False, progress: ProgressCallback | None = None) -> DetectStats:
+    """The pipeline streamed into a GeoPackage at ``out`` (checked before work starts, written atomically)."""
     check_output_path(out, overwrite=overwrite)
-    frame, stats = detect_scene(path, scorer=scorer, config=config, progress=progress)
-    t0 = time.perf_counter()
-    write_geopackage(frame, out, layer="panels", overwrite=overwrite, style_qml=panels_qml(),
-                     metadata=run_metadata(config=config, model_name=scorer.name, source=str(path), stats=stats))
-    stats.stage_seconds["write"] += time.perf_counter() - t0
-    return frame, stats
+    stats = DetectStats()
+    with GeoPackageWriter(out, layer="panels", overwrite=overwrite) as writer:
+        last = None
+        for frame in iter_panel_frames(path, scorer=scorer, config=config, stats=stats, progress=progress):
+            t0 = time.perf_counter()
+            if len(frame):
+                writer.append(frame)
+            last = frame
+            stats.stage_seconds["write"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        writer.commit(empty_frame=last.iloc[:0], style_qml=panels_qml(),
+                      metadata=run_metadata(config=config, model_name=scorer.name, source=str(path), stats=stats))
+        stats.stage_seconds["write"] += time.perf_counter() - t0
+    return stats

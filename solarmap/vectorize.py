@@ -64,36 +64,18 @@ def mask_pieces(mask: np.ndarray, *, row_off: int, col_off: int, score: float = 
     ``row_off``/``col_off`` place the mask's top-left pixel on the grid. ``cam_map`` (same shape)
     gives each piece's CAM peak; without it the peak is the tile score.
     """
-    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return []
-    transform = Affine.translation(col_off, row_off)
-    labels = None
+    labels, count = ndimage.label(mask)  # 4-connected, like shapes(connectivity=4)
     if cam_map is not None:
-        labels, _ = ndimage.label(mask)
+        peaks = ndimage.maximum(cam_map, labels, np.arange(1, count + 1))
+    transform = Affine.translation(col_off, row_off)
     pieces = []
-    for geojson, _ in shapes(mask, mask=mask.astype(bool), connectivity=4, transform=transform):
-        polygon = shape(geojson)
-        peak = score
-        if labels is not None:
-            # any interior pixel of the polygon identifies its component
-            col, row = _interior_pixel(polygon, row_off, col_off)
-            component = labels == labels[row, col]
-            peak = float(cam_map[component].max())
-        pieces.append(Piece(geometry=polygon, score=float(score), cam_peak=float(peak)))
+    for geojson, label in shapes(labels.astype(np.int32), mask=mask, connectivity=4, transform=transform):
+        peak = score if cam_map is None else float(peaks[int(label) - 1])
+        pieces.append(Piece(geometry=shape(geojson), score=float(score), cam_peak=peak))
     return pieces
-
-
-def _interior_pixel(polygon: Polygon, row_off: int, col_off: int) -> tuple[int, int]:
-    # The first exterior vertex is a pixel corner; the pixel just inside the ring at that corner
-    # is found by testing the four pixels around it.
-    x0, y0 = polygon.exterior.coords[0]
-    for dx, dy in ((0, 0), (-1, 0), (0, -1), (-1, -1)):
-        centre = shapely.Point(x0 + dx + 0.5, y0 + dy + 0.5)
-        if polygon.contains(centre):
-            return int(x0 + dx - col_off), int(y0 + dy - row_off)
-    point = polygon.representative_point()
-    return int(point.x - col_off), int(point.y - row_off)
 
 
 def core_pieces(tile: Tile, mask: np.ndarray, *, score: float = 1.0,
