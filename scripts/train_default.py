@@ -1,0 +1,127 @@
+"""Train the bundled default model: Fresno chips + synthetic towns, classifier -> branch1 -> branch2.
+
+Resumable: every stage checkpoints each epoch under --workdir and a finished stage is skipped on
+the next run, so an interrupted job continues where it stopped:
+
+    python scripts/train_default.py --workdir ~/solarmap-train --chips ../shared/data/duke-fresno-pv
+
+Splits are deterministic (hash of each chip id / tile key): Fresno 65 % train, 15 % validation
+(checkpoint selection and threshold choice), 20 % test (reported, never used for any choice).
+Synthetic training towns use seeds 1..N; validation and test towns use disjoint seed ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from solarmap import model as model_lib
+from solarmap.train import (TrainConfig, binary_scores, load_chips, predict_probabilities, split_samples,
+                            synthetic_samples, train_stage)
+
+SYNTH_TRAIN_SEEDS = range(1, 25)
+SYNTH_VAL_SEEDS = range(101, 105)
+SYNTH_TEST_SEEDS = range(201, 207)
+STAGE_PLAN = {
+    "classifier": dict(epochs=30, lr=2e-3, batch_size=32),
+    "branch1": dict(epochs=12, lr=1e-3, batch_size=64),
+    "branch2": dict(epochs=12, lr=1e-3, batch_size=64),
+}
+
+
+def log_line(workdir: Path, text: str) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {text}"
+    print(line, flush=True)
+    with open(workdir / "train.log", "a") as fh:
+        fh.write(line + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path.home() / "solarmap-train")
+    parser.add_argument("--chips", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data/duke-fresno-pv")
+    parser.add_argument("--chip-gsd", type=float, default=0.3)
+    parser.add_argument("--town-px", type=int, default=1024)
+    parser.add_argument("--real-repeat", type=int, default=2, help="Oversample real chips in training.")
+    parser.add_argument("--out", type=Path, default=model_lib.DEFAULT_MODEL_PATH)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    workdir = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    say = lambda text: log_line(workdir, text)  # noqa: E731
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    config = model_lib.ModelConfig()
+    if not args.chips.is_dir():
+        sys.exit(f"Fresno chips not found at {args.chips} (pass --chips)")
+    t0 = time.perf_counter()
+    chips = load_chips(args.chips, chip_gsd_m=args.chip_gsd, model=config)
+    real_train, real_val, real_test = split_samples(chips, val_fraction=0.15, test_fraction=0.20)
+    synth_train = synthetic_samples(workdir / "towns", seeds=SYNTH_TRAIN_SEEDS, size_px=args.town_px, model=config)
+    synth_val = synthetic_samples(workdir / "towns", seeds=SYNTH_VAL_SEEDS, size_px=args.town_px, model=config)
+    synth_test = synthetic_samples(workdir / "towns", seeds=SYNTH_TEST_SEEDS, size_px=args.town_px, model=config)
+    say(f"data ready in {time.perf_counter() - t0:.0f} s: real train/val/test "
+        f"{len(real_train)}/{len(real_val)}/{len(real_test)} "
+        f"(positives {sum(s.label for s in real_train)}/{sum(s.label for s in real_val)}/{sum(s.label for s in real_test)}); "
+        f"synthetic train/val/test {len(synth_train)}/{len(synth_val)}/{len(synth_test)} "
+        f"(positives {sum(s.label for s in synth_train)}/{sum(s.label for s in synth_val)}/{sum(s.label for s in synth_test)})")
+    train = real_train * args.real_repeat + synth_train
+    val = real_val + synth_val
+
+    net = model_lib.SolarNet(config).to(memory_format=torch.channels_last)
+    results = {}
+    for stage, plan in STAGE_PLAN.items():
+        done = workdir / f"{stage}.done.json"
+        if done.exists():
+            net.load_state_dict(torch.load(workdir / f"{stage}.final.pt", map_location="cpu", weights_only=True))
+            results[stage] = json.loads(done.read_text())
+            if stage != "classifier":
+                net.config = replace(net.config, branch_levels=int(stage[-1]))
+            say(f"{stage}: already done (best epoch {results[stage]['best_epoch']}), skipping")
+            continue
+        result = train_stage(net, train, val, TrainConfig(stage=stage, **plan), workdir=workdir, progress=say)
+        torch.save(net.state_dict(), workdir / f"{stage}.final.pt")
+        results[stage] = {k: v for k, v in asdict(result).items() if k != "history"}
+        done.write_text(json.dumps(results[stage], indent=1))
+        say(f"{stage}: done in {result.seconds / 60:.1f} min, best epoch {result.best_epoch}: {result.val}")
+
+    # calibrate on validation data only; report on test data only
+    x_val = torch.from_numpy(np.stack([s.pixels for s in val]))
+    y_val = np.array([s.label for s in val])
+    p_val = predict_probabilities(net, x_val)
+    thresholds = np.linspace(0.05, 0.95, 91)
+    f1s = [binary_scores(y_val, p_val >= t).f1 for t in thresholds]
+    decision = float(thresholds[int(np.argmax(f1s))])
+    with torch.inference_mode():
+        pos = x_val[torch.from_numpy(y_val == 1)]
+        cams = torch.cat([net.branch_cam(net.mixed_5d(pos[i:i + 64])) for i in range(0, len(pos), 64)])
+    cam_scale = float(torch.quantile(cams.flatten(1).max(dim=1).values, 0.5))
+    metrics = {}
+    for name, samples in (("fresno_test", real_test), ("synthetic_test", synth_test), ("fresno_val", real_val)):
+        x = torch.from_numpy(np.stack([s.pixels for s in samples]))
+        y = np.array([s.label for s in samples])
+        metrics[name] = asdict(binary_scores(y, predict_probabilities(net, x) >= decision))
+        say(f"{name} at threshold {decision:.2f}: {metrics[name]}")
+    net.config = replace(net.config, decision_threshold=decision, cam_scale=cam_scale, metrics=metrics,
+                         provenance={"script": "scripts/train_default.py", "chips": str(args.chips.name),
+                                     "chip_gsd_m": args.chip_gsd, "synthetic_train_seeds": [min(SYNTH_TRAIN_SEEDS), max(SYNTH_TRAIN_SEEDS)],
+                                     "stages": results, "trained": time.strftime("%Y-%m-%d")})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    model_lib.save(net, args.out, half=True)
+    say(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB); decision threshold {decision:.2f}, "
+        f"cam scale {cam_scale:.3f}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

@@ -1,0 +1,429 @@
+"""Greedy layerwise training: classifier, then branch level 1, then branch level 2.
+
+Each stage trains only its own parameters; everything else is frozen (``requires_grad`` off and
+batch-norm statistics fixed), so earlier stages are bit-identical afterwards. Because the backbone
+is frozen during the branch stages, its ``Mixed_5d`` features are computed once per training tile
+(and per rot90/flip variant) and cached: a branch epoch then costs only the branch convolutions.
+
+Image-level labels only. Sources: folders/CSVs of labelled chips (not georeferenced; their GSD is
+given) and georeferenced scenes with truth polygons (a tile is positive when it holds at least
+``min_panel_m2`` of panel, negative when it holds none, and left out in between).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from solarmap.errors import InputError, OptionError
+from solarmap.model import ModelConfig, SolarNet
+
+log = logging.getLogger(__name__)
+
+STAGES = ("classifier", "branch1", "branch2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training tile: float32 (3, size, size) in [0, 1], its label and where it came from."""
+
+    pixels: np.ndarray
+    label: int
+    source: str
+    key: str
+
+
+def _resample_to(pixels: np.ndarray, factor: float) -> np.ndarray:
+    """Resize (3, h, w) by ``factor`` (area average when shrinking, bilinear when enlarging)."""
+    if abs(factor - 1.0) < 1e-6:
+        return pixels
+    t = torch.from_numpy(pixels)[None]
+    size = (max(1, round(pixels.shape[1] * factor)), max(1, round(pixels.shape[2] * factor)))
+    mode = "area" if factor < 1 else "bilinear"
+    out = F.interpolate(t, size=size, mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    return out[0].numpy()
+
+
+def fit_tile(pixels: np.ndarray, size_px: int) -> np.ndarray:
+    """Centre-crop or reflect-pad (3, h, w) to (3, size, size)."""
+    _, h, w = pixels.shape
+    if h > size_px:
+        top = (h - size_px) // 2
+        pixels = pixels[:, top: top + size_px]
+    if w > size_px:
+        left = (w - size_px) // 2
+        pixels = pixels[:, :, left: left + size_px]
+    _, h, w = pixels.shape
+    if h < size_px or w < size_px:
+        ph, pw = size_px - h, size_px - w
+        mode = "reflect" if ph < h and pw < w else "edge"
+        pixels = np.pad(pixels, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode=mode)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any raster image (georeferenced or not) as float32 (3, h, w) in [0, 1]."""
+    import rasterio
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            src = rasterio.open(path)
+        with src:
+            if src.count < 3:
+                raise InputError(f"{path} has {src.count} band(s); RGB images are needed")
+            data = src.read([1, 2, 3])
+    except rasterio.errors.RasterioIOError:
+        raise InputError(f"cannot read image {path}") from None
+    scale = 255.0 if data.dtype == np.uint8 else max(float(np.percentile(data, 99.8)), 1.0)
+    return np.clip(data.astype(np.float32) / scale, 0, 1)
+
+
+def load_chips(source: str | Path, *, chip_gsd_m: float, model: ModelConfig) -> list[Sample]:
+    """Labelled chips: a folder with ``labels.csv`` (id,label) and ``chips/ID.tif``, or a CSV of path,label."""
+    source = Path(source)
+    rows: list[tuple[Path, int, str]] = []
+    if source.is_dir():
+        table = source / "labels.csv"
+        if not table.exists():
+            raise InputError(f"{source} has no labels.csv (expected columns id,label and chips/ID.tif)")
+        with open(table, newline="") as fh:
+            for row in csv.DictReader(fh):
+                rows.append((source / "chips" / f"{row['id']}.tif", int(row["label"]), row["id"]))
+    elif source.suffix.lower() == ".csv":
+        with open(source, newline="") as fh:
+            for row in csv.DictReader(fh):
+                path = Path(row["path"])
+                rows.append((path if path.is_absolute() else source.parent / path, int(row["label"]), row["path"]))
+    else:
+        raise InputError(f"chip source must be a folder with labels.csv or a CSV file: {source}")
+    factor = chip_gsd_m / model.gsd_m
+    samples = []
+    for path, label, key in rows:
+        pixels = fit_tile(_resample_to(read_image(path), factor), model.train_tile_px)
+        samples.append(Sample(pixels=pixels, label=int(label > 0), source=source.name, key=f"{source.name}:{key}"))
+    return samples
+
+
+def scene_samples(scene: str | Path, truth: str | Path, *, model: ModelConfig, min_panel_m2: float = 2.0,
+                  stride_px: int | None = None) -> list[Sample]:
+    """Tiles of a georeferenced scene at the model's GSD, labelled from truth polygons."""
+    import geopandas as gpd
+    from rasterio.features import rasterize
+
+    from solarmap.io import SceneReader
+    from solarmap.tiling import TileSpec, iter_tiles
+
+    size = model.train_tile_px
+    spec = TileSpec(size, size - (stride_px or size))
+    truth_frame = gpd.read_file(truth, layer="panels")
+    samples = []
+    with SceneReader(scene, gsd_m=model.gsd_m) as reader:
+        grid = reader.info.grid
+        if truth_frame.crs is not None and not truth_frame.crs.equals(grid.crs.to_wkt()):
+            truth_frame = truth_frame.to_crs(grid.crs.to_wkt())
+        gx, gy = grid.ground_resolution_m()
+        pixel_m2 = gx * gy
+        for tile in iter_tiles(grid, spec):
+            if tile.valid.width < size or tile.valid.height < size:
+                continue  # only whole tiles for training
+            image = reader.read_tile(tile)
+            if image.is_empty:
+                continue
+            shapes = [(g, 1) for g in truth_frame.geometry if g is not None]
+            panel_px = rasterize(shapes, out_shape=(size, size), transform=tile.transform).sum() if shapes else 0
+            panel_m2 = panel_px * pixel_m2
+            if 0 < panel_m2 < min_panel_m2:
+                continue  # ambiguous: a sliver of an array
+            samples.append(Sample(pixels=image.pixels, label=int(panel_m2 > 0), source=Path(scene).parent.name,
+                                  key=f"{Path(scene).parent.name}:{tile.tile_row}:{tile.tile_col}"))
+    return samples
+
+
+def synthetic_samples(out_dir: str | Path, *, seeds: Sequence[int], size_px: int, model: ModelConfig,
+                      min_panel_m2: float = 2.0) -> list[Sample]:
+    """Render (or reuse) synthetic towns under ``out_dir`` and cut them into labelled tiles."""
+    from solarmap.synth import SynthConfig, render_town, write_town
+
+    samples = []
+    for seed in seeds:
+        town_dir = Path(out_dir) / f"town_{seed}"
+        if not (town_dir / "truth.gpkg").exists():
+            write_town(render_town(SynthConfig(size_px=size_px, gsd_m=model.gsd_m, seed=seed)), town_dir,
+                       overwrite=True)
+        samples += scene_samples(town_dir / "scene.tif", town_dir / "truth.gpkg", model=model,
+                                 min_panel_m2=min_panel_m2)
+    return samples
+
+
+def split_samples(samples: Sequence[Sample], *, val_fraction: float, test_fraction: float
+                  ) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Deterministic train/val/test split by a hash of each sample's key (stable as data grow)."""
+    train, val, test = [], [], []
+    for s in samples:
+        u = (zlib.crc32(s.key.encode()) % 10_000) / 10_000
+        (test if u < test_fraction else val if u < test_fraction + val_fraction else train).append(s)
+    return train, val, test
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, augmentation
+
+
+@dataclass(frozen=True)
+class Scores:
+    precision: float
+    recall: float
+    f1: float
+    accuracy: float
+    n: int
+    positives: int
+
+    def line(self) -> str:
+        return (f"precision {self.precision:.3f} recall {self.recall:.3f} F1 {self.f1:.3f} "
+                f"accuracy {self.accuracy:.3f} (n={self.n}, positives={self.positives})")
+
+
+def binary_scores(labels: np.ndarray, predicted: np.ndarray) -> Scores:
+    labels, predicted = np.asarray(labels).astype(bool), np.asarray(predicted).astype(bool)
+    tp = int((labels & predicted).sum())
+    fp = int((~labels & predicted).sum())
+    fn = int((labels & ~predicted).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return Scores(precision, recall, f1, float((labels == predicted).mean()) if len(labels) else 0.0,
+                  len(labels), int(labels.sum()))
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 rot90/flip variants of (batch, c, h, w) images (k in 0..7)."""
+    x = torch.rot90(x, k % 4, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if k >= 4 else x
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random rot90/flip per batch plus mild per-image brightness/contrast jitter."""
+    k = int(torch.randint(0, 8, (1,), generator=generator))
+    x = dihedral(x, k)
+    b = x.shape[0]
+    gain = 1 + 0.15 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 2
+    bias = 0.05 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 2
+    return (x * gain + bias).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    augmentations: int = 4  # cached dihedral variants per tile for branch stages
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise OptionError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
+            raise OptionError("epochs, batch size and learning rate must be positive")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    epochs_run: int
+    best_epoch: int
+    val: dict
+    seconds: float
+    history: list = field(default_factory=list)
+
+
+ProgressFn = Callable[[str], None]
+
+
+def _stack(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    if not samples:
+        return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
+    return (torch.from_numpy(np.stack([s.pixels for s in samples])),
+            torch.tensor([s.label for s in samples], dtype=torch.long))
+
+
+def freeze_all_but(model: SolarNet, trainable: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter, then unfreeze those of ``trainable``; returns the trainable ones."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for module in trainable:
+        for p in module.parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def _class_weights(labels: torch.Tensor) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=2).float().clamp(min=1)
+    return (counts.sum() / (2 * counts)).float()
+
+
+@torch.inference_mode()
+def predict_probabilities(model: SolarNet, pixels: torch.Tensor, *, batch_size: int = 64,
+                          level: int | None = None) -> np.ndarray:
+    """Positive-class probability of the main classifier (``level`` None) or a branch level's head."""
+    model.eval()
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        f5d = model.mixed_5d(pixels[i: i + batch_size])
+        logits = model.classify_7c(model.mixed_7c(f5d)) if level is None else model.branch_logits(f5d, level)
+        out.append(torch.softmax(logits.float(), dim=1)[:, 1])
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample], config: TrainConfig, *,
+                workdir: str | Path, progress: ProgressFn = log.info) -> StageResult:
+    """Train one greedy stage, checkpointing every epoch under ``workdir`` (resumes if interrupted).
+
+    The weights of the epoch with the best validation F1 are kept in ``model`` at the end.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    level = {"classifier": 0, "branch1": 1, "branch2": 2}[config.stage]
+    if level and model.config.branch_levels < level - 1:
+        raise OptionError(f"stage {config.stage} needs branch level {level - 1} trained first")
+    x_train, y_train = _stack(train)
+    x_val, y_val = _stack(val)
+    if len(x_train) == 0:
+        raise InputError("no training samples")
+    if level == 0:
+        params = freeze_all_but(model, [model.backbone])
+        inputs = x_train
+    else:
+        params = freeze_all_but(model, [model.branch[level - 1], model.branch_heads[level - 1]])
+        inputs = _cached_features(model, x_train, config, workdir, progress)
+        y_train = y_train.repeat(config.augmentations)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(inputs) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
+                                                    pct_start=0.15)
+    weights = _class_weights(y_train)
+    state_path = workdir / f"{config.stage}.state.pt"
+    start_epoch, best, history = 0, (-1.0, -1), []
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        if "torch_rng" in state:  # states written before it was saved
+            torch.set_rng_state(state["torch_rng"])
+        start_epoch, best, history = state["epoch"], tuple(state["best"]), state["history"]
+        progress(f"{config.stage}: resuming after epoch {start_epoch}")
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        _set_train_mode(model, level)
+        order = torch.randperm(len(inputs), generator=generator)
+        total_loss = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * config.batch_size: (step + 1) * config.batch_size]
+            if level == 0:
+                logits = model(augment(inputs[idx], generator))
+            else:
+                logits = model.branch_logits(inputs[idx].float(), level)
+            loss = F.cross_entropy(logits, y_train[idx], weight=weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(idx)
+        probs = predict_probabilities(model, x_val, level=level or None) if len(x_val) else np.zeros(0)
+        scores = binary_scores(y_val.numpy(), probs >= 0.5)
+        entry = {"epoch": epoch + 1, "loss": total_loss / len(inputs), "val": asdict(scores),
+                 "seconds": time.perf_counter() - t0}
+        history.append(entry)
+        if scores.f1 > best[0]:
+            best = (scores.f1, epoch + 1)
+            torch.save(model.state_dict(), workdir / f"{config.stage}.best.pt")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best,
+                    "history": history}, state_path)
+        progress(f"{config.stage} epoch {epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}, "
+                 f"val {scores.line()}, {entry['seconds']:.0f} s")
+    best_state = workdir / f"{config.stage}.best.pt"
+    if best_state.exists():
+        model.load_state_dict(torch.load(best_state, map_location="cpu", weights_only=True))
+    model.eval()
+    if level:
+        model.config = replace(model.config, branch_levels=level)
+    best_val = next((h["val"] for h in history if h["epoch"] == best[1]), {})
+    (workdir / f"{config.stage}.history.json").write_text(json.dumps(history, indent=1))
+    return StageResult(stage=config.stage, epochs_run=len(history), best_epoch=best[1], val=best_val,
+                       seconds=time.perf_counter() - started, history=history)
+
+
+def _set_train_mode(model: SolarNet, level: int) -> None:
+    """Only the stage's own modules in train mode: frozen batch-norm statistics must not move."""
+    model.eval()
+    if level == 0:
+        model.backbone.train()
+    else:
+        model.branch[level - 1].train()
+        model.branch_heads[level - 1].train()
+
+
+@torch.inference_mode()
+def _cached_features(model: SolarNet, pixels: torch.Tensor, config: TrainConfig, workdir: Path,
+                     progress: ProgressFn) -> torch.Tensor:
+    """Mixed_5d features (fp16) of every tile under ``augmentations`` dihedral variants, cached on disk.
+
+    The cache is keyed by a digest of the frozen backbone weights and the inputs, so it is reused
+    across the two branch stages and across resumed runs, and never reused after the backbone changed.
+    """
+    digest = _tensor_digest([pixels] + [p for p in model.backbone.state_dict().values()])
+    path = workdir / f"features_{digest}_{config.augmentations}.pt"
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    model.eval()
+    chunks = []
+    t0 = time.perf_counter()
+    for k in range(config.augmentations):
+        for i in range(0, len(pixels), 64):
+            chunks.append(model.mixed_5d(dihedral(pixels[i: i + 64], k)).half())
+        progress(f"caching Mixed_5d features: variant {k + 1}/{config.augmentations} "
+                 f"({time.perf_counter() - t0:.0f} s)")
+    features = torch.cat(chunks)
+    torch.save(features, path)
+    return features
+
+
+def _tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
+    h = 0
+    for t in tensors:
+        h = zlib.crc32(t.detach().contiguous().cpu().numpy().tobytes(), h)
+    return f"{h:08x}"

@@ -1,0 +1,159 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from dataclasses import replace
+
+from conftest import write_tif
+from solarmap import model as M
+from solarmap.errors import InputError, OptionError
+from solarmap.train import (Sample, TrainConfig, binary_scores, dihedral, fit_tile, load_chips, scene_samples,
+                            split_samples, train_stage)
+
+
+def toy_samples(n, size=80, seed=0):
+    """Positives have a dark blue square; negatives don't (a learnable toy problem)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        pixels = rng.uniform(0.4, 0.7, (3, size, size)).astype(np.float32)
+        label = i % 2
+        if label:
+            r, c = rng.integers(0, size - 20, 2)
+            pixels[:, r:r + 20, c:c + 20] = np.array([0.05, 0.07, 0.2], np.float32)[:, None, None]
+        samples.append(Sample(pixels=pixels, label=label, source="toy", key=f"toy:{seed}:{i}"))
+    return samples
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_identical(before, module):
+    after = module.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return M.SolarNet(M.ModelConfig.tiny())
+
+
+def test_branch_stages_leave_everything_else_bit_identical(net, tmp_path):
+    train, val = toy_samples(12), toy_samples(6, seed=1)
+    cfg = dict(epochs=1, batch_size=6, augmentations=2)
+    train_stage(net, train, val, TrainConfig(stage="classifier", **cfg), workdir=tmp_path, progress=lambda s: None)
+    backbone = snapshot(net.backbone)
+    untouched_level2 = snapshot(net.branch[1])
+    result = train_stage(net, train, val, TrainConfig(stage="branch1", lr=1e-2, **cfg), workdir=tmp_path,
+                         progress=lambda s: None)
+    assert result.epochs_run == 1 and net.config.branch_levels == 1
+    assert_identical(backbone, net.backbone)  # weights *and* batch-norm running statistics
+    assert_identical(untouched_level2, net.branch[1])
+    level1 = snapshot(net.branch[0])
+    level1_head = snapshot(net.branch_heads[0])
+    before_level2 = snapshot(net.branch[1])
+    train_stage(net, train, val, TrainConfig(stage="branch2", lr=1e-2, **cfg), workdir=tmp_path, progress=lambda s: None)
+    assert net.config.branch_levels == 2
+    assert_identical(backbone, net.backbone)
+    assert_identical(level1, net.branch[0])
+    assert_identical(level1_head, net.branch_heads[0])
+    changed = net.branch[1].state_dict()
+    assert not torch.equal(before_level2["weight"], changed["weight"])  # the new level did learn
+
+
+def test_branch2_needs_branch1(net, tmp_path):
+    with pytest.raises(OptionError, match="branch level 1 trained first"):
+        train_stage(net, toy_samples(4), [], TrainConfig(stage="branch2", epochs=1), workdir=tmp_path)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    train, val = toy_samples(8), toy_samples(4, seed=1)
+    cfg = TrainConfig(stage="branch1", epochs=3, batch_size=4, augmentations=2, lr=1e-2)
+
+    def fresh():
+        torch.manual_seed(0)
+        return M.SolarNet(M.ModelConfig.tiny())
+
+    straight = fresh()
+    train_stage(straight, train, val, cfg, workdir=tmp_path / "a", progress=lambda s: None)
+
+    def stop_after_first_epoch(line):
+        if "epoch 1/3" in line:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_stage(fresh(), train, val, cfg, workdir=tmp_path / "b", progress=stop_after_first_epoch)
+    lines = []
+    resumed = fresh()
+    train_stage(resumed, train, val, cfg, workdir=tmp_path / "b", progress=lines.append)
+    assert lines[0] == "branch1: resuming after epoch 1"
+    assert [line.split(":")[0] for line in lines[1:] if "epoch" in line] == ["branch1 epoch 2/3", "branch1 epoch 3/3"]
+    history = json.loads((tmp_path / "b" / "branch1.history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert torch.equal(straight.branch[0].weight, resumed.branch[0].weight)
+    assert torch.equal(straight.branch_heads[0].weight, resumed.branch_heads[0].weight)
+
+
+def test_stage_names_are_checked():
+    with pytest.raises(OptionError, match="stage must be one of"):
+        TrainConfig(stage="everything")
+
+
+def test_binary_scores():
+    s = binary_scores(np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 1]))
+    assert (s.precision, s.recall) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+
+
+def test_dihedral_variants_are_distinct_and_invertible():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    variants = {tuple(dihedral(x, k).flatten().tolist()) for k in range(8)}
+    assert len(variants) == 8
+
+
+def test_fit_tile_crops_and_pads():
+    assert fit_tile(np.zeros((3, 120, 90), np.float32), 101).shape == (3, 101, 101)
+
+
+def test_split_is_deterministic_and_disjoint():
+    samples = toy_samples(200)
+    a = split_samples(samples, val_fraction=0.15, test_fraction=0.2)
+    b = split_samples(list(reversed(samples)), val_fraction=0.15, test_fraction=0.2)
+    assert [sorted(s.key for s in part) for part in a] == [sorted(s.key for s in part) for part in b]
+    keys = [set(s.key for s in part) for part in a]
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+    assert 20 < len(a[2]) < 60
+
+
+def test_load_chips_from_folder_resamples_to_model_gsd(tmp_path):
+    (tmp_path / "chips").mkdir()
+    for i in range(3):
+        write_tif(tmp_path / "chips" / f"{i}.tif", np.full((3, 50, 50), 100, np.uint8), crs=None)
+    (tmp_path / "labels.csv").write_text("id,label\n0,1\n1,0\n2,1\n")
+    cfg = replace(M.ModelConfig.tiny(), gsd_m=0.3, train_tile_px=80)
+    samples = load_chips(tmp_path, chip_gsd_m=0.6, model=cfg)  # 50 px at 0.6 m -> 100 px at 0.3 m -> crop 80
+    assert [s.label for s in samples] == [1, 0, 1]
+    assert samples[0].pixels.shape == (3, 80, 80)
+    assert samples[0].pixels.mean() == pytest.approx(100 / 255, abs=1e-3)
+    with pytest.raises(InputError, match="labels.csv"):
+        load_chips(tmp_path / "chips", chip_gsd_m=0.3, model=cfg)
+
+
+def test_scene_samples_are_labelled_from_truth_polygons(tmp_path):
+    from solarmap.synth import SynthConfig, render_town, write_town
+
+    town = render_town(SynthConfig(size_px=240, seed=3, supersample=2, panel_house_fraction=1.0))
+    scene, truth = write_town(town, tmp_path)
+    cfg = replace(M.ModelConfig.tiny(), train_tile_px=80)
+    samples = scene_samples(scene, truth, model=cfg)
+    assert 0 < len(samples) <= 9
+    assert {s.label for s in samples} <= {0, 1}
+    if town.arrays:
+        assert any(s.label == 1 for s in samples)
