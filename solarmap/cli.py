@@ -129,5 +129,127 @@ def info(raster: str, tile_size_px: int, overlap_px: int, gsd_m: float | None, b
                f"nodata mask: {'yes' if scene.has_mask else 'no'}")
 
 
+def _unit_interval(ctx, param, value):
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise click.BadParameter("must be between 0 and 1")
+    return value
+
+
+@main.command()
+@click.option("--stage", type=click.Choice(["classifier", "branch1", "branch2", "all"]), default="all",
+              show_default=True, help="Greedy stage(s) to train; branch stages need a --model with the previous stage.")
+@click.option("--chips", "chip_sources", multiple=True, type=click.Path(exists=True),
+              help="Labelled chips: a folder with labels.csv + chips/ID.tif, or a CSV of path,label. Repeatable.")
+@click.option("--chips-gsd", type=float, default=0.3, show_default=True, callback=_positive,
+              help="Ground sample distance of the chips in metres.")
+@click.option("--scene", "scenes", multiple=True, type=click.Path(exists=True),
+              help="Georeferenced scene with truth: give SCENE.tif here and its --truth in the same order.")
+@click.option("--truth", "truths", multiple=True, type=click.Path(exists=True), help="Truth polygons for each --scene.")
+@click.option("--synthetic", type=int, default=0, show_default=True, help="Also render this many synthetic towns.")
+@click.option("--model", "model_path", type=click.Path(), default=None, help="Checkpoint to start from.")
+@click.option("--init", "init", type=click.Choice(["scratch", "imagenet"]), default="scratch", show_default=True,
+              help="Backbone initialisation for a new model.")
+@click.option("--init-weights", type=click.Path(exists=True), default=None,
+              help="ImageNet Inception-v3 weights file (else the torch hub cache is searched; nothing is downloaded).")
+@click.option("--workdir", type=click.Path(file_okay=False), default="solarmap-train", show_default=True,
+              help="Checkpoints for resuming, feature caches, rendered towns.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Where to write the model.")
+@click.option("--epochs", type=int, default=None, callback=_positive, help="Epochs per stage (default: 20 / 10).")
+@click.option("--lr", type=float, default=None, callback=_positive, help="Learning rate (default 2e-3 / 1e-3).")
+@click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path, init, init_weights, workdir,
+          out_path, epochs, lr, batch_size, seed, overwrite) -> None:
+    """Train the classifier and the greedy CAM branch on image-level labels."""
+    from pathlib import Path
+
+    import torch
+
+    from solarmap import model as model_lib
+    from solarmap import train as train_lib
+    from solarmap.errors import OptionError, OutputError
+
+    if Path(out_path).exists() and not overwrite:
+        raise OutputError(f"output exists: {out_path} (use --overwrite to replace it)")
+    if len(scenes) != len(truths):
+        raise OptionError("give one --truth for each --scene")
+    if not (chip_sources or scenes or synthetic):
+        raise OptionError("no training data: give --chips, --scene/--truth or --synthetic N")
+    torch.manual_seed(seed)
+    if model_path:
+        net = model_lib.load(model_path)
+    else:
+        net = model_lib.SolarNet(model_lib.ModelConfig())
+        if init == "imagenet":
+            model_lib.init_from_imagenet(net, init_weights)
+    config = net.config
+    samples = []
+    for source in chip_sources:
+        samples += train_lib.load_chips(source, chip_gsd_m=chips_gsd, model=config)
+    for scene, truth in zip(scenes, truths):
+        samples += train_lib.scene_samples(scene, truth, model=config)
+    if synthetic:
+        samples += train_lib.synthetic_samples(Path(workdir) / "towns", seeds=range(1, synthetic + 1), size_px=1024,
+                                               model=config)
+    train_set, val_set, test_set = train_lib.split_samples(samples, val_fraction=0.15, test_fraction=0.2)
+    click.echo(f"samples: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} held out", err=True)
+    stages = train_lib.STAGES if stage == "all" else (stage,)
+    for name in stages:
+        defaults = {"epochs": 20, "lr": 2e-3} if name == "classifier" else {"epochs": 10, "lr": 1e-3}
+        cfg = train_lib.TrainConfig(stage=name, epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"],
+                                    batch_size=batch_size, seed=seed)
+        result = train_lib.train_stage(net, train_set, val_set, cfg, workdir=workdir,
+                                       progress=lambda line: click.echo(line, err=True))
+        val = result.val
+        click.echo(f"{name}: best epoch {result.best_epoch}: validation precision {val.get('precision', 0):.3f} "
+                   f"recall {val.get('recall', 0):.3f} F1 {val.get('f1', 0):.3f}")
+    model_lib.with_config(net, provenance={**net.config.provenance, "train_args": {
+        "stage": stage, "chips": list(chip_sources), "scenes": list(scenes), "synthetic": synthetic, "seed": seed}})
+    model_lib.save(net, out_path)
+    click.echo(f"wrote {out_path} (branch levels: {net.config.branch_levels})")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--gsd", "gsd_m", type=float, required=True, callback=_positive,
+              help="Ground sample distance of the images in metres (they are resampled to the model's).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="CSV to write.")
+@click.option("--model", "model_path", type=click.Path(), default=None, help="Checkpoint (default: bundled model).")
+@click.option("--threshold", type=float, default=None, callback=_unit_interval,
+              help="Decision threshold on the probability (default: the model's calibrated one).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def classify(images, gsd_m, out_path, model_path, threshold, overwrite) -> None:
+    """Score image chips (any size, georeferenced or not): path,probability,label per image."""
+    import csv
+
+    import numpy as np
+    import torch
+
+    from solarmap import model as model_lib
+    from solarmap.io import atomic_path, check_output_path
+    from solarmap.train import _resample_to, read_image
+
+    check_output_path(out_path, overwrite=overwrite, suffixes=(".csv",))
+    net = model_lib.load(model_path)
+    cut = net.config.decision_threshold if threshold is None else threshold
+    rows = []
+    for path in images:
+        pixels = _resample_to(read_image(path), gsd_m / net.config.gsd_m)
+        pad_h, pad_w = max(0, 75 - pixels.shape[1]), max(0, 75 - pixels.shape[2])  # Inception's minimum input
+        if pad_h or pad_w:
+            pixels = np.pad(pixels, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
+        prob, _ = net.predict(torch.from_numpy(np.ascontiguousarray(pixels))[None], with_cam=False)
+        rows.append((path, float(prob[0]), int(float(prob[0]) >= cut)))
+    with atomic_path(out_path, overwrite=overwrite) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "probability", "label"])
+            for path, prob, label in rows:
+                writer.writerow([path, f"{prob:.6f}", label])
+    positives = sum(r[2] for r in rows)
+    click.echo(f"wrote {out_path}: {len(rows)} images, {positives} with panels (threshold {cut:.2f})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -62,3 +62,73 @@ def test_demo_generates_a_town(runner, tmp_path):
     assert result.exit_code == 0, result.output
     assert "panel arrays" in result.output
     assert (tmp_path / "demo" / "scene.tif").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory):
+    import torch
+
+    from solarmap import model as M
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    return str(M.save(M.SolarNet(M.ModelConfig.tiny()), path))
+
+
+def chip_folder(root, n=6, size=40):
+    from conftest import write_tif
+
+    (root / "chips").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["id,label"]
+    for i in range(n):
+        write_tif(root / "chips" / f"{i}.tif", rng.integers(0, 255, (3, size, size), dtype=np.uint8), crs=None)
+        lines.append(f"{i},{i % 2}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_classify_writes_scores_for_chips_of_any_size(runner, tmp_path, tiny_model_file):
+    from conftest import write_tif
+
+    small = write_tif(tmp_path / "small.tif", np.full((3, 30, 30), 90, np.uint8), crs=None)
+    large = write_tif(tmp_path / "large.tif", np.full((3, 150, 120), 90, np.uint8), crs=None)
+    out = tmp_path / "scores.csv"
+    result = runner.invoke(main, ["classify", small, large, "--gsd", "0.3", "--out", str(out),
+                                  "--model", tiny_model_file])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert lines[0] == "path,probability,label"
+    assert [line.split(",")[0] for line in lines[1:]] == [small, large]
+    for line in lines[1:]:
+        prob, label = float(line.split(",")[1]), int(line.split(",")[2])
+        assert 0 <= prob <= 1 and label == int(prob >= 0.5)
+
+
+def test_classify_errors_are_one_line(runner, tmp_path, tiny_model_file):
+    result = runner.invoke(main, ["classify", str(tmp_path / "x.tif"), "--gsd", "0.3", "--out", str(tmp_path / "s.txt"),
+                                  "--model", tiny_model_file])
+    assert result.exit_code == 1 and "must end in .csv" in result.output
+    bad_model = tmp_path / "bad.pt"
+    bad_model.write_text("nope")
+    result = runner.invoke(main, ["classify", str(tmp_path / "x.tif"), "--gsd", "0.3", "--out", str(tmp_path / "s.csv"),
+                                  "--model", str(bad_model)])
+    assert result.exit_code == 1
+    assert "corrupt" in result.output and "Traceback" not in result.output
+
+
+def test_train_cli_runs_a_stage_and_refuses_missing_data(runner, tmp_path, tiny_model_file):
+    folder = chip_folder(tmp_path / "chips")
+    out = tmp_path / "trained.pt"
+    result = runner.invoke(main, ["train", "--stage", "branch1", "--chips", str(folder), "--model", tiny_model_file,
+                                  "--epochs", "1", "--batch-size", "4", "--workdir", str(tmp_path / "work"),
+                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "branch1: best epoch 1" in result.output
+    from solarmap import model as M
+
+    assert M.load(out).config.branch_levels == 1
+    again = runner.invoke(main, ["train", "--chips", str(folder), "--out", str(out)])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    nothing = runner.invoke(main, ["train", "--out", str(tmp_path / "x.pt")])
+    assert nothing.exit_code == 1 and "no training data" in nothing.output
