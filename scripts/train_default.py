@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from solarmap import model as model_lib
-from solarmap.train import (TrainConfig, binary_scores, load_chips, predict_probabilities, split_samples,
+from solarmap.train import (TrainConfig, binary_scores, calibrate, load_chips, predict_probabilities, split_samples,
                             synthetic_samples, train_stage)
 
 SYNTH_TRAIN_SEEDS = range(1, 25)
@@ -96,30 +96,22 @@ def main() -> None:
         say(f"{stage}: done in {result.seconds / 60:.1f} min, best epoch {result.best_epoch}: {result.val}")
 
     # calibrate on validation data only; report on test data only
-    x_val = torch.from_numpy(np.stack([s.pixels for s in val]))
-    y_val = np.array([s.label for s in val])
-    p_val = predict_probabilities(net, x_val)
-    thresholds = np.linspace(0.05, 0.95, 91)
-    f1s = [binary_scores(y_val, p_val >= t).f1 for t in thresholds]
-    decision = float(thresholds[int(np.argmax(f1s))])
-    with torch.inference_mode():
-        pos = x_val[torch.from_numpy(y_val == 1)]
-        cams = torch.cat([net.branch_cam(net.mixed_5d(pos[i:i + 64])) for i in range(0, len(pos), 64)])
-    cam_scale = float(torch.quantile(cams.flatten(1).max(dim=1).values, 0.5))
+    calibration = calibrate(net, val)
+    decision = calibration["decision_threshold"]
+    say(f"calibrated on validation data: {calibration}")
     metrics = {}
     for name, samples in (("fresno_test", real_test), ("synthetic_test", synth_test), ("fresno_val", real_val)):
         x = torch.from_numpy(np.stack([s.pixels for s in samples]))
         y = np.array([s.label for s in samples])
         metrics[name] = asdict(binary_scores(y, predict_probabilities(net, x) >= decision))
         say(f"{name} at threshold {decision:.2f}: {metrics[name]}")
-    net.config = replace(net.config, decision_threshold=decision, cam_scale=cam_scale, metrics=metrics,
+    net.config = replace(net.config, metrics=metrics,
                          provenance={"script": "scripts/train_default.py", "chips": str(args.chips.name),
                                      "chip_gsd_m": args.chip_gsd, "synthetic_train_seeds": [min(SYNTH_TRAIN_SEEDS), max(SYNTH_TRAIN_SEEDS)],
                                      "stages": results, "trained": time.strftime("%Y-%m-%d")})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model_lib.save(net, args.out, half=True)
-    say(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB); decision threshold {decision:.2f}, "
-        f"cam scale {cam_scale:.3f}")
+    say(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB); decision threshold {decision:.2f}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ class _Group(click.Group):
             click.echo(f"solarmap: error: {exc}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
-            click.echo("solarmap: interrupted; no output was written", err=True)
+            click.echo("solarmap: interrupted; no output was written (detect: rerun with --resume to continue)",
+                       err=True)
             ctx.exit(130)
 
 
@@ -204,6 +205,14 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
         val = result.val
         click.echo(f"{name}: best epoch {result.best_epoch}: validation precision {val.get('precision', 0):.3f} "
                    f"recall {val.get('recall', 0):.3f} F1 {val.get('f1', 0):.3f}")
+    if val_set:
+        click.echo(f"calibrated on validation data: {train_lib.calibrate(net, val_set)}", err=True)
+    if test_set:
+        x = torch.from_numpy(__import__("numpy").stack([s.pixels for s in test_set]))
+        y = [s.label for s in test_set]
+        probs = train_lib.predict_probabilities(net, x)
+        held_out = train_lib.binary_scores(y, probs >= net.config.decision_threshold)
+        click.echo(f"held-out: {held_out.line()}")
     model_lib.with_config(net, provenance={**net.config.provenance, "train_args": {
         "stage": stage, "chips": list(chip_sources), "scenes": list(scenes), "synthetic": synthetic, "seed": seed}})
     model_lib.save(net, out_path)
@@ -249,6 +258,144 @@ def classify(images, gsd_m, out_path, model_path, threshold, overwrite) -> None:
                 writer.writerow([path, f"{prob:.6f}", label])
     positives = sum(r[2] for r in rows)
     click.echo(f"wrote {out_path}: {len(rows)} images, {positives} with panels (threshold {cut:.2f})")
+
+
+class _Progress:
+    """Progress on stderr: tiles done / total, tiles per second, ETA, panels found."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, stats) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.quiet or (now - self.last < (0.5 if self.tty else 10.0) and stats.tiles_read < stats.tiles_total):
+            return
+        self.last = now
+        rate = stats.tiles_read / stats.seconds if stats.seconds else 0.0
+        eta = (stats.tiles_total - stats.tiles_read) / rate if rate else float("nan")
+        line = (f"tiles {stats.tiles_read}/{stats.tiles_total} ({100 * stats.tiles_read / max(stats.tiles_total, 1):.0f} %), "
+                f"{rate:.1f} tiles/s, ETA {eta:.0f} s, panels {stats.polygons}")
+        click.echo(("\r" + line + "   ") if self.tty else line, err=True, nl=not self.tty)
+
+    def done(self) -> None:
+        if self.tty and not self.quiet:
+            click.echo("", err=True)
+
+
+def _sigterm_as_interrupt() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@main.command()
+@click.argument("raster", type=click.Path())
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="GeoPackage to write.")
+@click.option("--model", "model_path", type=click.Path(), default=None, help="Checkpoint (default: bundled model).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=None, callback=_positive, help="Tiles per batch (default 16 CPU, 64 GPU).")
+@click.option("--tile-size", "tile_size_px", type=int, default=None, help="Tile size in px (default: the model's).")
+@click.option("--overlap", "overlap_px", type=int, default=32, show_default=True, help="Tile overlap in px.")
+@click.option("--gsd", "gsd_m", type=float, default=None, help="Resample to this GSD in metres (default: the model's).")
+@click.option("--bands", default=None, help="Bands to use as R,G,B (1-based), e.g. 1,2,3.")
+@click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam"]), default="branch", show_default=True,
+              help="Localization: greedy branch CAM, the classifier's GAP CAM, or Grad-CAM.")
+@click.option("--cam-threshold", type=float, default=None, callback=_unit_interval,
+              help="Mask threshold on the normalised CAM (CAM / the model's calibrated scale; Grad-CAM: / tile max).")
+@click.option("--score-threshold", type=float, default=None, callback=_unit_interval,
+              help="Tile probability above which a tile is positive (default: the model's calibrated one).")
+@click.option("--min-area", "min_area_m2", type=float, default=1.0, show_default=True, help="Drop polygons below this many m².")
+@click.option("--simplify", "simplify_m", type=float, default=0.0, show_default=True,
+              help="Simplify outlines with this tolerance in metres (0: keep pixel outlines).")
+@click.option("--heatmap", type=click.Path(dir_okay=False), default=None, help="Also write the stitched CAM as a GeoTIFF.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same inputs and settings.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, cam_method,
+           cam_threshold, score_threshold, min_area_m2, simplify_m, heatmap, resume, overwrite, quiet) -> None:
+    """Find solar panels in RASTER and write their polygons (with areas in m²) to a GeoPackage."""
+    from solarmap.io import check_output_path, describe_scene, parse_bands
+
+    check_output_path(out_path, overwrite=overwrite)
+    if heatmap:
+        check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"))
+    band_tuple = parse_bands(bands)
+    describe_scene(raster, bands=band_tuple)  # fail fast on a bad raster, before loading the model
+
+    from solarmap import model as model_lib
+    from solarmap.cam import CamMethod, ModelScorer, resolve_device
+    from solarmap.pipeline import DetectConfig, detect_to_file
+
+    net = model_lib.load(model_path)
+    torch_device = resolve_device(device)
+    method = CamMethod(cam_method)
+    decision = score_threshold if score_threshold is not None else net.config.decision_threshold
+    config = DetectConfig(
+        tile_size_px=tile_size_px or net.config.tile_size_px, overlap_px=overlap_px,
+        gsd_m=gsd_m if gsd_m is not None else net.config.gsd_m, bands=band_tuple,
+        batch_size=batch_size or (64 if torch_device.type == "cuda" else 16),
+        score_threshold=decision,
+        mask_threshold=cam_threshold if cam_threshold is not None else net.config.cam_threshold,
+        min_area_m2=min_area_m2, simplify_m=simplify_m)
+    scorer = ModelScorer(net, method=method, device=torch_device, decision_threshold=decision,
+                         name=f"{'bundled' if model_path is None else model_path}")
+    _sigterm_as_interrupt()
+    progress = _Progress(quiet)
+    stats = detect_to_file(raster, out_path, scorer=scorer, config=config, overwrite=overwrite, resume=resume,
+                           heatmap=heatmap, progress=progress,
+                           metadata={"cam_method": method.value, "device": str(torch_device),
+                                     "model_gsd_m": net.config.gsd_m, "cam_threshold_basis": "CAM / cam_scale"
+                                     if method is not CamMethod.GRADCAM else "Grad-CAM / tile max"})
+    progress.done()
+    if not quiet:
+        st = stats.stage_seconds
+        click.echo(f"tiles: {stats.tiles_read} read, {stats.tiles_skipped_nodata} skipped as nodata, "
+                   f"{stats.tiles_positive} positive", err=True)
+        click.echo(f"panels: {stats.polygons} polygons, {stats.area_m2:.1f} m² in total", err=True)
+        click.echo(f"time: {stats.seconds:.1f} s (read {st['read']:.1f}, model {st['model']:.1f}, "
+                   f"vectorize {st['vectorize']:.1f}, write {st['write']:.1f})", err=True)
+    click.echo(f"wrote {out_path}" + (f" and {heatmap}" if heatmap else ""))
+
+
+@main.command()
+@click.argument("predicted", type=click.Path(exists=True))
+@click.option("--truth", required=True, type=click.Path(exists=True), help="Truth polygons (GeoPackage or any OGR file).")
+@click.option("--scene", required=True, type=click.Path(exists=True), help="The raster the prediction was made on.")
+@click.option("--tile-size", "tile_size_px", type=int, default=299, show_default=True, help="Tile grid for tile metrics.")
+@click.option("--min-panel", "min_panel_m2", type=float, default=2.0, show_default=True,
+              help="m² of panel that makes a tile positive.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate(predicted, truth, scene, tile_size_px, min_panel_m2, as_json) -> None:
+    """Compare PREDICTED panel polygons with --truth on --scene (tile, box, pixel, object and area metrics)."""
+    import json
+
+    from solarmap.evaluate import evaluate as run_evaluation
+    from solarmap.tiling import TileSpec
+
+    TileSpec(tile_size_px, 0)
+    result = run_evaluation(_read_panels(predicted), _read_panels(truth), scene, tile_size_px=tile_size_px,
+                            min_panel_m2=min_panel_m2)
+    click.echo(json.dumps(result.as_dict(), indent=1) if as_json else result.table())
+
+
+def _read_panels(path: str):
+    import geopandas as gpd
+    import pyogrio
+
+    from solarmap.errors import InputError
+
+    try:
+        layers = [name for name, _ in pyogrio.list_layers(path)]
+        return gpd.read_file(path, layer="panels" if "panels" in layers else layers[0])
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InputError(f"cannot read polygons from {path} ({type(exc).__name__})") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

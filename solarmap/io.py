@@ -266,20 +266,34 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
 
 
 class GeoPackageWriter:
-    """Streams GeoDataFrame chunks into one layer of a temporary GeoPackage beside ``path``.
+    """Streams GeoDataFrame chunks into one layer of a work file, renamed onto ``path`` by ``commit``.
 
-    ``commit`` adds run metadata and the QGIS style and renames the file onto ``path``; until then
-    (and if anything fails) ``path`` is untouched and the temporary file is removed. Memory stays
-    bounded by one chunk however many polygons a run finds.
+    Until ``commit`` (and if anything fails) ``path`` is untouched. The work file is a temporary file
+    beside ``path`` that is removed on failure, or -- for resumable runs -- a given ``work_path`` that
+    is kept on failure and reopened with ``resume_rows`` (features past that count, written after the
+    last checkpoint, are dropped). Memory stays bounded by one chunk however many polygons a run finds.
     """
 
-    def __init__(self, path: str | os.PathLike, *, layer: str = "panels", overwrite: bool = False):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, *, layer: str = "panels", overwrite: bool = False,
+                 work_path: str | os.PathLike | None = None, resume_rows: int | None = None):
+        self.path = check_output_path(path, overwrite=overwrite, suffixes=(Path(path).suffix.lower(),))
         self.layer = layer
+        self.overwrite = overwrite
         self.rows = 0
-        self._stack = contextlib.ExitStack()
-        self._tmp = self._stack.enter_context(atomic_path(self.path, overwrite=overwrite))
+        self._keep_on_abort = work_path is not None
+        if work_path is None:
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".tmp{self.path.suffix}",
+                                        dir=self.path.parent)
+            os.close(fd)
+            work_path = name
+            os.unlink(name)  # GDAL wants to create the file itself
+        self.work_path = Path(work_path)
         self._created = False
+        if resume_rows is not None and self.work_path.exists():
+            _truncate_layer(self.work_path, layer, resume_rows)
+            self._created, self.rows = True, resume_rows
+        else:
+            _remove_sqlite_files(self.work_path)
 
     def __enter__(self) -> "GeoPackageWriter":
         return self
@@ -292,7 +306,7 @@ class GeoPackageWriter:
         import pyogrio
 
         try:
-            pyogrio.write_dataframe(frame, self._tmp, layer=self.layer, driver="GPKG", append=self._created,
+            pyogrio.write_dataframe(frame, self.work_path, layer=self.layer, driver="GPKG", append=self._created,
                                     geometry_type="Polygon" if not self._created else None,
                                     promote_to_multi=False, layer_metadata=layer_metadata or None)
         except OSError as exc:
@@ -307,20 +321,40 @@ class GeoPackageWriter:
         try:
             self.append(empty_frame, layer_metadata={k: str(v) for k, v in (metadata or {}).items()})
             if style_qml is not None:
-                add_layer_style(self._tmp, layer=self.layer, geometry_column=_gpkg_geometry_column(self._tmp, self.layer),
+                add_layer_style(self.work_path, layer=self.layer,
+                                geometry_column=_gpkg_geometry_column(self.work_path, self.layer),
                                 qml=style_qml, name=style_name)
+            if self.path.exists() and not self.overwrite:
+                raise OutputError(f"output exists: {self.path} (use --overwrite to replace it)")
+            os.replace(self.work_path, self.path)
         except OSError as exc:
             self.abort()
+            if isinstance(exc, OutputError):
+                raise
             raise OutputError(f"could not write {self.path}: {exc.strerror or exc}") from None
         except sqlite3.Error as exc:
             self.abort()
             raise OutputError(f"could not write {self.path}: {exc}") from None
-        self._stack.close()  # renames the temporary file onto the target
+        _remove_sqlite_files(self.work_path)
         return self.path
 
     def abort(self) -> None:
-        """Drop the temporary file; the target path is left as it was."""
-        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        """Give up: the target path is left as it was; a temporary work file is removed."""
+        if not self._keep_on_abort:
+            _remove_sqlite_files(self.work_path)
+
+
+def _remove_sqlite_files(path: Path) -> None:
+    for leftover in (path, Path(f"{path}-journal"), Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+
+
+def _truncate_layer(path: Path, layer: str, rows: int) -> None:
+    """Drop features past the first ``rows`` (written after a resumable run's last checkpoint)."""
+    with contextlib.closing(sqlite3.connect(path)) as con, con:
+        con.execute(f'DELETE FROM "{layer}" WHERE fid > ?', (rows,))
+        con.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = ?", (rows, layer))
 
 
 def write_geopackage(frame, path: str | os.PathLike, *, layer: str = "panels",
@@ -396,3 +430,54 @@ def block_aligned(info: SceneInfo, stride_px: int) -> bool:
     block_h, block_w = info.block_shape
     same_grid = info.grid == info.source_grid
     return same_grid and stride_px % block_h == 0 and stride_px % block_w == 0
+
+
+HEAT_SCALE = 100  # heatmap value = normalised CAM x 100 (so the default CAM threshold 0.5 reads 50)
+
+
+class HeatmapWriter:
+    """The stitched CAM as a tiled, compressed uint8 GeoTIFF on the working grid, written per tile core.
+
+    Tiles are written as they are scored (windowed, so memory stays flat); negative tiles are left
+    at 0. ``finish`` builds overviews so QGIS draws it quickly at any zoom, then renames it into place.
+    """
+
+    def __init__(self, path: str | os.PathLike, grid: Grid, *, overwrite: bool = False,
+                 work_path: str | os.PathLike | None = None, resume: bool = False):
+        self.path = check_output_path(path, overwrite=overwrite, suffixes=(".tif", ".tiff"))
+        self.overwrite = overwrite
+        self.work_path = Path(work_path) if work_path else self.path.with_name(f".{self.path.name}.tmp.tif")
+        self._keep_on_abort = work_path is not None
+        if resume and self.work_path.exists():
+            self._dataset = rasterio.open(self.work_path, "r+")
+        else:
+            profile = dict(driver="GTiff", height=grid.height, width=grid.width, count=1, dtype="uint8",
+                           crs=grid.crs, transform=grid.transform, tiled=True, blockxsize=256, blockysize=256,
+                           compress="deflate", BIGTIFF="IF_SAFER")
+            self._dataset = rasterio.open(self.work_path, "w", **profile)
+            self._dataset.set_band_description(1, f"normalised CAM x {HEAT_SCALE}")
+
+    def write(self, tile: Tile, score_map: np.ndarray) -> None:
+        """Write the tile's core part of a full-tile score map (normalised CAM)."""
+        r0 = int(tile.core.row_off - tile.window.row_off)
+        c0 = int(tile.core.col_off - tile.window.col_off)
+        core = score_map[r0: r0 + int(tile.core.height), c0: c0 + int(tile.core.width)]
+        heat = np.clip(np.rint(core * HEAT_SCALE), 0, 255).astype(np.uint8)
+        self._dataset.write(heat, 1, window=tile.core)
+
+    def finish(self) -> Path:
+        self._dataset.build_overviews([2, 4, 8, 16, 32], Resampling.average)
+        self._dataset.update_tags(ns="rio_overview", resampling="average")
+        self._dataset.close()
+        if self.path.exists() and not self.overwrite:
+            raise OutputError(f"output exists: {self.path} (use --overwrite to replace it)")
+        os.replace(self.work_path, self.path)
+        return self.path
+
+    def close(self) -> None:
+        """Stop without finishing (kept for resuming when a work path was given)."""
+        if not self._dataset.closed:
+            self._dataset.close()
+        if not self._keep_on_abort:
+            with contextlib.suppress(FileNotFoundError):
+                self.work_path.unlink()

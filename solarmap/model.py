@@ -45,7 +45,8 @@ class ModelConfig:
     branch_levels: int = 0  # how many branch levels are trained (0, 1 or 2)
     decision_threshold: float = 0.5  # on the tile probability
     cam_threshold: float = 0.5  # on the CAM divided by cam_scale
-    cam_scale: float = 1.0  # raw CAM value that maps to 1.0 (calibrated on positive training tiles)
+    cam_scale: float = 1.0  # raw branch-CAM value that maps to 1.0 (median peak on positive validation tiles)
+    gap_cam_scale: float = 1.0  # the same for the main classifier's GAP CAM
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 

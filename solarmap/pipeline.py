@@ -1,27 +1,39 @@
-"""scene -> tiles -> batches -> score maps -> polygons -> GeoPackage: the tool behind the CLI.
+"""scene -> tiles -> batches -> score maps -> polygons -> GeoPackage: the tool behind ``solarmap detect``.
 
-The scoring step is a plug-in (:class:`Scorer`): anything that maps a batch of tiles to a
-per-tile probability and a per-tile score map. The CNN + CAM scorer lives with the model; a
-:class:`SpectralBaseline` (no learning, dark-bluish pixels) exists so the geometry pipeline can be
-tested and benchmarked on its own.
+The scoring step is a plug-in (:class:`Scorer`): anything that maps a batch of tiles to per-tile
+probabilities and per-tile score maps. :class:`solarmap.cam.ModelScorer` is the CNN + CAM scorer;
+:class:`SpectralBaseline` (no learning) exists so the geometry can be tested and benchmarked alone.
+
+Reading runs in a background thread that keeps a few batches ready, so the scorer is not starved.
+Tiles are processed in row-major order; at each tile-row boundary a resumable run records where it
+is (rows done, the seam polygons still open, how many features the work file holds), so an
+interrupted run continues there and ends with the same output as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import pickle
+import queue
+import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
 from solarmap import __version__
-from solarmap.errors import OptionError
-from solarmap.io import DEFAULT_BANDS, GeoPackageWriter, SceneReader, TileImage, check_output_path
+from solarmap.errors import OptionError, OutputError
+from solarmap.io import (DEFAULT_BANDS, GeoPackageWriter, HeatmapWriter, SceneReader, TileImage,
+                         check_output_path)
 from solarmap.style import panels_qml
-from solarmap.tiling import TileSpec, iter_tiles, tile_grid_shape
+from solarmap.tiling import Tile, TileSpec, iter_tiles, tile_grid_shape
 from solarmap.vectorize import SeamMerger, core_pieces, panels_frame, upsample_scores
 
 log = logging.getLogger(__name__)
@@ -55,8 +67,7 @@ class SpectralBaseline:
         red, blue = pixels[:, 0], pixels[:, 2]
         value = pixels.max(axis=1)
         maps = ((value < self.max_value) & (blue - red > self.min_blue_excess)).astype(np.float32)
-        fraction = maps.mean(axis=(1, 2))
-        probs = np.clip(fraction * 50.0, 0.0, 1.0)
+        probs = np.clip(maps.mean(axis=(1, 2)) * 50.0, 0.0, 1.0)
         return probs.astype(np.float32), maps
 
 
@@ -84,6 +95,8 @@ class DetectConfig:
                 raise OptionError(f"{name.replace('_', ' ')} must be between 0 and 1, got {value}")
         if self.min_area_m2 < 0 or self.simplify_m < 0:
             raise OptionError("minimum area and simplification tolerance must not be negative")
+        if self.gsd_m is not None and not self.gsd_m > 0:
+            raise OptionError(f"GSD must be positive metres, got {self.gsd_m}")
 
     @property
     def tile_spec(self) -> TileSpec:
@@ -111,9 +124,58 @@ class DetectStats:
 ProgressCallback = Callable[[DetectStats], None]
 
 
-def _batches(images: Iterator, size: int) -> Iterator[list]:
+# ---------------------------------------------------------------------------------------------
+# Background reading
+
+
+class _ReaderFailed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def prefetch(items: Iterable, depth: int = 3) -> Iterator:
+    """Iterate ``items`` in a background thread, keeping up to ``depth`` ready (errors re-raised here)."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            ready.put(_ReaderFailed(exc))
+        ready.put(done)
+
+    thread = threading.Thread(target=work, name="solarmap-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                return
+            if isinstance(item, _ReaderFailed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # drain so the worker can see the stop flag
+            try:
+                ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
     batch = []
-    for item in images:
+    for item in items:
         batch.append(item)
         if len(batch) == size:
             yield batch
@@ -122,101 +184,145 @@ def _batches(images: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-CHUNK_POLYGONS = 2000
+# ---------------------------------------------------------------------------------------------
+# One scene
 
 
-def iter_panel_frames(path: str | Path, *, scorer: Scorer, config: DetectConfig, stats: DetectStats,
-                      progress: ProgressCallback | None = None, chunk_polygons: int = CHUNK_POLYGONS):
-    """Run the pipeline over one raster, yielding GeoDataFrames of finished panels as they complete.
+@dataclass
+class RunState:
+    """Where a run is, at a tile-row boundary (what ``--resume`` restores)."""
 
-    Tiles are read, scored and vectorized in row-major order; memory is bounded by one batch of
-    tiles, the polygons along one row of tile seams and one chunk of finished polygons. The last
-    frame yielded may be empty; ids continue across frames. ``stats`` is filled in as it goes.
-    """
-    started = time.perf_counter()
-    spec = config.tile_spec
-    with SceneReader(path, bands=config.bands, gsd_m=config.gsd_m) as reader:
-        grid = reader.info.grid
-        rows, cols = tile_grid_shape(grid, spec)
-        stats.tiles_total = rows * cols
-        merger = SeamMerger((grid.height, grid.width))
-        gsd_x, gsd_y = grid.ground_resolution_m()
-        next_id = 1
+    rows_done: int
+    merger: dict
+    next_id: int
+    stats: DetectStats
+    frame_rows: int  # features in the work file at this point
 
-        def to_frame(pieces):
-            nonlocal next_id
-            t0 = time.perf_counter()
-            frame = panels_frame(pieces, grid_transform=grid.transform, crs=grid.crs,
-                                 source=Path(str(path)).name, min_area_m2=config.min_area_m2,
-                                 simplify_px=config.simplify_m / ((gsd_x + gsd_y) / 2), first_id=next_id)
-            next_id += len(frame)
-            stats.polygons += len(frame)
-            stats.area_m2 += float(frame["area_m2"].sum())
-            stats.stage_seconds["vectorize"] += time.perf_counter() - t0
-            return frame
 
-        def read_all() -> Iterator[TileImage]:
-            for tile in iter_tiles(grid, spec):
+class SceneRun:
+    """Runs the pipeline over one raster, handing finished panel frames to ``sink`` as they complete."""
+
+    def __init__(self, path: str | Path, *, scorer: Scorer, config: DetectConfig,
+                 progress: ProgressCallback | None = None, source_name: str | None = None):
+        self.path = str(path)
+        self.scorer = scorer
+        self.config = config
+        self.progress = progress
+        self.source_name = source_name or Path(self.path).name
+
+    def run(self, sink: Callable, *, heatmap: HeatmapWriter | None = None, state: RunState | None = None,
+            checkpoint: Callable[[RunState], None] | None = None, chunk_polygons: int = 2000) -> DetectStats:
+        config, spec = self.config, self.config.tile_spec
+        started = time.perf_counter()
+        with SceneReader(self.path, bands=config.bands, gsd_m=config.gsd_m) as reader:
+            grid = self.grid = reader.info.grid
+            rows, cols = tile_grid_shape(grid, spec)
+            if state is None:
+                stats, merger, next_id, start_row = DetectStats(), SeamMerger((grid.height, grid.width)), 1, 0
+                stats.tiles_total = rows * cols
+            else:
+                stats, merger = state.stats, SeamMerger.from_state(state.merger)
+                next_id, start_row = state.next_id, state.rows_done
+            elapsed_before = stats.seconds
+            gsd_x, gsd_y = grid.ground_resolution_m()
+            finished: list = []
+
+            def flush() -> None:
+                nonlocal next_id, finished
                 t0 = time.perf_counter()
-                image = reader.read_tile(tile)
-                stats.stage_seconds["read"] += time.perf_counter() - t0
-                yield image
-
-        finished = []
-        for batch in _batches(read_all(), config.batch_size):
-            finished.extend(_process_batch(batch, scorer, config, merger, stats))
-            if len(finished) >= chunk_polygons:
-                yield to_frame(finished)
+                frame = panels_frame(finished, grid_transform=grid.transform, crs=grid.crs, source=self.source_name,
+                                     min_area_m2=config.min_area_m2,
+                                     simplify_px=config.simplify_m / ((gsd_x + gsd_y) / 2), first_id=next_id)
+                stats.stage_seconds["vectorize"] += time.perf_counter() - t0
+                next_id += len(frame)
+                stats.polygons += len(frame)
+                stats.area_m2 += float(frame["area_m2"].sum())
                 finished = []
-            if progress is not None:
-                stats.seconds = time.perf_counter() - started
-                progress(stats)
-        finished.extend(merger.finish())
-        yield to_frame(finished)
-    stats.seconds = time.perf_counter() - started
+                t0 = time.perf_counter()
+                sink(frame)
+                stats.stage_seconds["write"] += time.perf_counter() - t0
+
+            def read_tiles() -> Iterator[TileImage]:
+                for tile in iter_tiles(grid, spec):
+                    if tile.tile_row < start_row:
+                        continue
+                    t0 = time.perf_counter()
+                    image = reader.read_tile(tile)
+                    stats.stage_seconds["read"] += time.perf_counter() - t0
+                    yield image
+
+            current_row = start_row
+            for batch in prefetch(_batches(read_tiles(), config.batch_size)):
+                scored = self._score(batch, stats)
+                t0 = time.perf_counter()
+                for image, prob, score_map in scored:
+                    if image.tile.tile_row != current_row:  # a row is complete: checkpoint here
+                        stats.stage_seconds["vectorize"] += time.perf_counter() - t0
+                        finished.extend(merger.close_row())
+                        flush()
+                        current_row = image.tile.tile_row
+                        stats.seconds = elapsed_before + time.perf_counter() - started
+                        if checkpoint is not None:
+                            checkpoint(RunState(rows_done=current_row, merger=merger.state(), next_id=next_id,
+                                                stats=stats, frame_rows=next_id - 1))
+                        t0 = time.perf_counter()
+                    stats.tiles_read += 1
+                    stats.tiles_skipped_nodata += prob is None
+                    stats.tiles_positive += score_map is not None
+                    pieces = []
+                    if score_map is not None:
+                        if heatmap is not None:
+                            heatmap.write(image.tile, score_map)
+                        mask = (score_map >= config.mask_threshold) & image.valid
+                        pieces = core_pieces(image.tile, mask, score=prob, cam_map=score_map)
+                    finished.extend(merger.add(image.tile.core, pieces))
+                stats.stage_seconds["vectorize"] += time.perf_counter() - t0
+                if len(finished) >= chunk_polygons:
+                    flush()
+                if self.progress is not None:
+                    stats.seconds = elapsed_before + time.perf_counter() - started
+                    self.progress(stats)
+            finished.extend(merger.finish())
+            flush()
+        stats.seconds = elapsed_before + time.perf_counter() - started
+        return stats
+
+    def _score(self, batch: list[TileImage], stats: DetectStats
+               ) -> list[tuple[TileImage, float | None, np.ndarray | None]]:
+        """Scores for a batch (None for skipped nodata tiles); score maps (full tile size) only for
+        tiles above the score threshold. Counting happens per tile in :meth:`run`, in order."""
+        live = [img for img in batch if not img.is_empty]
+        results: dict[tuple[int, int], tuple[float | None, np.ndarray | None]] = {}
+        if live:
+            t0 = time.perf_counter()
+            probs, maps = self.scorer(np.stack([img.pixels for img in live]))
+            stats.stage_seconds["model"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for img, p, m in zip(live, probs, maps):
+                positive = float(p) >= self.config.score_threshold
+                results[img.tile.key] = (float(p), upsample_scores(m, img.valid.shape) if positive else None)
+            stats.stage_seconds["vectorize"] += time.perf_counter() - t0
+        return [(img, *results.get(img.tile.key, (None, None))) for img in batch]
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
 
 
 def detect_scene(path: str | Path, *, scorer: Scorer, config: DetectConfig = DetectConfig(),
                  progress: ProgressCallback | None = None):
-    """Run the pipeline over one raster; return (GeoDataFrame of panels, DetectStats)."""
+    """Run the pipeline over one raster in memory; return (GeoDataFrame of panels, DetectStats)."""
     import pandas as pd
 
-    stats = DetectStats()
-    frames = list(iter_panel_frames(path, scorer=scorer, config=config, stats=stats, progress=progress))
-    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    frames: list = []
+    stats = SceneRun(path, scorer=scorer, config=config, progress=progress).run(frames.append)
+    non_empty = [f for f in frames if len(f)] or frames[-1:]
+    frame = non_empty[0] if len(non_empty) == 1 else pd.concat(non_empty, ignore_index=True)
     return frame, stats
 
 
-def _process_batch(batch: Sequence[TileImage], scorer: Scorer, config: DetectConfig,
-                   merger: SeamMerger, stats: DetectStats) -> list:
-    finished = []
-    live = [img for img in batch if not img.is_empty]
-    stats.tiles_read += len(batch)
-    stats.tiles_skipped_nodata += len(batch) - len(live)
-    probs: dict[tuple[int, int], float] = {}
-    maps: dict[tuple[int, int], np.ndarray] = {}
-    if live:
-        t0 = time.perf_counter()
-        batch_probs, batch_maps = scorer(np.stack([img.pixels for img in live]))
-        stats.stage_seconds["model"] += time.perf_counter() - t0
-        for img, p, m in zip(live, batch_probs, batch_maps):
-            probs[img.tile.key], maps[img.tile.key] = float(p), m
-    t0 = time.perf_counter()
-    for img in batch:
-        pieces = []
-        prob = probs.get(img.tile.key)
-        if prob is not None and prob >= config.score_threshold:
-            stats.tiles_positive += 1
-            size = img.valid.shape
-            score_map = upsample_scores(maps[img.tile.key], size)
-            mask = (score_map >= config.mask_threshold) & img.valid
-            pieces = core_pieces(img.tile, mask, score=prob, cam_map=score_map)
-        finished.extend(merger.add(img.tile.core, pieces))
-    stats.stage_seconds["vectorize"] += time.perf_counter() - t0
-    return finished
-
-
-def run_metadata(*, config: DetectConfig, model_name: str, source: str, stats: DetectStats | None = None) -> dict:
+def run_metadata(*, config: DetectConfig, model_name: str, source: str, stats: DetectStats | None = None,
+                 extra: dict | None = None) -> dict:
     """Key/value metadata stored in the GeoPackage so a result can be traced to how it was made."""
     meta = {
         "solarmap_version": __version__,
@@ -224,27 +330,132 @@ def run_metadata(*, config: DetectConfig, model_name: str, source: str, stats: D
         "model": model_name,
         "source": source,
         **{f"config_{k}": v for k, v in asdict(config).items()},
+        **(extra or {}),
     }
     if stats is not None:
         meta.update({f"stats_{k}": v for k, v in stats.as_dict().items() if k != "stage_seconds"})
     return {k: str(v) for k, v in meta.items()}
 
 
+def _journal_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial")
+
+
+def _run_key(path: str, scorer: Scorer, config: DetectConfig, heatmap: str | None) -> str:
+    stat = os.stat(path) if os.path.exists(path) else None
+    identity = {"source": os.path.abspath(path), "size": stat.st_size if stat else None,
+                "mtime": stat.st_mtime_ns if stat else None, "scorer": scorer.name, "config": asdict(config),
+                "heatmap": bool(heatmap)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config: DetectConfig = DetectConfig(),
-                   overwrite: bool = False, progress: ProgressCallback | None = None) -> DetectStats:
-    """The pipeline streamed into a GeoPackage at ``out`` (checked before work starts, written atomically)."""
-    check_output_path(out, overwrite=overwrite)
-    stats = DetectStats()
-    with GeoPackageWriter(out, layer="panels", overwrite=overwrite) as writer:
-        last = None
-        for frame in iter_panel_frames(path, scorer=scorer, config=config, stats=stats, progress=progress):
-            t0 = time.perf_counter()
-            if len(frame):
-                writer.append(frame)
-            last = frame
-            stats.stage_seconds["write"] += time.perf_counter() - t0
+                   overwrite: bool = False, progress: ProgressCallback | None = None, resume: bool = False,
+                   heatmap: str | Path | None = None, metadata: dict | None = None) -> DetectStats:
+    """The pipeline streamed into a GeoPackage at ``out`` (and optionally a heatmap GeoTIFF).
+
+    Outputs are checked before any work and appear only when complete. Progress is journalled beside
+    the output (``.NAME.partial/``) at every tile-row boundary; ``resume=True`` continues from there
+    (the raster, model and settings must be the same), otherwise a stale journal is discarded.
+    """
+    out = check_output_path(out, overwrite=overwrite)
+    if heatmap is not None:
+        check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"))
+    journal = _journal_dir(out)
+    key = _run_key(str(path), scorer, config, str(heatmap) if heatmap else None)
+    state = None
+    if journal.exists():
+        if resume:
+            state = _load_journal(journal, key)
+        else:
+            log.info("discarding the journal of an earlier interrupted run: %s", journal)
+            shutil.rmtree(journal)
+    elif resume:
+        log.info("nothing to resume at %s; starting a new run", journal)
+    journal.mkdir(exist_ok=True)
+    (journal / "key").write_text(key)
+
+    run = SceneRun(path, scorer=scorer, config=config, progress=progress)
+    writer = GeoPackageWriter(out, overwrite=overwrite, work_path=journal / "panels.gpkg",
+                              resume_rows=state.frame_rows if state else None)
+    heat_writer = None
+    last_frame: list = []
+
+    def sink(frame) -> None:
+        if len(frame):
+            writer.append(frame)
+        last_frame[:] = [frame]
+
+    def save_state(run_state: RunState) -> None:
+        tmp = journal / "state.pkl.tmp"
+        tmp.write_bytes(pickle.dumps(run_state))
+        os.replace(tmp, journal / "state.pkl")
+
+    try:
+        if heatmap is not None:
+            from solarmap.io import describe_scene
+
+            grid = describe_scene(path, bands=config.bands, gsd_m=config.gsd_m).grid
+            heat_writer = HeatmapWriter(heatmap, grid, overwrite=overwrite, work_path=journal / "heat.tif",
+                                        resume=state is not None)
+        stats = run.run(sink, heatmap=heat_writer, state=state, checkpoint=save_state)
         t0 = time.perf_counter()
-        writer.commit(empty_frame=last.iloc[:0], style_qml=panels_qml(),
-                      metadata=run_metadata(config=config, model_name=scorer.name, source=str(path), stats=stats))
+        writer.commit(empty_frame=last_frame[0].iloc[:0], style_qml=panels_qml(),
+                      metadata=run_metadata(config=config, model_name=scorer.name, source=str(path), stats=stats,
+                                            extra=metadata))
+        if heat_writer is not None:
+            heat_writer.finish()
         stats.stage_seconds["write"] += time.perf_counter() - t0
+    finally:
+        if heat_writer is not None:
+            heat_writer.close()
+    shutil.rmtree(journal, ignore_errors=True)
     return stats
+
+
+def _load_journal(journal: Path, key: str) -> RunState | None:
+    key_file, state_file = journal / "key", journal / "state.pkl"
+    if not key_file.exists() or key_file.read_text() != key:
+        raise OutputError(f"cannot resume: the interrupted run in {journal} used another raster, model or "
+                          f"settings (run without --resume to start over)")
+    if not state_file.exists():
+        return None  # interrupted before the first row finished: start from the beginning
+    return pickle.loads(state_file.read_bytes())
+
+
+def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None = None, out: str | Path | None = None,
+           overwrite: bool = False, progress: ProgressCallback | None = None, **scorer_options):
+    """Detect panels in ``source`` (a raster path, or an xarray DataArray with ``.rio`` CRS/transform).
+
+    Returns a GeoDataFrame of panel polygons in the source's CRS; with ``out`` also writes the
+    GeoPackage. Without ``scorer`` the bundled model is used (``scorer_options`` go to
+    :class:`solarmap.cam.ModelScorer`, e.g. ``method="gap"``, ``device=...``).
+    """
+    import tempfile
+
+    if scorer is None:
+        from solarmap import model as model_lib
+        from solarmap.cam import ModelScorer, resolve_device
+
+        model_path = scorer_options.pop("model_path", None)
+        net = model_lib.load(model_path)
+        device = resolve_device(str(scorer_options.pop("device", "auto")))
+        scorer = ModelScorer(net, device=device, **scorer_options)
+        if config is None:
+            config = DetectConfig(tile_size_px=net.config.tile_size_px, gsd_m=net.config.gsd_m,
+                                  score_threshold=net.config.decision_threshold,
+                                  mask_threshold=net.config.cam_threshold)
+    config = config or DetectConfig()
+    with tempfile.TemporaryDirectory(prefix="solarmap-") as tmp:
+        path = source
+        if hasattr(source, "rio"):  # xarray + rioxarray: spill to a GeoTIFF the tiler can window
+            path = str(Path(tmp) / "input.tif")
+            source.rio.to_raster(path, tiled=True, compress="deflate")
+        frame, stats = detect_scene(path, scorer=scorer, config=config, progress=progress)
+        if out is not None:
+            from solarmap.io import write_geopackage
+
+            write_geopackage(frame, out, overwrite=overwrite, style_qml=panels_qml(),
+                             metadata=run_metadata(config=config, model_name=scorer.name, source=str(path),
+                                                   stats=stats))
+    return frame

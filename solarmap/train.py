@@ -427,3 +427,29 @@ def _tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
     for t in tensors:
         h = zlib.crc32(t.detach().contiguous().cpu().numpy().tobytes(), h)
     return f"{h:08x}"
+
+
+@torch.inference_mode()
+def calibrate(model: SolarNet, val: Sequence[Sample]) -> dict:
+    """Choose the decision threshold (best validation F1) and the CAM scales (median CAM peak on
+    positive validation tiles) and store them in ``model.config``. Validation data only."""
+    x = torch.from_numpy(np.stack([s.pixels for s in val]))
+    y = np.array([s.label for s in val])
+    probs = predict_probabilities(model, x)
+    thresholds = np.round(np.linspace(0.05, 0.95, 91), 2)
+    f1s = [binary_scores(y, probs >= t).f1 for t in thresholds]
+    decision = float(thresholds[int(np.argmax(f1s))])
+    positives = x[torch.from_numpy(y == 1)]
+    branch_peaks, gap_peaks = [], []
+    for i in range(0, len(positives), 64):
+        f5d = model.mixed_5d(positives[i: i + 64])
+        if model.config.branch_levels:
+            branch_peaks.append(model.branch_cam(f5d).flatten(1).max(dim=1).values)
+        gap_peaks.append(model.gap_cam(model.mixed_7c(f5d)).flatten(1).max(dim=1).values)
+    changes = {"decision_threshold": decision}
+    if branch_peaks:
+        changes["cam_scale"] = max(float(torch.cat(branch_peaks).median()), 1e-6)
+    if gap_peaks:
+        changes["gap_cam_scale"] = max(float(torch.cat(gap_peaks).median()), 1e-6)
+    model.config = replace(model.config, **changes)
+    return changes

@@ -166,7 +166,7 @@ class SeamMerger:
         finished: list[Piece] = []
         row_stop = int(core.row_off + core.height)
         if self._row_stop is not None and row_stop != self._row_stop:
-            finished = self._close_row()
+            finished = self.close_row()
         self._row_stop = row_stop
         pieces = list(pieces)
         if pieces:
@@ -178,7 +178,13 @@ class SeamMerger:
         self._ready = []
         return finished
 
-    def _close_row(self) -> list[Piece]:
+    def close_row(self) -> list[Piece]:
+        """Merge the open set after the last tile of a row; returns what became final.
+
+        Called automatically when a new row starts; calling it again before that changes nothing.
+        """
+        if self._row_stop is None:
+            return []
         merged = merge_pieces(self._open)
         finished, still_open = [], []
         for piece in merged:
@@ -186,6 +192,17 @@ class SeamMerger:
             (still_open if reaches_next_row else finished).append(piece)
         self._open = still_open
         return finished
+
+    def state(self) -> dict:
+        """What a resumed run needs (after :meth:`close_row`): the open pieces and the row reached."""
+        return {"open": list(self._open), "row_stop": self._row_stop, "grid_shape": self.grid_shape}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "SeamMerger":
+        merger = cls(tuple(state["grid_shape"]))
+        merger._open = list(state["open"])
+        merger._row_stop = state["row_stop"]
+        return merger
 
     def finish(self) -> list[Piece]:
         """All remaining polygons (call once, after the last tile)."""

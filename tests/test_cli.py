@@ -132,3 +132,56 @@ def test_train_cli_runs_a_stage_and_refuses_missing_data(runner, tmp_path, tiny_
     assert again.exit_code == 1 and "--overwrite" in again.output
     nothing = runner.invoke(main, ["train", "--out", str(tmp_path / "x.pt")])
     assert nothing.exit_code == 1 and "no training data" in nothing.output
+
+
+def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, tiny_model_file, geotiff):
+    from conftest import rectangle_raster
+
+    raster = geotiff((rectangle_raster(120, 120, (30, 30, 60, 70)) * 200).astype(np.uint8))
+    out = tmp_path / "panels.gpkg"
+    heat = tmp_path / "heat.tif"
+    result = runner.invoke(main, ["detect", raster, "--out", str(out), "--model", tiny_model_file, "--cam-method", "gap",
+                                  "--score-threshold", "0", "--gsd", "0.5", "--heatmap", str(heat), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and heat.exists()
+    from solarmap.io import read_layer_metadata
+
+    meta = read_layer_metadata(out)
+    assert meta["cam_method"] == "gap" and meta["config_tile_size_px"] == "96"
+    rerun = runner.invoke(main, ["detect", raster, "--out", str(out), "--model", tiny_model_file])
+    assert rerun.exit_code == 1 and "--overwrite" in rerun.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda:7"], "no CUDA GPU"),
+    (["--cam-method", "branch"], "no trained CAM branch"),
+    (["--score-threshold", "1.5"], "between 0 and 1"),
+    (["--overlap", "200"], "smaller than the tile size"),
+    (["--batch-size", "0"], "must be positive"),
+])
+def test_detect_option_errors(runner, tmp_path, tiny_model_file, geotiff, args, message):
+    import torch
+
+    if "cuda:7" in args and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has eight GPUs")
+    raster = geotiff(np.full((3, 40, 40), 90, np.uint8))
+    out = tmp_path / "panels.gpkg"
+    result = runner.invoke(main, ["detect", raster, "--out", str(out), "--model", tiny_model_file, *args])
+    assert result.exit_code in (1, 2)
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_evaluate_prints_a_table_and_json(runner, tmp_path, geotiff):
+    import json
+
+    from solarmap.synth import SynthConfig, render_town, write_town
+
+    scene, truth = write_town(render_town(SynthConfig(size_px=200, seed=2, supersample=2)), tmp_path / "t")
+    result = runner.invoke(main, ["evaluate", truth, "--truth", truth, "--scene", scene, "--tile-size", "64"])
+    assert result.exit_code == 0, result.output
+    assert "box IoU" in result.output
+    as_json = runner.invoke(main, ["evaluate", truth, "--truth", truth, "--scene", scene, "--json"])
+    data = json.loads(as_json.output)
+    if data["truth_objects"]:
+        assert data["pixel_iou"] == 1.0

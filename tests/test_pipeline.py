@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import rasterio
+
+import geopandas as gpd
+from conftest import BandOneScorer, rectangle_raster
+from solarmap.errors import OutputError
+from solarmap.pipeline import DetectConfig, detect_to_file, prefetch
+
+CONFIG = DetectConfig(tile_size_px=16, overlap_px=4, batch_size=3, min_area_m2=0.0)
+
+
+@pytest.fixture
+def scene(geotiff):
+    array = rectangle_raster(60, 60, (2, 2, 8, 30))
+    for rect in [(20, 5, 26, 40), (30, 30, 50, 36), (52, 1, 58, 58), (14, 44, 34, 58)]:
+        r0, c0, r1, c1 = rect
+        array[:, r0:r1, c0:c1] = 1.0
+    return geotiff(array)
+
+
+class Stop(Exception):
+    pass
+
+
+def read(path):
+    return gpd.read_file(path, layer="panels").sort_values("id").reset_index(drop=True)
+
+
+def test_interrupted_run_resumes_to_the_same_output(scene, tmp_path):
+    reference = tmp_path / "reference.gpkg"
+    detect_to_file(scene, reference, scorer=BandOneScorer(), config=CONFIG)
+    out = tmp_path / "panels.gpkg"
+    calls = {"n": 0}
+
+    def stop_midway(stats):
+        calls["n"] += 1
+        if calls["n"] == 6:  # batches of 3 tiles: past the second tile row
+            raise Stop
+
+    with pytest.raises(Stop):
+        detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, progress=stop_midway, heatmap=tmp_path / "h.tif")
+    assert not out.exists() and not (tmp_path / "h.tif").exists()  # nothing half-written at the outputs
+    assert (tmp_path / ".panels.gpkg.partial" / "state.pkl").exists()
+    stats = detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, resume=True, heatmap=tmp_path / "h.tif")
+    assert stats.tiles_read == stats.tiles_total == 25
+    a, b = read(reference), read(out)
+    assert list(a.id) == list(b.id) == list(range(1, len(a) + 1))
+    assert a.area_m2.tolist() == pytest.approx(b.area_m2.tolist())
+    assert all(x.equals(y) for x, y in zip(a.geometry, b.geometry))
+    assert not (tmp_path / ".panels.gpkg.partial").exists()  # journal removed on success
+
+
+def test_resume_with_other_settings_is_refused(scene, tmp_path):
+    out = tmp_path / "panels.gpkg"
+
+    def stop(stats):
+        raise Stop
+
+    with pytest.raises(Stop):
+        detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, progress=stop)
+    other = DetectConfig(tile_size_px=20, overlap_px=4, min_area_m2=0.0)
+    with pytest.raises(OutputError, match="cannot resume"):
+        detect_to_file(scene, out, scorer=BandOneScorer(), config=other, resume=True)
+    # without --resume the stale journal is discarded and the run starts over
+    detect_to_file(scene, out, scorer=BandOneScorer(), config=other)
+    assert len(read(out)) == 5
+
+
+def test_heatmap_is_georeferenced_tiled_with_overviews(scene, tmp_path):
+    heat = tmp_path / "heat.tif"
+    detect_to_file(scene, tmp_path / "p.gpkg", scorer=BandOneScorer(), config=CONFIG, heatmap=heat)
+    with rasterio.open(scene) as src, rasterio.open(heat) as h:
+        assert h.crs == src.crs and h.transform == src.transform
+        assert h.overviews(1) and h.profile["compress"] == "deflate"
+        values = h.read(1)
+        truth = src.read(1)
+    assert (values[truth == 1] == 100).all() and (values[truth == 0] == 0).all()
+
+
+def test_all_nodata_raster_gives_an_empty_geopackage(geotiff, tmp_path):
+    path = geotiff(np.zeros((3, 40, 40), np.uint8), nodata=0)
+    out = tmp_path / "empty.gpkg"
+    stats = detect_to_file(path, out, scorer=BandOneScorer(), config=CONFIG)
+    assert stats.tiles_skipped_nodata == stats.tiles_total == 9
+    frame = read(out)
+    assert len(frame) == 0 and frame.crs.to_epsg() == 32611
+
+
+def test_reader_errors_reach_the_caller():
+    def broken():
+        yield 1
+        raise RuntimeError("disk gone")
+
+    got = []
+    with pytest.raises(RuntimeError, match="disk gone"):
+        for item in prefetch(broken()):
+            got.append(item)
+    assert got == [1]
