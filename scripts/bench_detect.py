@@ -1,0 +1,104 @@
+"""Benchmark `solarmap detect` with the real model: per-stage times, tiles/s, pipeline efficiency, memory.
+
+    python scripts/bench_detect.py --sizes 2000 8000 20000 [--model FILE] [--device auto]
+
+For each size, a fresh process runs the full pipeline (read/resample -> model -> CAM -> vectorize ->
+write) on a generated RGB scene and reports per-stage seconds, tiles/s and peak RSS. On the first
+size it also times the scorer alone on the same batches, already in memory: end-to-end tiles/s over
+model-only tiles/s says whether the pipeline (reading, vectorizing, writing) slows the model down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_tiling import build_raster, peak_rss_mib
+
+
+def make_scorer(model_path, device):
+    from solarmap import model as model_lib
+    from solarmap.cam import ModelScorer, resolve_device
+
+    net = model_lib.load(model_path)
+    return net, ModelScorer(net, device=resolve_device(device))
+
+
+def run_one(raster: str, out: str, model_path, device: str, model_only: bool) -> dict:
+    import os
+
+    from solarmap.pipeline import DetectConfig, detect_to_file
+
+    net, scorer = make_scorer(model_path, device)
+    batch = 64 if scorer.device.type == "cuda" else 16
+    config = DetectConfig(tile_size_px=net.config.tile_size_px, overlap_px=32, gsd_m=net.config.gsd_m, batch_size=batch,
+                          score_threshold=net.config.decision_threshold, mask_threshold=net.config.cam_threshold)
+    if os.path.exists(out):
+        os.remove(out)
+    result = {}
+    if model_only:  # the scorer alone on the same batches, read into memory beforehand
+        from solarmap.io import SceneReader
+        from solarmap.tiling import iter_tiles
+
+        with SceneReader(raster, gsd_m=config.gsd_m) as reader:
+            images = [reader.read_tile(t).pixels for t in iter_tiles(reader.info.grid, config.tile_spec)]
+        batches = [np.stack(images[i:i + batch]) for i in range(0, len(images), batch)]
+        scorer(batches[0])  # warm-up
+        t0 = time.perf_counter()
+        for b in batches:
+            scorer(b)
+        result["model_only_tiles_per_s"] = len(images) / (time.perf_counter() - t0)
+        del images, batches
+    started = time.perf_counter()
+    stats = detect_to_file(raster, out, scorer=scorer, config=config)
+    wall = time.perf_counter() - started
+    result.update({"wall_s": wall, "tiles_per_s": stats.tiles_total / wall, "peak_rss_mib": peak_rss_mib(),
+                   "device": str(scorer.device), **stats.as_dict()})
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000, 20000])
+    parser.add_argument("--workdir", default="/tmp/solarmap-bench")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--child", nargs=3, metavar=("RASTER", "OUT", "MODEL_ONLY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        raster, out, model_only = args.child
+        print(json.dumps(run_one(raster, out, args.model, args.device, model_only == "1")))
+        return
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, size in enumerate(args.sizes):
+        raster = work / f"scene_{size}.tif"
+        build_raster(raster, size)
+        cmd = [sys.executable, __file__, "--child", str(raster), str(work / f"detect_{size}.gpkg"), "1" if i == 0 else "0",
+               "--device", args.device] + (["--model", args.model] if args.model else [])
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"device: {rows[0]['device']}")
+    print(f"{'size px':>8} {'tiles':>6} {'positive':>8} {'polygons':>8} {'read s':>7} {'model s':>8} {'vector s':>8} "
+          f"{'write s':>7} {'total s':>8} {'tiles/s':>7} {'peak RSS MiB':>12}")
+    for size, r in zip(args.sizes, rows):
+        st = r["stage_seconds"]
+        print(f"{size:>8} {r['tiles_total']:>6} {r['tiles_positive']:>8} {r['polygons']:>8} {st['read']:>7.1f} "
+              f"{st['model']:>8.1f} {st['vectorize']:>8.1f} {st['write']:>7.1f} {r['wall_s']:>8.1f} "
+              f"{r['tiles_per_s']:>7.2f} {r['peak_rss_mib']:>12.0f}")
+    first = rows[0]
+    print(f"pipeline efficiency at {args.sizes[0]} px: end-to-end {first['tiles_per_s']:.2f} tiles/s / model-only "
+          f"{first['model_only_tiles_per_s']:.2f} tiles/s = {first['tiles_per_s'] / first['model_only_tiles_per_s']:.2f}")
+    for size, r in zip(args.sizes[1:], rows[1:]):
+        print(f"peak RSS {size} px / {args.sizes[0]} px: {r['peak_rss_mib'] / first['peak_rss_mib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""End to end with the real bundled model on a small synthetic town it never saw."""
+
+import geopandas as gpd
+import pytest
+
+from solarmap import model as model_lib
+
+pytestmark = pytest.mark.skipif(not model_lib.DEFAULT_MODEL_PATH.exists(),
+                                reason="the bundled default model is not in this checkout")
+
+
+def test_detect_finds_the_panels_of_a_small_town(tmp_path):
+    from click.testing import CliRunner
+
+    from solarmap.cli import main
+    from solarmap.evaluate import evaluate
+    from solarmap.synth import SynthConfig, render_town, write_town
+
+    town = render_town(SynthConfig(size_px=600, seed=777, panel_house_fraction=0.6))
+    scene, truth = write_town(town, tmp_path)
+    out = tmp_path / "panels.gpkg"
+    result = CliRunner().invoke(main, ["detect", scene, "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    predicted = gpd.read_file(out, layer="panels")
+    assert len(predicted) > 0
+    metrics = evaluate(predicted, gpd.read_file(truth, layer="panels"), scene, tile_size_px=150)
+    assert metrics.tile_recall >= 0.7 and metrics.tile_precision >= 0.7
+    assert metrics.pixel_iou > 0.3
