@@ -176,3 +176,29 @@ def test_unwritable_output_directory(tmp_path):
     locked.mkdir(mode=0o500)
     with pytest.raises(OutputError, match="not writable"):
         check_output_path(locked / "x.gpkg", overwrite=False)
+
+
+def test_cog_and_vrt_inputs_read_like_geotiff(tmp_path):
+    import rasterio
+    from affine import Affine
+
+    array = np.zeros((3, 64, 64), np.uint8)
+    array[:, 10:20, 30:50] = 200
+    transform = Affine(0.5, 0, UTM_ORIGIN[0], 0, -0.5, UTM_ORIGIN[1])
+    cog = tmp_path / "scene_cog.tif"
+    with rasterio.open(cog, "w", driver="COG", height=64, width=64, count=3, dtype="uint8", crs="EPSG:32611",
+                       transform=transform) as dst:
+        dst.write(array)
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource><SourceFilename relativeToVRT="1">scene_cog.tif'
+        f'</SourceFilename><SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>' for b in (1, 2, 3))
+    with rasterio.open(cog) as src:
+        srs = src.crs.to_wkt()
+    vrt = tmp_path / "scene.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="64" rasterYSize="64"><SRS>{srs}</SRS>'
+                   f'<GeoTransform>{UTM_ORIGIN[0]}, 0.5, 0, {UTM_ORIGIN[1]}, 0, -0.5</GeoTransform>{bands}</VRTDataset>')
+    for path in (cog, vrt):
+        with SceneReader(path) as reader:
+            assert reader.info.grid.crs.to_epsg() == 32611
+            image = reader.read_tile(first_tile(reader, size=64))
+        assert image.pixels[0, 15, 40] == pytest.approx(200 / 255) and image.pixels[0, 0, 0] == 0
