@@ -308,7 +308,9 @@ class GeoPackageWriter:
         try:
             pyogrio.write_dataframe(frame, self.work_path, layer=self.layer, driver="GPKG", append=self._created,
                                     geometry_type="Polygon" if not self._created else None,
-                                    promote_to_multi=False, layer_metadata=layer_metadata or None)
+                                    promote_to_multi=False, layer_metadata=layer_metadata or None,
+                                    # GeoPackage 1.2: read without warnings by the GDAL of older QGIS installs
+                                    dataset_options=None if self._created else {"VERSION": "1.2"})
         except OSError as exc:
             self.abort()
             raise OutputError(f"could not write {self.path}: {exc.strerror or exc}") from None
