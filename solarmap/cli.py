@@ -110,7 +110,7 @@ def demo(out_dir: str, seed: int, model_path: str | None) -> None:
     ctx = click.get_current_context()
     ctx.invoke(detect, raster=scene, out_path=str(out / "panels.gpkg"), model_path=model_path,
                heatmap=str(out / "heat.tif"), overwrite=True, quiet=False, device="auto", batch_size=None,
-               tile_size_px=None, overlap_px=32, gsd_m=None, bands=None, cam_method="branch", cam_threshold=None,
+               tile_size_px=None, overlap_px=None, gsd_m=None, bands=None, cam_method="branch", cam_threshold=None,
                score_threshold=None, min_area_m2=1.0, simplify_m=0.0, resume=False)
     click.echo("")
     ctx.invoke(evaluate, predicted=str(out / "panels.gpkg"), truth=truth, scene=scene, tile_size_px=299,
@@ -317,7 +317,7 @@ def _sigterm_as_interrupt() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=None, callback=_positive, help="Tiles per batch (default 16 CPU, 64 GPU).")
 @click.option("--tile-size", "tile_size_px", type=int, default=None, help="Tile size in px (default: the model's).")
-@click.option("--overlap", "overlap_px", type=int, default=32, show_default=True, help="Tile overlap in px.")
+@click.option("--overlap", "overlap_px", type=int, default=None, help="Tile overlap in px (default: the model's).")
 @click.option("--gsd", "gsd_m", type=float, default=None, help="Resample to this GSD in metres (default: the model's).")
 @click.option("--bands", default=None, help="Bands to use as R,G,B (1-based), e.g. 1,2,3.")
 @click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam"]), default="branch", show_default=True,
@@ -353,7 +353,8 @@ def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overl
     method = CamMethod(cam_method)
     decision = score_threshold if score_threshold is not None else net.config.decision_threshold
     config = DetectConfig(
-        tile_size_px=tile_size_px or net.config.tile_size_px, overlap_px=overlap_px,
+        tile_size_px=tile_size_px or net.config.tile_size_px,
+        overlap_px=overlap_px if overlap_px is not None else net.config.overlap_px,
         gsd_m=gsd_m if gsd_m is not None else net.config.gsd_m, bands=band_tuple,
         batch_size=batch_size or (64 if torch_device.type == "cuda" else 16),
         score_threshold=decision,

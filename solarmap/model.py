@@ -36,7 +36,8 @@ DEFAULT_MODEL_PATH = Path(__file__).parent / "data" / "default_model.pt.xz"
 class ModelConfig:
     """What a checkpoint needs to be used correctly; stored inside it."""
 
-    tile_size_px: int = 299  # inference tile size
+    tile_size_px: int = 299  # inference tile size (a model runs best at the size it was trained at)
+    overlap_px: int = 32  # inference tile overlap
     train_tile_px: int = 101  # tile size the weights were trained at
     gsd_m: float = 0.3  # ground sample distance the model was trained at
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -53,7 +54,7 @@ class ModelConfig:
     @classmethod
     def tiny(cls) -> "ModelConfig":
         """A small branch for fast tests (the Inception backbone itself is always full size)."""
-        return cls(tile_size_px=96, train_tile_px=80, branch_channels=(16, 16))
+        return cls(tile_size_px=96, overlap_px=16, train_tile_px=80, branch_channels=(16, 16))
 
 
 class SolarNet(nn.Module):

@@ -442,7 +442,8 @@ def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None 
         device = resolve_device(str(scorer_options.pop("device", "auto")))
         scorer = ModelScorer(net, device=device, **scorer_options)
         if config is None:
-            config = DetectConfig(tile_size_px=net.config.tile_size_px, gsd_m=net.config.gsd_m,
+            config = DetectConfig(tile_size_px=net.config.tile_size_px, overlap_px=net.config.overlap_px,
+                                  gsd_m=net.config.gsd_m,
                                   score_threshold=net.config.decision_threshold,
                                   mask_threshold=net.config.cam_threshold)
     config = config or DetectConfig()

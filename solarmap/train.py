@@ -453,3 +453,46 @@ def calibrate(model: SolarNet, val: Sequence[Sample]) -> dict:
         changes["gap_cam_scale"] = max(float(torch.cat(gap_peaks).median()), 1e-6)
     model.config = replace(model.config, **changes)
     return changes
+
+
+class _CachingScorer:
+    """Remembers a scorer's answers per tile, so a threshold sweep runs the network once per tile."""
+
+    def __init__(self, scorer):
+        self.scorer, self.name, self._memo = scorer, scorer.name, {}
+
+    def __call__(self, pixels: np.ndarray):
+        keys = [zlib.crc32(p.tobytes()) for p in pixels]
+        todo = [i for i, k in enumerate(keys) if k not in self._memo]
+        if todo:
+            probs, maps = self.scorer(pixels[todo])
+            for i, p, m in zip(todo, probs, maps):
+                self._memo[keys[i]] = (p, m)
+        return (np.array([self._memo[k][0] for k in keys]), np.stack([self._memo[k][1] for k in keys]))
+
+
+def calibrate_cam_threshold(model: SolarNet, scenes: Sequence[tuple[str, str]], *,
+                            thresholds: Sequence[float] = tuple(np.round(np.arange(0.1, 1.0, 0.05), 2))) -> dict:
+    """Pick the CAM threshold with the best mean pixel IoU on validation scenes (scene, truth) and
+    store it in ``model.config``; returns the sweep so the choice can be reported."""
+    import geopandas as gpd
+
+    from solarmap.cam import ModelScorer
+    from solarmap.evaluate import evaluate
+    from solarmap.pipeline import DetectConfig, detect_scene
+
+    scorer = _CachingScorer(ModelScorer(model))
+    truths = [gpd.read_file(truth, layer="panels") for _, truth in scenes]
+    sweep = {}
+    for threshold in thresholds:
+        config = DetectConfig(tile_size_px=model.config.tile_size_px, overlap_px=model.config.overlap_px,
+                              gsd_m=model.config.gsd_m, score_threshold=model.config.decision_threshold,
+                              mask_threshold=float(threshold))
+        ious = []
+        for (scene, _), truth in zip(scenes, truths):
+            frame, _ = detect_scene(scene, scorer=scorer, config=config)
+            ious.append(evaluate(frame, truth, scene, tile_size_px=model.config.tile_size_px).pixel_iou)
+        sweep[float(threshold)] = float(np.mean(ious))
+    best = max(sweep, key=sweep.get)
+    model.config = replace(model.config, cam_threshold=best)
+    return {"cam_threshold": best, "pixel_iou_by_threshold": sweep}
