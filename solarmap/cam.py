@@ -26,6 +26,14 @@ from solarmap.errors import ModelError, OptionError
 from solarmap.model import SolarNet
 
 
+MIN_TILE_PX = 75  # Inception-v3's smallest input (its stem and reductions need it)
+
+
+def check_tile_size(tile_size_px: int) -> None:
+    if tile_size_px < MIN_TILE_PX:
+        raise OptionError(f"tile size {tile_size_px} px is too small for Inception-v3 (needs at least {MIN_TILE_PX} px)")
+
+
 class CamMethod(str, Enum):
     BRANCH = "branch"
     GAP = "gap"

@@ -345,7 +345,7 @@ def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overl
     describe_scene(raster, bands=band_tuple)  # fail fast on a bad raster, before loading the model
 
     from solarmap import model as model_lib
-    from solarmap.cam import CamMethod, ModelScorer, resolve_device
+    from solarmap.cam import CamMethod, ModelScorer, check_tile_size, resolve_device
     from solarmap.pipeline import DetectConfig, detect_to_file
 
     net = model_lib.load(model_path)
@@ -360,6 +360,7 @@ def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overl
         score_threshold=decision,
         mask_threshold=cam_threshold if cam_threshold is not None else net.config.cam_threshold,
         min_area_m2=min_area_m2, simplify_m=simplify_m)
+    check_tile_size(config.tile_size_px)
     scorer = ModelScorer(net, method=method, device=torch_device, decision_threshold=decision,
                          name=f"{'bundled' if model_path is None else model_path}")
     _sigterm_as_interrupt()

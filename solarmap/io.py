@@ -202,9 +202,14 @@ class SceneReader:
         size_h, size_w = int(tile.window.height), int(tile.window.width)
         valid_h, valid_w = int(tile.valid.height), int(tile.valid.width)
         src_window = self._source_window(tile.valid)
-        raw = self._dataset.read(list(self.info.bands), window=src_window,
-                                 out_shape=(len(self.info.bands), valid_h, valid_w),
-                                 resampling=self._resampling)
+        try:
+            raw = self._dataset.read(list(self.info.bands), window=src_window,
+                                     out_shape=(len(self.info.bands), valid_h, valid_w),
+                                     resampling=self._resampling)
+        except RasterioIOError as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else "read error"
+            raise InputError(f"{self.info.path} is damaged or truncated: reading tile {tile.key} failed "
+                             f"({detail})") from None
         pixels = np.zeros((len(self.info.bands), size_h, size_w), dtype=np.float32)
         scaled = raw.astype(np.float32) / np.float32(self.info.scale)
         pixels[:, :valid_h, :valid_w] = np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0)

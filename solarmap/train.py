@@ -241,6 +241,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     augmentations: int = 4  # cached dihedral variants per tile for branch stages
+    warmup_fraction: float = 0.2  # one-cycle schedule: share of steps spent rising to ``lr``
+    clip_grad_norm: float | None = 5.0
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -329,7 +331,7 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(inputs) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
-                                                    pct_start=0.15)
+                                                    pct_start=config.warmup_fraction)
     weights = _class_weights(y_train)
     state_path = workdir / f"{config.stage}.state.pt"
     start_epoch, best, history = 0, (-1.0, -1), []
@@ -358,6 +360,8 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
             loss = F.cross_entropy(logits, y_train[idx], weight=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             optimizer.step()
             scheduler.step()
             total_loss += float(loss.detach()) * len(idx)
