@@ -451,7 +451,9 @@ def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None 
         path = source
         if hasattr(source, "rio"):  # xarray + rioxarray: spill to a GeoTIFF the tiler can window
             path = str(Path(tmp) / "input.tif")
-            source.rio.to_raster(path, tiled=True, compress="deflate")
+            large = min(source.rio.height, source.rio.width) >= 512
+            source.rio.to_raster(path, compress="deflate",
+                                 **({"tiled": True, "blockxsize": 256, "blockysize": 256} if large else {}))
         frame, stats = detect_scene(path, scorer=scorer, config=config, progress=progress)
         if out is not None:
             from solarmap.io import write_geopackage

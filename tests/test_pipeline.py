@@ -97,3 +97,16 @@ def test_reader_errors_reach_the_caller():
         for item in prefetch(broken()):
             got.append(item)
     assert got == [1]
+
+
+def test_python_api_accepts_a_dataarray_with_crs_and_transform(geotiff):
+    rioxarray = pytest.importorskip("rioxarray")
+    from solarmap.pipeline import detect
+
+    path = geotiff(rectangle_raster(40, 40, (10, 10, 20, 30)))
+    array = rioxarray.open_rasterio(path).load()
+    seen = []
+    frame = detect(array, scorer=BandOneScorer(), config=CONFIG, progress=seen.append)
+    assert len(frame) == 1 and frame.crs.to_epsg() == 32611
+    assert frame.area_m2.iloc[0] == pytest.approx(10 * 20 * 0.25, rel=1e-3)
+    assert seen and seen[-1].tiles_read == seen[-1].tiles_total
