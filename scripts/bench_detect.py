@@ -37,8 +37,7 @@ def run_one(raster: str, out: str, model_path, device: str, model_only: bool) ->
 
     net, scorer = make_scorer(model_path, device)
     batch = 64 if scorer.device.type == "cuda" else 16
-    config = DetectConfig(tile_size_px=net.config.tile_size_px, overlap_px=net.config.overlap_px, gsd_m=net.config.gsd_m, batch_size=batch,
-                          score_threshold=net.config.decision_threshold, mask_threshold=net.config.cam_threshold)
+    config = DetectConfig.for_model(net.config, batch_size=batch)
     if os.path.exists(out):
         os.remove(out)
     result = {}

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from solarmap import model as model_lib
-from solarmap.train import (TrainConfig, binary_scores, calibrate, calibrate_cam_threshold, load_chips,
-                            predict_probabilities, split_samples, synthetic_samples, train_stage)
+from solarmap.train import (TrainConfig, calibrate, calibrate_cam_threshold, load_chips, score_samples,
+                            split_samples, synthetic_samples, train_stage)
 
 SYNTH_TRAIN_SEEDS = range(1, 25)
 SYNTH_VAL_SEEDS = range(101, 105)
@@ -56,8 +56,7 @@ def detection_metrics(net, out_dir: Path, seeds, say) -> dict:
     from solarmap.synth import SynthConfig, render_town, write_town
 
     scorer = ModelScorer(net)
-    config = DetectConfig(tile_size_px=net.config.tile_size_px, overlap_px=net.config.overlap_px, gsd_m=net.config.gsd_m,
-                          score_threshold=net.config.decision_threshold, mask_threshold=net.config.cam_threshold)
+    config = DetectConfig.for_model(net.config)
     per_town = {}
     for seed in seeds:
         town_dir = out_dir / f"town_{seed}"
@@ -145,9 +144,7 @@ def main() -> None:
     say(f"CAM threshold from validation towns: {cam_calibration}")
     metrics = {}
     for name, samples in (("fresno_test", real_test), ("synthetic_test", synth_test), ("fresno_val", real_val)):
-        x = torch.from_numpy(np.stack([s.pixels for s in samples]))
-        y = np.array([s.label for s in samples])
-        metrics[name] = asdict(binary_scores(y, predict_probabilities(net, x) >= decision))
+        metrics[name] = asdict(score_samples(net, samples))
         say(f"{name} at threshold {decision:.2f}: {metrics[name]}")
     metrics["detection_test_towns"] = detection_metrics(net, workdir / "towns_eval", SYNTH_DETECT_TEST_SEEDS, say)
     net.config = replace(net.config, metrics=metrics,

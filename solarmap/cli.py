@@ -223,11 +223,7 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
     if val_set:
         click.echo(f"calibrated on validation data: {train_lib.calibrate(net, val_set)}", err=True)
     if test_set:
-        x = torch.from_numpy(__import__("numpy").stack([s.pixels for s in test_set]))
-        y = [s.label for s in test_set]
-        probs = train_lib.predict_probabilities(net, x)
-        held_out = train_lib.binary_scores(y, probs >= net.config.decision_threshold)
-        click.echo(f"held-out: {held_out.line()}")
+        click.echo(f"held-out: {train_lib.score_samples(net, test_set).line()}")
     model_lib.with_config(net, provenance={**net.config.provenance, "train_args": {
         "stage": stage, "chips": list(chip_sources), "scenes": list(scenes), "synthetic": synthetic, "seed": seed}})
     model_lib.save(net, out_path)
@@ -351,17 +347,13 @@ def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overl
     net = model_lib.load(model_path)
     torch_device = resolve_device(device)
     method = CamMethod(cam_method)
-    decision = score_threshold if score_threshold is not None else net.config.decision_threshold
-    config = DetectConfig(
-        tile_size_px=tile_size_px or net.config.tile_size_px,
-        overlap_px=overlap_px if overlap_px is not None else net.config.overlap_px,
-        gsd_m=gsd_m if gsd_m is not None else net.config.gsd_m, bands=band_tuple,
-        batch_size=batch_size or (64 if torch_device.type == "cuda" else 16),
-        score_threshold=decision,
-        mask_threshold=cam_threshold if cam_threshold is not None else net.config.cam_threshold,
-        min_area_m2=min_area_m2, simplify_m=simplify_m)
+    given = dict(tile_size_px=tile_size_px, overlap_px=overlap_px, gsd_m=gsd_m, score_threshold=score_threshold,
+                 mask_threshold=cam_threshold)
+    config = DetectConfig.for_model(
+        net.config, bands=band_tuple, batch_size=batch_size or (64 if torch_device.type == "cuda" else 16),
+        min_area_m2=min_area_m2, simplify_m=simplify_m, **{k: v for k, v in given.items() if v is not None})
     check_tile_size(config.tile_size_px)
-    scorer = ModelScorer(net, method=method, device=torch_device, decision_threshold=decision,
+    scorer = ModelScorer(net, method=method, device=torch_device, decision_threshold=config.score_threshold,
                          name=f"{'bundled' if model_path is None else model_path}")
     _sigterm_as_interrupt()
     progress = _Progress(quiet)

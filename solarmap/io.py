@@ -265,9 +265,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
             raise OutputError(f"output exists: {out} (use --overwrite to replace it)")
         os.replace(tmp, out)
     finally:
-        for leftover in (tmp, Path(f"{tmp}-journal"), Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        _remove_sqlite_files(tmp)
 
 
 class GeoPackageWriter:
@@ -352,6 +350,7 @@ class GeoPackageWriter:
 
 
 def _remove_sqlite_files(path: Path) -> None:
+    """Remove a work file and any SQLite side files (GeoPackages are SQLite databases)."""
     for leftover in (path, Path(f"{path}-journal"), Path(f"{path}-wal"), Path(f"{path}-shm")):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()

@@ -193,7 +193,7 @@ def _read_payload(path: Path, map_location) -> Any:
         if data[:6] == b"\xfd7zXZ\x00":
             data = lzma.decompress(data)
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except (lzma.LZMAError, RuntimeError, EOFError, ValueError, OSError, Exception) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the failure (lzma, pickle, zip, I/O), the file is unusable
         raise ModelError(f"cannot read model file {path}: not a solarmap checkpoint or corrupt "
                          f"({type(exc).__name__})") from None
 

@@ -33,7 +33,7 @@ from solarmap.errors import OptionError, OutputError
 from solarmap.io import (DEFAULT_BANDS, GeoPackageWriter, HeatmapWriter, SceneReader, TileImage,
                          check_output_path)
 from solarmap.style import panels_qml
-from solarmap.tiling import Tile, TileSpec, iter_tiles, tile_grid_shape
+from solarmap.tiling import TileSpec, iter_tiles, tile_grid_shape
 from solarmap.vectorize import SeamMerger, core_pieces, panels_frame, upsample_scores
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,15 @@ class DetectConfig:
     @property
     def tile_spec(self) -> TileSpec:
         return TileSpec(self.tile_size_px, self.overlap_px)
+
+    @classmethod
+    def for_model(cls, model_config, **overrides) -> "DetectConfig":
+        """The settings a checkpoint was calibrated for (tile size, overlap, GSD, thresholds);
+        ``overrides`` win."""
+        settings = dict(tile_size_px=model_config.tile_size_px, overlap_px=model_config.overlap_px,
+                        gsd_m=model_config.gsd_m, score_threshold=model_config.decision_threshold,
+                        mask_threshold=model_config.cam_threshold)
+        return cls(**{**settings, **overrides})
 
 
 @dataclass
@@ -442,10 +451,7 @@ def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None 
         device = resolve_device(str(scorer_options.pop("device", "auto")))
         scorer = ModelScorer(net, device=device, **scorer_options)
         if config is None:
-            config = DetectConfig(tile_size_px=net.config.tile_size_px, overlap_px=net.config.overlap_px,
-                                  gsd_m=net.config.gsd_m,
-                                  score_threshold=net.config.decision_threshold,
-                                  mask_threshold=net.config.cam_threshold)
+            config = DetectConfig.for_model(net.config)
     config = config or DetectConfig()
     with tempfile.TemporaryDirectory(prefix="solarmap-") as tmp:
         path = source

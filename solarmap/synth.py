@@ -28,7 +28,7 @@ from pyproj import CRS as ProjCRS
 from pyproj import Transformer
 from rasterio.features import rasterize
 from scipy import ndimage
-from shapely.geometry import Point, Polygon, box
+from shapely.geometry import Polygon, box
 
 MODULE_SHORT_M = 1.0
 MODULE_LONG_M = 1.7

@@ -265,7 +265,8 @@ class StageResult:
 ProgressFn = Callable[[str], None]
 
 
-def _stack(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_samples(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels (n, 3, size, size) and labels (n,) as tensors."""
     if not samples:
         return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
     return (torch.from_numpy(np.stack([s.pixels for s in samples])),
@@ -317,8 +318,8 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
     level = {"classifier": 0, "branch1": 1, "branch2": 2}[config.stage]
     if level and model.config.branch_levels < level - 1:
         raise OptionError(f"stage {config.stage} needs branch level {level - 1} trained first")
-    x_train, y_train = _stack(train)
-    x_val, y_val = _stack(val)
+    x_train, y_train = stack_samples(train)
+    x_val, y_val = stack_samples(val)
     if len(x_train) == 0:
         raise InputError("no training samples")
     if level == 0:
@@ -433,12 +434,19 @@ def _tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
     return f"{h:08x}"
 
 
+def score_samples(model: SolarNet, samples: Sequence[Sample], *, threshold: float | None = None) -> Scores:
+    """Precision/recall of the main classifier on labelled samples (default: the model's threshold)."""
+    x, y = stack_samples(samples)
+    cut = model.config.decision_threshold if threshold is None else threshold
+    return binary_scores(y.numpy(), predict_probabilities(model, x) >= cut)
+
+
 @torch.inference_mode()
 def calibrate(model: SolarNet, val: Sequence[Sample]) -> dict:
     """Choose the decision threshold (best validation F1) and the CAM scales (median CAM peak on
     positive validation tiles) and store them in ``model.config``. Validation data only."""
-    x = torch.from_numpy(np.stack([s.pixels for s in val]))
-    y = np.array([s.label for s in val])
+    x, labels = stack_samples(val)
+    y = labels.numpy()
     probs = predict_probabilities(model, x)
     thresholds = np.round(np.linspace(0.05, 0.95, 91), 2)
     f1s = [binary_scores(y, probs >= t).f1 for t in thresholds]
@@ -489,9 +497,7 @@ def calibrate_cam_threshold(model: SolarNet, scenes: Sequence[tuple[str, str]], 
     truths = [gpd.read_file(truth, layer="panels") for _, truth in scenes]
     sweep = {}
     for threshold in thresholds:
-        config = DetectConfig(tile_size_px=model.config.tile_size_px, overlap_px=model.config.overlap_px,
-                              gsd_m=model.config.gsd_m, score_threshold=model.config.decision_threshold,
-                              mask_threshold=float(threshold))
+        config = DetectConfig.for_model(model.config, mask_threshold=float(threshold))
         ious = []
         for (scene, _), truth in zip(scenes, truths):
             frame, _ = detect_scene(scene, scorer=scorer, config=config)

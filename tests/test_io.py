@@ -180,7 +180,6 @@ def test_unwritable_output_directory(tmp_path):
 
 def test_cog_and_vrt_inputs_read_like_geotiff(tmp_path):
     import rasterio
-    from affine import Affine
 
     array = np.zeros((3, 64, 64), np.uint8)
     array[:, 10:20, 30:50] = 200

@@ -1,4 +1,3 @@
-import lzma
 
 import pytest
 import torch
