@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from solarmap import model as model_lib
-from solarmap.train import (TrainConfig, calibrate, calibrate_cam_threshold, load_chips, score_samples,
-                            split_samples, synthetic_samples, train_stage)
+from solarmap.train import (TrainConfig, calibrate, calibrate_cam_shifts, calibrate_cam_threshold, load_chips,
+                            scene_samples, score_samples, split_samples, synthetic_samples, train_stage)
 
 SYNTH_TRAIN_SEEDS = range(1, 25)
 SYNTH_VAL_SEEDS = range(101, 105)
@@ -133,13 +133,18 @@ def main() -> None:
 
     # Run at the size it was trained at: a classifier trained on 101 px tiles saturates on 299 px tiles
     # (measured: every validation tile, negatives included, scored 1.0), so the model's tiles are 101 px.
-    net.config = replace(net.config, tile_size_px=config.train_tile_px, overlap_px=24)
+    # The CAM sees 40 px of context around each tile: its responses sit ~35 px off the panels (cam.py).
+    net.config = replace(net.config, tile_size_px=config.train_tile_px, overlap_px=24, context_px=40)
     # calibrate on validation data only; report on test data only
     calibration = calibrate(net, val)
     decision = calibration["decision_threshold"]
     say(f"calibrated on validation data: {calibration}")
     val_towns = [(str(workdir / "towns" / f"town_{s}" / "scene.tif"), str(workdir / "towns" / f"town_{s}" / "truth.gpkg"))
                  for s in SYNTH_VAL_SEEDS]
+    windows = [w for scene, truth in val_towns
+               for w in scene_samples(scene, truth, model=net.config, context_px=net.config.context_px)]
+    shifts = calibrate_cam_shifts(net, windows)
+    say(f"CAM offsets measured on validation windows (flip consistency, no pixel truth): {shifts}")
     cam_calibration = calibrate_cam_threshold(net, val_towns)
     say(f"CAM threshold from validation towns: {cam_calibration}")
     metrics = {}
@@ -150,7 +155,7 @@ def main() -> None:
     net.config = replace(net.config, metrics=metrics,
                          provenance={"script": "scripts/train_default.py", "chips": str(args.chips.name),
                                      "chip_gsd_m": args.chip_gsd, "synthetic_train_seeds": [min(SYNTH_TRAIN_SEEDS), max(SYNTH_TRAIN_SEEDS)],
-                                     "calibration": {**calibration, **cam_calibration},
+                                     "calibration": {**calibration, **cam_calibration, "cam_shifts": shifts},
                                      "stages": results, "trained": time.strftime("%Y-%m-%d")})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model_lib.save(net, args.out, half=True)

@@ -7,6 +7,17 @@ Methods (``--cam-method``), all returning raw maps (batch, h, w) for the positiv
 * ``gradcam`` Grad-CAM: ReLU of the activations at a chosen layer weighted by the spatially averaged
   gradient of the positive logit (default layer Mixed_6e, 17 x 17).
 
+Alignment (:func:`align_to_window`): a map cell is not a uniform slice of the tile. Inception's
+stem uses unpadded convolutions, so cell ``k`` of Mixed_5d is centred on pixel ``8k + 13`` (Mixed_6*:
+``16k + 21``, Mixed_7*: ``32k + 37``); maps are interpolated from those centres to every pixel of the
+window. On top of that a weakly supervised CAM may respond *beside* the object: nothing in an
+image-level loss pins the response to the object when the receptive field (159 px at the branch)
+exceeds the tile. The bundled model's branch CAM sat a steady 32 px "above" panels in its own frame
+(the same offset for flipped inputs, flipped back). :func:`estimate_cam_shift` measures that offset
+without any pixel truth — the CAM of a vertically flipped image, flipped back, is displaced by twice
+the offset — and the checkpoint stores the correction (``cam_shifts``). Tiles are read with context
+around them (``context_px``) so responses displaced past the tile edge are still seen.
+
 Normalisation basis (:func:`normalise`): ``branch`` and ``gap`` maps are divided by a fixed scale
 stored in the checkpoint (the median CAM peak of positive validation tiles), so one threshold means
 the same thing on every tile and a tile with weak evidence stays weak. Grad-CAM has no calibrated
@@ -38,6 +49,97 @@ class CamMethod(str, Enum):
     BRANCH = "branch"
     GAP = "gap"
     GRADCAM = "gradcam"
+
+
+# (stride, first cell centre) in input pixels of Inception-v3 feature maps, by layer name prefix
+_LAYER_GEOMETRY = {"Mixed_5": (8, 13), "Mixed_6": (16, 21), "Mixed_7": (32, 37)}
+
+
+def layer_geometry(method: CamMethod, gradcam_layer: str = "Mixed_6e") -> tuple[int, int] | None:
+    """Where a method's map cells sit on the input; None where unknown (maps are then stretched)."""
+    layer = {CamMethod.BRANCH: "Mixed_5d", CamMethod.GAP: "Mixed_7c"}.get(method, gradcam_layer)
+    return next((g for prefix, g in _LAYER_GEOMETRY.items() if layer.startswith(prefix)), None)
+
+
+def _interpolation_matrix(out_px: int, cells: int, stride: float, first_centre: float, shift: float) -> torch.Tensor:
+    """(out_px, cells) linear-interpolation weights from cell centres to pixels, clamped at the ends."""
+    u = ((torch.arange(out_px, dtype=torch.float64) - shift - first_centre) / stride).clamp(0, cells - 1)
+    lower = u.floor().long()
+    upper = (lower + 1).clamp(max=cells - 1)
+    weight = (u - lower).float()
+    matrix = torch.zeros(out_px, cells)
+    matrix[torch.arange(out_px), lower] += 1 - weight
+    matrix[torch.arange(out_px), upper] += weight
+    return matrix
+
+
+def align_to_window(maps: torch.Tensor, window_px: tuple[int, int], geometry: tuple[int, int] | None,
+                    shift_px: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """Coarse maps (batch, h, w) -> pixel maps (batch, *window_px), cell centres where the network
+    puts them, moved by ``shift_px`` (rows, cols)."""
+    h, w = maps.shape[-2:]
+    if geometry is None:  # cells as equal areas of the window
+        geometry_r = (window_px[0] / h, window_px[0] / h / 2 - 0.5)
+        geometry_c = (window_px[1] / w, window_px[1] / w / 2 - 0.5)
+    else:
+        geometry_r = geometry_c = geometry
+    rows = _interpolation_matrix(window_px[0], h, *geometry_r, shift_px[0]).to(maps.device)
+    cols = _interpolation_matrix(window_px[1], w, *geometry_c, shift_px[1]).to(maps.device)
+    return rows @ maps.float() @ cols.T
+
+
+def estimate_cam_shift(raw_maps, pixels: torch.Tensor, geometry: tuple[int, int] | None, *,
+                       max_shift_px: int = 96, edge_px: int = 32, batch_size: int = 32) -> tuple[float, float]:
+    """The (rows, cols) correction that puts a method's CAM responses on the objects, from images
+    alone (no pixel truth): with the response displaced by ``d`` in the network's own frame, the map
+    of a flipped image flipped back is displaced by ``-d``, so the two maps are ``2d`` apart.
+
+    ``raw_maps(pixels) -> (batch, h, w)``; ``pixels`` should be tiles that contain objects. Maps
+    are compared without their outer ``edge_px``: responses to the window's own border stay put
+    under flipping and would pull the estimate towards zero.
+    """
+    size = tuple(pixels.shape[-2:])
+    sums = {2: None, 3: None}  # flip axis of (batch, 3, H, W) -> summed cross-power spectrum
+    for i in range(0, len(pixels), batch_size):
+        x = pixels[i: i + batch_size]
+        plain = _peaks_only(align_to_window(raw_maps(x), size, geometry), edge_px)
+        for axis in sums:
+            flipped = align_to_window(raw_maps(torch.flip(x, [axis])), size, geometry)
+            back = _peaks_only(torch.flip(flipped, [axis - 1]), edge_px)
+            spectrum = _cross_power(plain, back, max_shift_px)
+            sums[axis] = spectrum if sums[axis] is None else sums[axis] + spectrum
+    inner = plain.shape[-2:]
+    ones = torch.ones((1, *inner))
+    overlap = torch.fft.fftshift(torch.fft.irfft2(_cross_power(ones, ones, max_shift_px), s=_padded(inner, max_shift_px)))
+    enough = overlap > 0.25 * inner[0] * inner[1]  # shifts that still compare a quarter of the map
+    shifts = []
+    for axis, spectrum in sums.items():
+        corr = torch.fft.fftshift(torch.fft.irfft2(spectrum, s=_padded(inner, max_shift_px)))
+        corr = torch.where(enough, corr / overlap.clamp(min=1), torch.full_like(corr, -torch.inf))
+        centre = (corr.shape[0] // 2, corr.shape[1] // 2)
+        peak = divmod(int(corr.argmax()), corr.shape[1])
+        displacement = peak[axis - 2] - centre[axis - 2]  # plain is displaced 2d from flipped-back
+        shifts.append(-displacement / 2)
+    return float(shifts[0]), float(shifts[1])
+
+
+def _peaks_only(maps: torch.Tensor, edge_px: int) -> torch.Tensor:
+    """Each map's inner part, above its mean: the responses, not the background level."""
+    if edge_px and min(maps.shape[-2:]) > 2 * edge_px + 8:
+        maps = maps[:, edge_px:-edge_px, edge_px:-edge_px]
+    return torch.relu(maps - maps.mean(dim=(1, 2), keepdim=True))
+
+
+def _padded(size: tuple[int, int], margin: int) -> tuple[int, int]:
+    return size[0] + 2 * margin, size[1] + 2 * margin
+
+
+def _cross_power(a: torch.Tensor, b: torch.Tensor, margin: int) -> torch.Tensor:
+    """Sum over the batch of FFT(a) * conj(FFT(b)), zero-padded so shifts up to ``margin`` don't wrap."""
+    shape = _padded(tuple(a.shape[-2:]), margin)
+    fa = torch.fft.rfft2(a.double(), s=shape)
+    fb = torch.fft.rfft2(b.double(), s=shape)
+    return (fa * fb.conj()).sum(dim=0)
 
 
 def grad_cam(model: SolarNet, pixels: torch.Tensor, *, layer: str = "Mixed_6e") -> torch.Tensor:
@@ -95,8 +197,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 class ModelScorer:
     """The pipeline's scorer: tile probabilities from the classifier, CAMs for positive tiles only.
 
-    On a GPU it runs in bf16 autocast with channels-last tensors; on the CPU in fp32, channels-last.
-    Maps come back normalised (see :func:`normalise`) so the pipeline's mask threshold applies.
+    Input windows are tiles with ``context_px`` of surroundings on each side: the classifier sees
+    the tile in the middle, the CAM the whole window. Maps come back at the window's pixel size,
+    aligned and shifted (see the module docstring) and normalised (:func:`normalise`) so the
+    pipeline's mask threshold applies. On a GPU it runs in bf16 autocast with channels-last tensors;
+    on the CPU in fp32, channels-last.
     """
 
     model: SolarNet
@@ -105,9 +210,14 @@ class ModelScorer:
     decision_threshold: float | None = None
     gradcam_layer: str = "Mixed_6e"
     name: str = "solarmap"
+    context_px: int | None = None  # None: the model's
 
     def __post_init__(self) -> None:
         self.method = CamMethod(self.method)
+        if self.context_px is None:
+            self.context_px = self.model.config.context_px
+        self.geometry = layer_geometry(self.method, self.gradcam_layer)
+        self.shift_px = tuple(self.model.config.cam_shifts.get(self.method.value, (0.0, 0.0)))
         if self.method is CamMethod.BRANCH and self.model.config.branch_levels < 1:
             raise ModelError("this model has no trained CAM branch; use --cam-method gap or gradcam")
         self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
@@ -119,25 +229,28 @@ class ModelScorer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def raw_maps(self, x: torch.Tensor, f5d: torch.Tensor | None = None) -> torch.Tensor:
+        """The method's raw maps (batch, h, w) for whole windows (``f5d``: their Mixed_5d, if known)."""
+        model = self.model
+        if self.method is CamMethod.GRADCAM:
+            with self._autocast():
+                return grad_cam(model, x.clone(), layer=self.gradcam_layer).float()
+        with torch.inference_mode(), self._autocast():
+            f5d = model.mixed_5d(x) if f5d is None else f5d
+            raw = model.branch_cam(f5d) if self.method is CamMethod.BRANCH else model.gap_cam(model.mixed_7c(f5d))
+        return raw.float()
+
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(pixels).to(self.device).contiguous(memory_format=torch.channels_last)
-        model = self.model
+        c = self.context_px
+        tiles = x[:, :, c: x.shape[2] - c, c: x.shape[3] - c] if c else x
         with torch.inference_mode(), self._autocast():
-            f5d = model.mixed_5d(x)
-            f7c = model.mixed_7c(f5d)
-            probs = torch.softmax(model.classify_7c(f7c).float(), dim=1)[:, 1]
+            f5d = self.model.mixed_5d(tiles)
+            probs = torch.softmax(self.model.classify_7c(self.model.mixed_7c(f5d)).float(), dim=1)[:, 1]
+        maps = np.zeros((len(pixels), *pixels.shape[2:]), dtype=np.float32)
         positive = (probs >= self.decision_threshold).nonzero().flatten()
-        if len(positive) == 0:
-            return probs.cpu().numpy(), np.zeros((len(pixels), *f5d.shape[2:]), dtype=np.float32)
-        if self.method is CamMethod.BRANCH:
-            with torch.inference_mode(), self._autocast():
-                raw = model.branch_cam(f5d[positive])
-        elif self.method is CamMethod.GAP:
-            with torch.inference_mode(), self._autocast():
-                raw = model.gap_cam(f7c[positive])
-        else:
-            with self._autocast():
-                raw = grad_cam(model, x[positive].clone(), layer=self.gradcam_layer)
-        maps = torch.zeros((len(pixels), *raw.shape[1:]), dtype=torch.float32, device=self.device)
-        maps[positive] = normalise(raw.float(), self.method, model)
-        return probs.cpu().numpy(), maps.cpu().numpy()
+        if len(positive):
+            raw = self.raw_maps(x[positive], None if c else f5d[positive])
+            aligned = align_to_window(raw, tuple(pixels.shape[2:]), self.geometry, self.shift_px)
+            maps[positive.cpu().numpy()] = normalise(aligned, self.method, self.model).cpu().numpy()
+        return probs.cpu().numpy(), maps

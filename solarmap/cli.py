@@ -354,6 +354,7 @@ def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overl
         min_area_m2=min_area_m2, simplify_m=simplify_m, **{k: v for k, v in given.items() if v is not None})
     check_tile_size(config.tile_size_px)
     scorer = ModelScorer(net, method=method, device=torch_device, decision_threshold=config.score_threshold,
+                         context_px=config.context_px,
                          name=f"{'bundled' if model_path is None else model_path}")
     _sigterm_as_interrupt()
     progress = _Progress(quiet)

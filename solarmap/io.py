@@ -198,9 +198,11 @@ class SceneReader:
                       valid.width * self._fx, valid.height * self._fy)
 
     def read_tile(self, tile: Tile) -> TileImage:
-        """The tile's pixels (padded with zeros past the raster's edge) and validity mask."""
+        """The tile window's pixels (padded with zeros past the raster's edges) and validity mask."""
         size_h, size_w = int(tile.window.height), int(tile.window.width)
         valid_h, valid_w = int(tile.valid.height), int(tile.valid.width)
+        r0, c0 = int(tile.valid.row_off - tile.window.row_off), int(tile.valid.col_off - tile.window.col_off)
+        inside = (slice(r0, r0 + valid_h), slice(c0, c0 + valid_w))
         src_window = self._source_window(tile.valid)
         try:
             raw = self._dataset.read(list(self.info.bands), window=src_window,
@@ -212,16 +214,16 @@ class SceneReader:
                              f"({detail})") from None
         pixels = np.zeros((len(self.info.bands), size_h, size_w), dtype=np.float32)
         scaled = raw.astype(np.float32) / np.float32(self.info.scale)
-        pixels[:, :valid_h, :valid_w] = np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0)
+        pixels[(slice(None), *inside)] = np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0)
         valid = np.zeros((size_h, size_w), dtype=bool)
         if self.info.has_mask:
             mask = self._dataset.dataset_mask(window=src_window, out_shape=(valid_h, valid_w),
                                               resampling=Resampling.nearest)
-            valid[:valid_h, :valid_w] = mask > 0
+            valid[inside] = mask > 0
         else:
-            valid[:valid_h, :valid_w] = True
+            valid[inside] = True
         if np.issubdtype(raw.dtype, np.floating):
-            valid[:valid_h, :valid_w] &= np.isfinite(raw).all(axis=0)
+            valid[inside] &= np.isfinite(raw).all(axis=0)
         return TileImage(tile=tile, pixels=pixels, valid=valid)
 
 

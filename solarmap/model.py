@@ -38,6 +38,7 @@ class ModelConfig:
 
     tile_size_px: int = 299  # inference tile size (a model runs best at the size it was trained at)
     overlap_px: int = 32  # inference tile overlap
+    context_px: int = 0  # pixels around each tile the CAM sees (the classifier sees the tile only)
     train_tile_px: int = 101  # tile size the weights were trained at
     gsd_m: float = 0.3  # ground sample distance the model was trained at
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -48,6 +49,7 @@ class ModelConfig:
     cam_threshold: float = 0.5  # on the CAM divided by cam_scale
     cam_scale: float = 1.0  # raw branch-CAM value that maps to 1.0 (median peak on positive validation tiles)
     gap_cam_scale: float = 1.0  # the same for the main classifier's GAP CAM
+    cam_shifts: dict = field(default_factory=dict)  # method -> (rows, cols) px to move its maps by
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 

@@ -77,6 +77,7 @@ class DetectConfig:
 
     tile_size_px: int = 299
     overlap_px: int = 32
+    context_px: int = 0
     gsd_m: float | None = None
     bands: tuple[int, ...] = DEFAULT_BANDS
     batch_size: int = 16
@@ -86,7 +87,7 @@ class DetectConfig:
     simplify_m: float = 0.0
 
     def __post_init__(self) -> None:
-        TileSpec(self.tile_size_px, self.overlap_px)  # validates sizes
+        self.tile_spec  # validates sizes
         if self.batch_size <= 0:
             raise OptionError(f"batch size must be positive, got {self.batch_size}")
         for name in ("score_threshold", "mask_threshold"):
@@ -100,13 +101,14 @@ class DetectConfig:
 
     @property
     def tile_spec(self) -> TileSpec:
-        return TileSpec(self.tile_size_px, self.overlap_px)
+        return TileSpec(self.tile_size_px, self.overlap_px, self.context_px)
 
     @classmethod
     def for_model(cls, model_config, **overrides) -> "DetectConfig":
-        """The settings a checkpoint was calibrated for (tile size, overlap, GSD, thresholds);
-        ``overrides`` win."""
+        """The settings a checkpoint was calibrated for (tile size, overlap, context, GSD,
+        thresholds); ``overrides`` win."""
         settings = dict(tile_size_px=model_config.tile_size_px, overlap_px=model_config.overlap_px,
+                        context_px=model_config.context_px,
                         gsd_m=model_config.gsd_m, score_threshold=model_config.decision_threshold,
                         mask_threshold=model_config.cam_threshold)
         return cls(**{**settings, **overrides})
@@ -213,6 +215,10 @@ class SceneRun:
 
     def __init__(self, path: str | Path, *, scorer: Scorer, config: DetectConfig,
                  progress: ProgressCallback | None = None, source_name: str | None = None):
+        scorer_context = getattr(scorer, "context_px", 0)
+        if scorer_context != config.context_px:
+            raise OptionError(f"the scorer expects {scorer_context} px of context around tiles, the run reads "
+                              f"{config.context_px} px")
         self.path = str(path)
         self.scorer = scorer
         self.config = config
@@ -449,9 +455,9 @@ def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None 
         model_path = scorer_options.pop("model_path", None)
         net = model_lib.load(model_path)
         device = resolve_device(str(scorer_options.pop("device", "auto")))
-        scorer = ModelScorer(net, device=device, **scorer_options)
         if config is None:
             config = DetectConfig.for_model(net.config)
+        scorer = ModelScorer(net, device=device, context_px=config.context_px, **scorer_options)
     config = config or DetectConfig()
     with tempfile.TemporaryDirectory(prefix="solarmap-") as tmp:
         path = source

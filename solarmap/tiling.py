@@ -59,10 +59,16 @@ class Grid:
 
 @dataclass(frozen=True)
 class TileSpec:
-    """How to cut a grid: square tiles of ``tile_size_px`` overlapping by ``overlap_px``."""
+    """How to cut a grid: square tiles of ``tile_size_px`` overlapping by ``overlap_px``.
+
+    ``context_px`` widens every tile's window by that many pixels on each side (padded past the
+    grid's edges) without moving the tiles: the model sees the surroundings of what it classifies,
+    which a CAM whose responses sit off the object (see :mod:`solarmap.cam`) needs.
+    """
 
     tile_size_px: int
     overlap_px: int = 0
+    context_px: int = 0
 
     def __post_init__(self) -> None:
         if self.tile_size_px <= 0:
@@ -73,19 +79,27 @@ class TileSpec:
             raise OptionError(
                 f"overlap ({self.overlap_px} px) must be smaller than the tile size ({self.tile_size_px} px)"
             )
+        if self.context_px < 0:
+            raise OptionError(f"context must be zero or more pixels, got {self.context_px}")
 
     @property
     def stride_px(self) -> int:
         return self.tile_size_px - self.overlap_px
+
+    @property
+    def window_px(self) -> int:
+        """Side of the window read for each tile: the tile and its context."""
+        return self.tile_size_px + 2 * self.context_px
 
 
 @dataclass(frozen=True)
 class Tile:
     """One georeferenced tile of a grid.
 
-    ``window`` is the full tile (always ``tile_size_px`` square; at the grid's right and bottom
-    edges it extends past the grid and is padded when read). ``valid`` is the part inside the grid
-    and ``core`` the part this tile owns; both are in grid pixel coordinates.
+    ``window`` is what is read: the tile plus its context on every side (always
+    ``TileSpec.window_px`` square; past the grid's edges it is padded when read). ``valid`` is the
+    part of the window inside the grid and ``core`` the part this tile owns; all three are in grid
+    pixel coordinates (a window may start at negative offsets).
     """
 
     tile_row: int
@@ -139,17 +153,19 @@ def iter_tiles(grid: Grid, spec: TileSpec) -> Iterator[Tile]:
     col_offsets = axis_offsets(grid.width, spec)
     row_cores = axis_cores(row_offsets, grid.height, spec)
     col_cores = axis_cores(col_offsets, grid.width, spec)
-    size = spec.tile_size_px
+    size, context = spec.window_px, spec.context_px
     for tile_row, (row_off, (core_r0, core_r1)) in enumerate(zip(row_offsets, row_cores)):
-        valid_h = min(size, grid.height - row_off)
+        row0 = row_off - context
+        valid_r0, valid_r1 = max(0, row0), min(grid.height, row0 + size)
         for tile_col, (col_off, (core_c0, core_c1)) in enumerate(zip(col_offsets, col_cores)):
-            valid_w = min(size, grid.width - col_off)
-            window = Window(col_off, row_off, size, size)
+            col0 = col_off - context
+            valid_c0, valid_c1 = max(0, col0), min(grid.width, col0 + size)
+            window = Window(col0, row0, size, size)
             yield Tile(
                 tile_row=tile_row,
                 tile_col=tile_col,
                 window=window,
-                valid=Window(col_off, row_off, valid_w, valid_h),
+                valid=Window(valid_c0, valid_r0, valid_c1 - valid_c0, valid_r1 - valid_r0),
                 core=Window(core_c0, core_r0, core_c1 - core_c0, core_r1 - core_r0),
                 transform=grid.window_transform(window),
                 crs=grid.crs,

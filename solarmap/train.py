@@ -122,16 +122,21 @@ def load_chips(source: str | Path, *, chip_gsd_m: float, model: ModelConfig) -> 
 
 
 def scene_samples(scene: str | Path, truth: str | Path, *, model: ModelConfig, min_panel_m2: float = 2.0,
-                  stride_px: int | None = None) -> list[Sample]:
-    """Tiles of a georeferenced scene at the model's GSD, labelled from truth polygons."""
+                  stride_px: int | None = None, context_px: int = 0) -> list[Sample]:
+    """Tiles of a georeferenced scene at the model's GSD, labelled from truth polygons.
+
+    With ``context_px`` each sample is the tile's window (tile + context on every side); the label
+    still says whether the tile in the middle holds panels.
+    """
     import geopandas as gpd
+    from affine import Affine
     from rasterio.features import rasterize
 
     from solarmap.io import SceneReader
     from solarmap.tiling import TileSpec, iter_tiles
 
     size = model.train_tile_px
-    spec = TileSpec(size, size - (stride_px or size))
+    spec = TileSpec(size, size - (stride_px or size), context_px)
     truth_frame = gpd.read_file(truth, layer="panels")
     samples = []
     with SceneReader(scene, gsd_m=model.gsd_m) as reader:
@@ -140,14 +145,15 @@ def scene_samples(scene: str | Path, truth: str | Path, *, model: ModelConfig, m
             truth_frame = truth_frame.to_crs(grid.crs.to_wkt())
         gx, gy = grid.ground_resolution_m()
         pixel_m2 = gx * gy
+        shapes = [(g, 1) for g in truth_frame.geometry if g is not None]
         for tile in iter_tiles(grid, spec):
-            if tile.valid.width < size or tile.valid.height < size:
-                continue  # only whole tiles for training
+            if tile.valid.width < spec.window_px or tile.valid.height < spec.window_px:
+                continue  # only whole windows for training
             image = reader.read_tile(tile)
             if image.is_empty:
                 continue
-            shapes = [(g, 1) for g in truth_frame.geometry if g is not None]
-            panel_px = rasterize(shapes, out_shape=(size, size), transform=tile.transform).sum() if shapes else 0
+            centre = tile.transform @ Affine.translation(context_px, context_px)
+            panel_px = rasterize(shapes, out_shape=(size, size), transform=centre).sum() if shapes else 0
             panel_m2 = panel_px * pixel_m2
             if 0 < panel_m2 < min_panel_m2:
                 continue  # ambiguous: a sliver of an array
@@ -467,11 +473,32 @@ def calibrate(model: SolarNet, val: Sequence[Sample]) -> dict:
     return changes
 
 
+def calibrate_cam_shifts(model: SolarNet, windows: Sequence[Sample], *, max_windows: int = 128) -> dict:
+    """Measure each CAM method's response offset on positive windows (tiles with context; image-level
+    labels only, see :func:`solarmap.cam.estimate_cam_shift`) and store the corrections in
+    ``model.config.cam_shifts``."""
+    from solarmap.cam import CamMethod, ModelScorer, estimate_cam_shift
+
+    positives = [w for w in windows if w.label][:max_windows]
+    if not positives:
+        raise ValueError("no positive windows to measure CAM offsets on")
+    x, _ = stack_samples(positives)
+    shifts = {}
+    for method in CamMethod:
+        if method is CamMethod.BRANCH and model.config.branch_levels < 1:
+            continue
+        scorer = ModelScorer(model, method=method)
+        shifts[method.value] = list(estimate_cam_shift(scorer.raw_maps, x, scorer.geometry))
+    model.config = replace(model.config, cam_shifts=shifts)
+    return shifts
+
+
 class _CachingScorer:
     """Remembers a scorer's answers per tile, so a threshold sweep runs the network once per tile."""
 
     def __init__(self, scorer):
         self.scorer, self.name, self._memo = scorer, scorer.name, {}
+        self.context_px = getattr(scorer, "context_px", 0)
 
     def __call__(self, pixels: np.ndarray):
         keys = [zlib.crc32(p.tobytes()) for p in pixels]

@@ -30,6 +30,20 @@ def test_read_tile_scales_uint8_and_pads_edges(geotiff):
     assert image.valid[:10, :12].all() and not image.valid[10:, :].any() and not image.valid[:, 12:].any()
 
 
+def test_context_is_read_around_the_tile_and_padded_outside_the_raster(geotiff):
+    array = (np.arange(40 * 40, dtype=np.uint32).reshape(40, 40) % 251).astype(np.uint8)
+    with SceneReader(geotiff(np.stack([array] * 3))) as reader:
+        tiles = list(iter_tiles(reader.info.grid, TileSpec(16, 0, context_px=5)))
+        first, inner = tiles[0], tiles[4]  # (0, 0) at the corner, (1, 1) inside
+        corner, middle = reader.read_tile(first), reader.read_tile(inner)
+    assert corner.pixels.shape == (3, 26, 26)
+    assert not corner.valid[:5].any() and not corner.valid[:, :5].any()  # before the raster: padding
+    assert (corner.pixels[:, :5] == 0).all()
+    assert corner.pixels[0, 5:, 5:] * 255 == pytest.approx(array[:21, :21], abs=1e-3)
+    assert middle.valid.all()
+    assert middle.pixels[0] * 255 == pytest.approx(array[11:37, 11:37], abs=1e-3)
+
+
 def test_nodata_tiles_are_empty_and_partial_nodata_is_masked(geotiff):
     array = np.full((3, 32, 16), 100, dtype=np.uint8)
     array[:, :16, :] = 0  # first tile entirely nodata

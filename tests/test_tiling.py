@@ -89,3 +89,21 @@ def test_ground_resolution_of_geographic_grid_uses_local_degree_size():
 def test_missing_crs_is_a_georeference_error():
     with pytest.raises(GeoreferenceError, match="no CRS"):
         ground_resolution_m(Affine.identity(), None, 10, 10)
+
+
+def test_context_widens_windows_without_moving_tiles_or_cores():
+    g = grid(300, 260)
+    plain = list(iter_tiles(g, TileSpec(101, 24)))
+    wide = list(iter_tiles(g, TileSpec(101, 24, context_px=40)))
+    assert len(plain) == len(wide)
+    for p, w in zip(plain, wide):
+        assert w.core == p.core and w.key == p.key
+        assert (w.window.col_off, w.window.row_off) == (p.window.col_off - 40, p.window.row_off - 40)
+        assert w.window.width == w.window.height == 181
+        # valid = the window clipped to the grid, on all four sides
+        assert w.valid.col_off == max(0, w.window.col_off) and w.valid.row_off == max(0, w.window.row_off)
+        assert w.valid.col_off + w.valid.width == min(260, w.window.col_off + 181)
+        assert w.valid.row_off + w.valid.height == min(300, w.window.row_off + 181)
+        assert w.transform @ (0, 0) == g.transform @ (w.window.col_off, w.window.row_off)
+    with pytest.raises(OptionError, match="context"):
+        TileSpec(101, 24, context_px=-1)

@@ -1,0 +1,80 @@
+"""CAM alignment: where map cells sit on the input, and measuring a CAM's offset from images alone."""
+
+import numpy as np
+import pytest
+import torch
+from dataclasses import replace
+
+from solarmap import model as M
+from solarmap.cam import CamMethod, ModelScorer, align_to_window, estimate_cam_shift, layer_geometry
+
+
+@pytest.mark.parametrize("layer", ["Mixed_5d", "Mixed_6e", "Mixed_7c"])
+def test_layer_geometry_matches_the_network(layer):
+    """The receptive-field centre of a middle cell (gradient centroid) is where the table says."""
+    torch.manual_seed(0)
+    net = M.SolarNet(M.ModelConfig.tiny()).eval()
+    stride, first = layer_geometry(CamMethod.GRADCAM, layer)
+    captured = {}
+    handle = getattr(net.backbone, layer).register_forward_hook(lambda m, i, o: captured.update(out=o))
+    x = torch.rand(1, 3, 203, 203, requires_grad=True)
+    net(x)
+    handle.remove()
+    feats = captured["out"]
+    k = feats.shape[-1] // 2
+    (grad,) = torch.autograd.grad(feats[0, :, k, k].sum(), x)
+    weight = grad.abs().sum(dim=(0, 1))
+    rows = weight.sum(dim=1)
+    centroid = float((rows * torch.arange(203)).sum() / rows.sum())
+    assert centroid == pytest.approx(stride * k + first, abs=1.5)
+
+
+def test_alignment_puts_cell_centres_on_their_pixels_and_shifts():
+    cam = torch.zeros(1, 10, 10)
+    cam[0, 4, 6] = 1.0
+    out = align_to_window(cam, (101, 101), (8, 13))
+    assert out.shape == (1, 101, 101)
+    assert np.unravel_index(int(out[0].argmax()), (101, 101)) == (8 * 4 + 13, 8 * 6 + 13)
+    moved = align_to_window(cam, (101, 101), (8, 13), shift_px=(10, -3))
+    assert np.unravel_index(int(moved[0].argmax()), (101, 101)) == (8 * 4 + 13 + 10, 8 * 6 + 13 - 3)
+    flat = align_to_window(torch.ones(2, 10, 10), (101, 101), (8, 13))
+    assert torch.allclose(flat, torch.ones(2, 101, 101))  # weights sum to one, edges clamp
+
+
+def displaced_maps(offset_px):
+    """A fake CAM: brightness moved ``offset_px`` rows (network frame), sampled at 8k+13 cells."""
+
+    def raw(x):
+        bright = x.mean(dim=1)
+        moved = torch.roll(bright, shifts=offset_px, dims=1)
+        return moved[:, 13::8, 13::8]
+
+    return raw
+
+
+def test_offset_is_measured_from_flips_without_truth():
+    rng = np.random.default_rng(0)
+    x = torch.zeros(24, 3, 181, 181)
+    for img in x:
+        r, c = rng.integers(50, 120, size=2)
+        img[:, r:r + 12, c:c + 20] = 1.0
+    dy, dx = estimate_cam_shift(displaced_maps(-24), x, (8, 13))
+    assert dy == pytest.approx(24, abs=4) and dx == pytest.approx(0, abs=4)
+    dy, dx = estimate_cam_shift(displaced_maps(0), x, (8, 13))
+    assert dy == pytest.approx(0, abs=4)
+
+
+def test_scorer_classifies_the_tile_and_maps_the_whole_window():
+    torch.manual_seed(0)
+    net = M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2, context_px=20,
+                             cam_shifts={"branch": [6.0, 0.0]})).eval()
+    window = np.random.default_rng(1).random((2, 3, 136, 136), dtype=np.float32)
+    tile_only = window[:, :, 20:-20, 20:-20].copy()
+    with_context = ModelScorer(net, decision_threshold=0.0)
+    probs, maps = with_context(window)
+    assert maps.shape == (2, 136, 136)
+    plain_probs, plain_maps = ModelScorer(net, decision_threshold=0.0, context_px=0)(tile_only)
+    assert probs == pytest.approx(plain_probs, abs=1e-5)  # the classifier saw only the tile
+    assert plain_maps.shape == (2, 96, 96)
+    none = ModelScorer(net, decision_threshold=1.1)(window)[1]
+    assert not none.any()  # no CAM work for negative tiles
