@@ -16,7 +16,24 @@ from solarmap.errors import SolarmapError
 
 
 class _Group(click.Group):
-    """Turns SolarmapError (and unexpected errors) into a one-line message unless verbose."""
+    """Turns SolarmapError and click's usage errors into a one-line message unless verbose."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "solarmap"
+            click.echo(f"solarmap: error: {exc.format_message()} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("solarmap: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -124,13 +141,15 @@ def demo(out_dir: str, seed: int, model_path: str | None) -> None:
 @click.option("--overlap", "overlap_px", default=32, show_default=True, type=int, help="Tile overlap in pixels.")
 @click.option("--gsd", "gsd_m", default=None, type=float, help="Resample to this GSD in metres first.")
 @click.option("--bands", default=None, help="Bands to use as R,G,B (1-based), e.g. 1,2,3.")
-def info(raster: str, tile_size_px: int, overlap_px: int, gsd_m: float | None, bands: str | None) -> None:
+@click.option("--src-crs", default=None, help="CRS of a raster that carries none, e.g. EPSG:32611.")
+def info(raster: str, tile_size_px: int, overlap_px: int, gsd_m: float | None, bands: str | None,
+         src_crs: str | None) -> None:
     """Describe how solarmap would read RASTER: grid, GSD, value scale and tiling."""
     from solarmap.io import describe_scene, parse_bands
     from solarmap.tiling import TileSpec, tile_grid_shape
 
     spec = TileSpec(tile_size_px, overlap_px)
-    scene = describe_scene(raster, bands=parse_bands(bands), gsd_m=gsd_m)
+    scene = describe_scene(raster, bands=parse_bands(bands), gsd_m=gsd_m, src_crs=src_crs)
     src, grid = scene.source_grid, scene.grid
     rows, cols = tile_grid_shape(grid, spec)
     gx, gy = src.ground_resolution_m()
@@ -316,6 +335,7 @@ def _sigterm_as_interrupt() -> None:
 @click.option("--overlap", "overlap_px", type=int, default=None, help="Tile overlap in px (default: the model's).")
 @click.option("--gsd", "gsd_m", type=float, default=None, help="Resample to this GSD in metres (default: the model's).")
 @click.option("--bands", default=None, help="Bands to use as R,G,B (1-based), e.g. 1,2,3.")
+@click.option("--src-crs", default=None, help="CRS of a raster that carries none, e.g. EPSG:32611.")
 @click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam"]), default="branch", show_default=True,
               help="Localization: greedy branch CAM, the classifier's GAP CAM, or Grad-CAM.")
 @click.option("--cam-threshold", type=float, default=None, callback=_unit_interval,
@@ -329,16 +349,16 @@ def _sigterm_as_interrupt() -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same inputs and settings.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, cam_method,
+def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, src_crs, cam_method,
            cam_threshold, score_threshold, min_area_m2, simplify_m, heatmap, resume, overwrite, quiet) -> None:
     """Find solar panels in RASTER and write their polygons (with areas in m²) to a GeoPackage."""
     from solarmap.io import check_output_path, describe_scene, parse_bands
 
     check_output_path(out_path, overwrite=overwrite)
     if heatmap:
-        check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"))
+        check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
     band_tuple = parse_bands(bands)
-    describe_scene(raster, bands=band_tuple)  # fail fast on a bad raster, before loading the model
+    describe_scene(raster, bands=band_tuple, src_crs=src_crs)  # fail fast on a bad raster, before loading the model
 
     from solarmap import model as model_lib
     from solarmap.cam import CamMethod, ModelScorer, check_tile_size, resolve_device
@@ -350,7 +370,7 @@ def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overl
     given = dict(tile_size_px=tile_size_px, overlap_px=overlap_px, gsd_m=gsd_m, score_threshold=score_threshold,
                  mask_threshold=cam_threshold)
     config = DetectConfig.for_model(
-        net.config, bands=band_tuple, batch_size=batch_size or (64 if torch_device.type == "cuda" else 16),
+        net.config, bands=band_tuple, src_crs=src_crs, batch_size=batch_size or (64 if torch_device.type == "cuda" else 16),
         min_area_m2=min_area_m2, simplify_m=simplify_m, **{k: v for k, v in given.items() if v is not None})
     check_tile_size(config.tile_size_px)
     scorer = ModelScorer(net, method=method, device=torch_device, decision_threshold=config.score_threshold,

@@ -25,11 +25,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from solarmap.errors import GeoreferenceError, InputError, OutputError
+from solarmap.errors import GeoreferenceError, InputError, OptionError, OutputError
 from solarmap.tiling import Grid, Tile, resampled_grid
 
 DEFAULT_BANDS = (1, 2, 3)
@@ -120,26 +121,41 @@ def _scale_for(dataset, bands: tuple[int, ...]) -> float:
 
 
 def describe_scene(path: str | os.PathLike, *, bands: Sequence[int] = DEFAULT_BANDS,
-                   gsd_m: float | None = None) -> SceneInfo:
+                   gsd_m: float | None = None, src_crs: str | None = None) -> SceneInfo:
     """Open ``path`` briefly to check it and work out its grids, bands and value scale."""
     with _open(path) as dataset:
-        return _describe(dataset, str(path), tuple(bands), gsd_m)
+        return _describe(dataset, str(path), tuple(bands), gsd_m, src_crs)
 
 
-def _describe(dataset, path: str, bands: tuple[int, ...], gsd_m: float | None) -> SceneInfo:
+def parse_crs(text: str) -> CRS:
+    """A CRS from user text (EPSG:32611, a WKT or PROJ string), or a one-line error."""
+    try:
+        return CRS.from_user_input(text)
+    except Exception:  # noqa: BLE001 - rasterio raises several types for unparseable text
+        raise OptionError(f"not a CRS: {text!r} (give e.g. EPSG:32611)") from None
+
+
+def _describe(dataset, path: str, bands: tuple[int, ...], gsd_m: float | None,
+              src_crs: str | None = None) -> SceneInfo:
     if dataset.count < max(bands):
         raise InputError(
             f"{path} has {dataset.count} band(s) but band {max(bands)} is needed; "
             f"solarmap needs RGB imagery (pick bands with --bands R,G,B)"
         )
-    if dataset.crs is None:
-        raise GeoreferenceError(
-            f"{path} has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:32611 {path})"
-        )
     if dataset.transform == Affine.identity() and not dataset.gcps[0]:
-        raise GeoreferenceError(f"{path} has no geotransform; georeference it first")
-    source_grid = Grid(height=dataset.height, width=dataset.width, transform=dataset.transform,
-                       crs=dataset.crs)
+        raise GeoreferenceError(
+            f"{path} is not georeferenced (no geotransform); give it one first, e.g. "
+            f"gdal_translate -a_srs EPSG:xxxx -a_ullr ULX ULY LRX LRY {path} out.tif"
+        )
+    crs = dataset.crs
+    if crs is None:
+        if src_crs is None:
+            raise GeoreferenceError(
+                f"{path} has no CRS; pass the one it is in with --src-crs (e.g. --src-crs EPSG:32611) "
+                f"or assign it (gdal_edit.py -a_srs EPSG:32611 {path})"
+            )
+        crs = parse_crs(src_crs)
+    source_grid = Grid(height=dataset.height, width=dataset.width, transform=dataset.transform, crs=crs)
     flags = [dataset.mask_flag_enums[b - 1] for b in bands]
     has_mask = dataset.nodata is not None or any(MaskFlags.all_valid not in f for f in flags)
     return SceneInfo(
@@ -161,7 +177,7 @@ class SceneReader:
     """
 
     def __init__(self, path: str | os.PathLike, *, bands: Sequence[int] = DEFAULT_BANDS,
-                 gsd_m: float | None = None):
+                 gsd_m: float | None = None, src_crs: str | None = None):
         self._env = rasterio.Env(**({} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": _DEFAULT_GDAL_CACHEMAX}))
         self._env.__enter__()
         try:
@@ -170,7 +186,7 @@ class SceneReader:
             self._env.__exit__(None, None, None)
             raise
         try:
-            self.info = _describe(self._dataset, str(path), tuple(bands), gsd_m)
+            self.info = _describe(self._dataset, str(path), tuple(bands), gsd_m, src_crs)
         except Exception:
             self.close()
             raise
@@ -209,9 +225,10 @@ class SceneReader:
                                      out_shape=(len(self.info.bands), valid_h, valid_w),
                                      resampling=self._resampling)
         except RasterioIOError as exc:
-            detail = str(exc).splitlines()[0] if str(exc) else "read error"
-            raise InputError(f"{self.info.path} is damaged or truncated: reading tile {tile.key} failed "
-                             f"({detail})") from None
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            detail = "" if not detail or "previous exception" in detail else f" ({detail})"
+            raise InputError(f"{self.info.path} is damaged or truncated: reading tile {tile.key} failed"
+                             f"{detail}; re-export or re-download it") from None
         pixels = np.zeros((len(self.info.bands), size_h, size_w), dtype=np.float32)
         scaled = raw.astype(np.float32) / np.float32(self.info.scale)
         pixels[(slice(None), *inside)] = np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0)
@@ -231,13 +248,12 @@ class SceneReader:
 # Output paths and atomic writes
 
 
-def check_output_path(path: str | os.PathLike, *, overwrite: bool, suffixes: Sequence[str] = (".gpkg",)) -> Path:
+def check_output_path(path: str | os.PathLike, *, overwrite: bool, suffixes: Sequence[str] = (".gpkg",),
+                      kind: str = "GeoPackage") -> Path:
     """Fail early, before any work, if ``path`` could not be written at the end."""
     out = Path(path)
     if out.suffix.lower() not in suffixes:
-        raise OutputError(
-            f"output {out} must end in {' or '.join(suffixes)} (solarmap writes GeoPackage)"
-        )
+        raise OutputError(f"output {out} must end in {' or '.join(suffixes)} (solarmap writes {kind} there)")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output directory does not exist: {parent}")
@@ -452,7 +468,7 @@ class HeatmapWriter:
 
     def __init__(self, path: str | os.PathLike, grid: Grid, *, overwrite: bool = False,
                  work_path: str | os.PathLike | None = None, resume: bool = False):
-        self.path = check_output_path(path, overwrite=overwrite, suffixes=(".tif", ".tiff"))
+        self.path = check_output_path(path, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
         self.overwrite = overwrite
         self.work_path = Path(work_path) if work_path else self.path.with_name(f".{self.path.name}.tmp.tif")
         self._keep_on_abort = work_path is not None

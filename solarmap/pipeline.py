@@ -31,7 +31,7 @@ import numpy as np
 from solarmap import __version__
 from solarmap.errors import OptionError, OutputError
 from solarmap.io import (DEFAULT_BANDS, GeoPackageWriter, HeatmapWriter, SceneReader, TileImage,
-                         check_output_path)
+                         check_output_path, parse_crs)
 from solarmap.style import panels_qml
 from solarmap.tiling import TileSpec, iter_tiles, tile_grid_shape
 from solarmap.vectorize import SeamMerger, core_pieces, panels_frame, upsample_scores
@@ -79,6 +79,7 @@ class DetectConfig:
     overlap_px: int = 32
     context_px: int = 0
     gsd_m: float | None = None
+    src_crs: str | None = None  # CRS to assume for rasters that carry none
     bands: tuple[int, ...] = DEFAULT_BANDS
     batch_size: int = 16
     score_threshold: float = 0.5
@@ -96,6 +97,8 @@ class DetectConfig:
                 raise OptionError(f"{name.replace('_', ' ')} must be between 0 and 1, got {value}")
         if self.min_area_m2 < 0 or self.simplify_m < 0:
             raise OptionError("minimum area and simplification tolerance must not be negative")
+        if self.src_crs is not None:
+            parse_crs(self.src_crs)
         if self.gsd_m is not None and not self.gsd_m > 0:
             raise OptionError(f"GSD must be positive metres, got {self.gsd_m}")
 
@@ -229,7 +232,7 @@ class SceneRun:
             checkpoint: Callable[[RunState], None] | None = None, chunk_polygons: int = 2000) -> DetectStats:
         config, spec = self.config, self.config.tile_spec
         started = time.perf_counter()
-        with SceneReader(self.path, bands=config.bands, gsd_m=config.gsd_m) as reader:
+        with SceneReader(self.path, bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs) as reader:
             grid = self.grid = reader.info.grid
             rows, cols = tile_grid_shape(grid, spec)
             if state is None:
@@ -375,7 +378,7 @@ def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config:
     """
     out = check_output_path(out, overwrite=overwrite)
     if heatmap is not None:
-        check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"))
+        check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
     journal = _journal_dir(out)
     key = _run_key(str(path), scorer, config, str(heatmap) if heatmap else None)
     state = None
@@ -410,7 +413,7 @@ def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config:
         if heatmap is not None:
             from solarmap.io import describe_scene
 
-            grid = describe_scene(path, bands=config.bands, gsd_m=config.gsd_m).grid
+            grid = describe_scene(path, bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs).grid
             heat_writer = HeatmapWriter(heatmap, grid, overwrite=overwrite, work_path=journal / "heat.tif",
                                         resume=state is not None)
         stats = run.run(sink, heatmap=heat_writer, state=state, checkpoint=save_state)
