@@ -125,7 +125,7 @@ def demo(out_dir: str, seed: int, model_path: str | None) -> None:
         click.echo("the bundled model is not in this installation yet: detection skipped (see README, Status)")
         return
     ctx = click.get_current_context()
-    ctx.invoke(detect, raster=scene, out_path=str(out / "panels.gpkg"), model_path=model_path,
+    ctx.invoke(detect, rasters=(scene,), out_path=str(out / "panels.gpkg"), model_path=model_path,
                heatmap=str(out / "heat.tif"), overwrite=True, quiet=False, device="auto", batch_size=None,
                tile_size_px=None, overlap_px=None, gsd_m=None, bands=None, cam_method="branch", cam_threshold=None,
                score_threshold=None, min_area_m2=1.0, simplify_m=0.0, resume=False)
@@ -325,9 +325,37 @@ def _sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+class _RegionalProgress:
+    """Progress of a regional run: chunks and tiles done across the cluster."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.last, self.shown_dashboard = quiet, 0.0, False
+
+    def __call__(self, stats) -> None:
+        import time
+
+        if self.quiet:
+            return
+        if stats.dashboard and not self.shown_dashboard:
+            click.echo(f"dask dashboard: {stats.dashboard}", err=True)
+            self.shown_dashboard = True
+        now = time.monotonic()
+        if now - self.last < 2.0 and stats.chunks_done < stats.chunks_total:
+            return
+        self.last = now
+        rate = stats.tiles_done / stats.seconds if stats.seconds else 0.0
+        click.echo(f"chunks {stats.chunks_done}/{stats.chunks_total}, tiles {stats.tiles_done}/{stats.tiles_total}, "
+                   f"{rate:.1f} tiles/s", err=True)
+
+
 @main.command()
-@click.argument("raster", type=click.Path())
+@click.argument("rasters", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="GeoPackage to write.")
+@click.option("--scheduler", default=None,
+              help="Run on dask: tcp://HOST:8786 (an existing cluster) or local[:N] (N local worker processes).")
+@click.option("--out-crs", default=None, help="CRS of the output for several rasters (default: the first raster's).")
+@click.option("--rows-per-chunk", default=8, show_default=True, type=int, callback=_positive,
+              help="Tile rows per task in regional runs.")
 @click.option("--model", "model_path", type=click.Path(), default=None, help="Checkpoint (default: bundled model).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=None, callback=_positive, help="Tiles per batch (default 16 CPU, 64 GPU).")
@@ -349,12 +377,27 @@ def _sigterm_as_interrupt() -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same inputs and settings.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, src_crs, cam_method,
+def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, src_crs, cam_method,
            cam_threshold, score_threshold, min_area_m2, simplify_m, heatmap, resume, overwrite, quiet) -> None:
-    """Find solar panels in RASTER and write their polygons (with areas in m²) to a GeoPackage."""
+    """Find solar panels in RASTERS and write their polygons (with areas in m²) to one GeoPackage.
+
+    RASTERS: raster files, directories, globs, URLs GDAL opens, or .txt files listing rasters. Several
+    rasters (or --scheduler) make a regional run, chunked over dask when --scheduler is given.
+    """
+    from pathlib import Path
+
     from solarmap.io import check_output_path, describe_scene, parse_bands
 
     check_output_path(out_path, overwrite=overwrite)
+    single = (len(rasters) == 1 and scheduler is None and not Path(rasters[0]).is_dir()
+              and Path(rasters[0]).suffix.lower() != ".txt" and not any(ch in rasters[0] for ch in "*?["))
+    if not single:
+        if heatmap:
+            raise click.UsageError("--heatmap works with a single raster")
+        from solarmap.regional import expand_inputs
+
+        expanded = expand_inputs(rasters)
+    raster = rasters[0] if single else expanded[0]
     if heatmap:
         check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
     band_tuple = parse_bands(bands)
@@ -377,6 +420,21 @@ def detect(raster, out_path, model_path, device, batch_size, tile_size_px, overl
                          context_px=config.context_px,
                          name=f"{'bundled' if model_path is None else model_path}")
     _sigterm_as_interrupt()
+    if not single:
+        from solarmap.regional import ScorerSpec, detect_regional
+
+        spec = ScorerSpec(model_path=model_path, method=method.value, device=device, context_px=config.context_px,
+                          decision_threshold=config.score_threshold)
+        _, rstats = detect_regional(expanded, out_path, scorer_spec=spec, config=config, scheduler=scheduler,
+                                    out_crs=out_crs, rows_per_chunk=rows_per_chunk, overwrite=overwrite, resume=resume,
+                                    metadata={"cam_method": method.value}, progress=_RegionalProgress(quiet))
+        if not quiet:
+            click.echo(f"rasters: {rstats.rasters}, chunks: {rstats.chunks_done} ({rstats.chunks_resumed} resumed), "
+                       f"tiles: {rstats.tiles_total}", err=True)
+            click.echo(f"panels: {rstats.polygons} polygons, {rstats.area_m2:.1f} m² in total; "
+                       f"time {rstats.seconds:.1f} s", err=True)
+        click.echo(f"wrote {out_path}")
+        return
     progress = _Progress(quiet)
     stats = detect_to_file(raster, out_path, scorer=scorer, config=config, overwrite=overwrite, resume=resume,
                            heatmap=heatmap, progress=progress,

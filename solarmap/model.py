@@ -47,6 +47,7 @@ class ModelConfig:
     branch_levels: int = 0  # how many branch levels are trained (0, 1 or 2)
     decision_threshold: float = 0.5  # on the tile probability
     cam_threshold: float = 0.5  # on the CAM divided by cam_scale
+    cam_peak_fraction: float | None = None  # tiles whose CAM stays below cam_threshold: fraction of their peak
     cam_scale: float = 1.0  # raw branch-CAM value that maps to 1.0 (median peak on positive validation tiles)
     gap_cam_scale: float = 1.0  # the same for the main classifier's GAP CAM
     cam_shifts: dict = field(default_factory=dict)  # method -> (rows, cols) px to move its maps by

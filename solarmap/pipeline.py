@@ -84,6 +84,7 @@ class DetectConfig:
     batch_size: int = 16
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
+    mask_peak_fraction: float | None = None  # weak positive tiles: also mask >= this fraction of their peak
     min_area_m2: float = 1.0
     simplify_m: float = 0.0
 
@@ -91,9 +92,9 @@ class DetectConfig:
         self.tile_spec  # validates sizes
         if self.batch_size <= 0:
             raise OptionError(f"batch size must be positive, got {self.batch_size}")
-        for name in ("score_threshold", "mask_threshold"):
+        for name in ("score_threshold", "mask_threshold", "mask_peak_fraction"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
+            if value is not None and not 0.0 <= value <= 1.0:
                 raise OptionError(f"{name.replace('_', ' ')} must be between 0 and 1, got {value}")
         if self.min_area_m2 < 0 or self.simplify_m < 0:
             raise OptionError("minimum area and simplification tolerance must not be negative")
@@ -113,7 +114,8 @@ class DetectConfig:
         settings = dict(tile_size_px=model_config.tile_size_px, overlap_px=model_config.overlap_px,
                         context_px=model_config.context_px,
                         gsd_m=model_config.gsd_m, score_threshold=model_config.decision_threshold,
-                        mask_threshold=model_config.cam_threshold)
+                        mask_threshold=model_config.cam_threshold,
+                        mask_peak_fraction=model_config.cam_peak_fraction)
         return cls(**{**settings, **overrides})
 
 
@@ -229,15 +231,24 @@ class SceneRun:
         self.source_name = source_name or Path(self.path).name
 
     def run(self, sink: Callable, *, heatmap: HeatmapWriter | None = None, state: RunState | None = None,
-            checkpoint: Callable[[RunState], None] | None = None, chunk_polygons: int = 2000) -> DetectStats:
+            checkpoint: Callable[[RunState], None] | None = None, chunk_polygons: int = 2000,
+            rows: tuple[int, int] | None = None, pieces_only: bool = False) -> DetectStats:
+        """Run over the raster (or only tile rows ``rows`` = [start, stop)).
+
+        ``sink`` gets GeoDataFrames of finished panels; with ``pieces_only`` it gets lists of
+        :class:`~solarmap.vectorize.Piece` in grid pixels instead, unfiltered, for a caller that
+        merges them with pieces from other row ranges (see :mod:`solarmap.regional`).
+        """
         config, spec = self.config, self.config.tile_spec
         started = time.perf_counter()
         with SceneReader(self.path, bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs) as reader:
             grid = self.grid = reader.info.grid
-            rows, cols = tile_grid_shape(grid, spec)
+            n_rows, cols = tile_grid_shape(grid, spec)
+            first_row, stop_row = rows if rows is not None else (0, n_rows)
             if state is None:
-                stats, merger, next_id, start_row = DetectStats(), SeamMerger((grid.height, grid.width)), 1, 0
-                stats.tiles_total = rows * cols
+                stats, merger = DetectStats(), SeamMerger((grid.height, grid.width))
+                next_id, start_row = 1, first_row
+                stats.tiles_total = (stop_row - first_row) * cols
             else:
                 stats, merger = state.stats, SeamMerger.from_state(state.merger)
                 next_id, start_row = state.next_id, state.rows_done
@@ -247,6 +258,10 @@ class SceneRun:
 
             def flush() -> None:
                 nonlocal next_id, finished
+                if pieces_only:
+                    sink(finished)
+                    finished = []
+                    return
                 t0 = time.perf_counter()
                 frame = panels_frame(finished, grid_transform=grid.transform, crs=grid.crs, source=self.source_name,
                                      min_area_m2=config.min_area_m2,
@@ -264,6 +279,8 @@ class SceneRun:
                 for tile in iter_tiles(grid, spec):
                     if tile.tile_row < start_row:
                         continue
+                    if tile.tile_row >= stop_row:
+                        break
                     t0 = time.perf_counter()
                     image = reader.read_tile(tile)
                     stats.stage_seconds["read"] += time.perf_counter() - t0
@@ -291,7 +308,7 @@ class SceneRun:
                     if score_map is not None:
                         if heatmap is not None:
                             heatmap.write(image.tile, score_map)
-                        mask = (score_map >= config.mask_threshold) & image.valid
+                        mask = (score_map >= self._mask_threshold(score_map)) & image.valid
                         pieces = core_pieces(image.tile, mask, score=prob, cam_map=score_map)
                     finished.extend(merger.add(image.tile.core, pieces))
                 stats.stage_seconds["vectorize"] += time.perf_counter() - t0
@@ -304,6 +321,17 @@ class SceneRun:
             flush()
         stats.seconds = elapsed_before + time.perf_counter() - started
         return stats
+
+    def _mask_threshold(self, score_map: np.ndarray) -> float:
+        """The global mask threshold, lowered for a positive tile whose CAM never reaches it (a
+        small or faint array) to ``mask_peak_fraction`` of the tile's own peak, so that every
+        positive tile keeps its strongest response."""
+        fraction, c = self.config.mask_peak_fraction, self.config.context_px
+        if fraction is None:
+            return self.config.mask_threshold
+        tile_part = score_map[c: score_map.shape[0] - c, c: score_map.shape[1] - c] if c else score_map
+        peak = float(tile_part.max()) if tile_part.size else 0.0
+        return min(self.config.mask_threshold, fraction * peak) if peak > 0 else self.config.mask_threshold
 
     def _score(self, batch: list[TileImage], stats: DetectStats
                ) -> list[tuple[TileImage, float | None, np.ndarray | None]]:

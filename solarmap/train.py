@@ -511,9 +511,13 @@ class _CachingScorer:
 
 
 def calibrate_cam_threshold(model: SolarNet, scenes: Sequence[tuple[str, str]], *,
-                            thresholds: Sequence[float] = tuple(np.round(np.arange(0.1, 1.0, 0.05), 2))) -> dict:
-    """Pick the CAM threshold with the best mean pixel IoU on validation scenes (scene, truth) and
-    store it in ``model.config``; returns the sweep so the choice can be reported."""
+                            thresholds: Sequence[float] = tuple(np.round(np.arange(0.3, 0.95, 0.1), 2)),
+                            peak_fractions: Sequence[float | None] = (None, 0.5, 0.7, 0.9),
+                            min_tile_recall: float = 0.9) -> dict:
+    """Pick the mask rule (CAM threshold, peak fraction for weak tiles) on validation scenes
+    (scene, truth): the best mean pixel IoU among the rules whose polygons still reach
+    ``min_tile_recall`` of the truth's tiles (finding arrays comes before outlining them), or the best
+    pixel IoU if none does. Stores it in ``model.config``; returns the sweep so it can be reported."""
     import geopandas as gpd
 
     from solarmap.cam import ModelScorer
@@ -524,12 +528,17 @@ def calibrate_cam_threshold(model: SolarNet, scenes: Sequence[tuple[str, str]], 
     truths = [gpd.read_file(truth, layer="panels") for _, truth in scenes]
     sweep = {}
     for threshold in thresholds:
-        config = DetectConfig.for_model(model.config, mask_threshold=float(threshold))
-        ious = []
-        for (scene, _), truth in zip(scenes, truths):
-            frame, _ = detect_scene(scene, scorer=scorer, config=config)
-            ious.append(evaluate(frame, truth, scene, tile_size_px=model.config.tile_size_px).pixel_iou)
-        sweep[float(threshold)] = float(np.mean(ious))
-    best = max(sweep, key=sweep.get)
-    model.config = replace(model.config, cam_threshold=best)
-    return {"cam_threshold": best, "pixel_iou_by_threshold": sweep}
+        for fraction in peak_fractions:
+            config = DetectConfig.for_model(model.config, mask_threshold=float(threshold), mask_peak_fraction=fraction)
+            results = [evaluate(detect_scene(scene, scorer=scorer, config=config)[0], truth, scene,
+                                tile_size_px=model.config.tile_size_px) for (scene, _), truth in zip(scenes, truths)]
+            sweep[(float(threshold), fraction)] = {
+                "pixel_iou": float(np.mean([r.pixel_iou for r in results])),
+                "tile_recall": float(np.mean([r.tile_recall for r in results])),
+                "total_area_error": float(np.mean([r.total_area_error for r in results])),
+            }
+    eligible = [k for k, v in sweep.items() if v["tile_recall"] >= min_tile_recall] or list(sweep)
+    threshold, fraction = max(eligible, key=lambda k: sweep[k]["pixel_iou"])
+    model.config = replace(model.config, cam_threshold=threshold, cam_peak_fraction=fraction)
+    return {"cam_threshold": threshold, "cam_peak_fraction": fraction,
+            "sweep": {f"{t}/{f}": v for (t, f), v in sweep.items()}}

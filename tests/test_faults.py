@@ -58,7 +58,7 @@ def test_empty_or_text_file(tmp_path, tiny_model, content):
 def test_directory_without_rasters(tmp_path, tiny_model):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "p.gpkg"
-    assert_clean_failure(run_detect(tmp_path / "empty", out, "--model", tiny_model), out, "is a directory")
+    assert_clean_failure(run_detect(tmp_path / "empty", out, "--model", tiny_model), out, "no rasters")
 
 
 def _raster(tmp_path, kind):

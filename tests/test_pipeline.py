@@ -110,3 +110,31 @@ def test_python_api_accepts_a_dataarray_with_crs_and_transform(geotiff):
     assert len(frame) == 1 and frame.crs.to_epsg() == 32611
     assert frame.area_m2.iloc[0] == pytest.approx(10 * 20 * 0.25, rel=1e-3)
     assert seen and seen[-1].tiles_read == seen[-1].tiles_total
+
+
+class WeakTileScorer:
+    """Every tile positive; the map is band 1 (so a faint object stays below a global threshold)."""
+
+    name = "weak"
+
+    def __call__(self, pixels):
+        return np.ones(len(pixels), np.float32), pixels[:, 0].astype(np.float32)
+
+
+def test_peak_fraction_keeps_the_strongest_response_of_a_faint_positive_tile(tmp_path, geotiff):
+    from solarmap.pipeline import detect_scene
+
+    array = rectangle_raster(64, 64, (10, 10, 30, 40), value=0.3)  # faint: peak 0.3 < threshold 0.5
+    array[:, 20:25, 20:25] = 0.2  # a dimmer hole, below 0.5 x peak
+    scene = geotiff(array)
+    base = DetectConfig(tile_size_px=64, overlap_px=0, mask_threshold=0.5, min_area_m2=0)
+    plain, _ = detect_scene(scene, scorer=WeakTileScorer(), config=base)
+    assert len(plain) == 0
+    from dataclasses import replace
+
+    kept, _ = detect_scene(scene, scorer=WeakTileScorer(), config=replace(base, mask_peak_fraction=0.8))
+    assert len(kept) == 1
+    assert kept.geometry.iloc[0].area == pytest.approx((20 * 30 - 25) * 0.25)  # 0.5 m pixels, hole excluded
+    strong = geotiff(rectangle_raster(64, 64, (10, 10, 30, 40), value=0.9))
+    both, _ = detect_scene(strong, scorer=WeakTileScorer(), config=replace(base, mask_peak_fraction=0.99))
+    assert both.geometry.iloc[0].area == pytest.approx(20 * 30 * 0.25)  # strong tiles: the global threshold rules

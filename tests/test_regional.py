@@ -1,0 +1,165 @@
+"""Regional runs: inputs, chunk merging, and dask.distributed equal to one process (even when a worker dies)."""
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+from affine import Affine
+
+from conftest import UTM_ORIGIN, write_tif
+from solarmap.errors import InputError
+from solarmap.pipeline import DetectConfig, SpectralBaseline, detect_scene
+from solarmap.regional import detect_regional, expand_inputs
+
+CONFIG = DetectConfig(tile_size_px=64, overlap_px=8, batch_size=4, min_area_m2=0.0)
+
+
+def town_like(height=300, width=260, seed=0):
+    """Grey ground with dark-blue rectangles (what SpectralBaseline marks), some across seams."""
+    rng = np.random.default_rng(seed)
+    image = np.full((3, height, width), 150, np.uint8)
+    for _ in range(14):
+        r, c = rng.integers(0, height - 30), rng.integers(0, width - 40)
+        h, w = rng.integers(6, 30), rng.integers(6, 40)
+        image[:, r:r + h, c:c + w] = np.array([10, 15, 45], np.uint8)[:, None, None]
+    return image
+
+
+def same_polygons(a, b):
+    assert len(a) == len(b)
+    assert a.area_m2.sum() == pytest.approx(b.area_m2.sum(), rel=1e-9)
+    ua, ub = shapely.union_all(a.geometry.to_numpy()), shapely.union_all(b.geometry.to_numpy())
+    assert shapely.symmetric_difference(ua, ub).area == pytest.approx(0.0, abs=1e-6)
+    assert sorted(np.round(a.area_m2, 6)) == sorted(np.round(b.area_m2, 6))
+
+
+def test_inputs_from_directories_globs_and_lists(tmp_path):
+    for name in ("b.tif", "a.tif"):
+        write_tif(tmp_path / name, np.zeros((3, 8, 8), np.uint8))
+    (tmp_path / "notes.md").write_text("x")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# two rasters\nb.tif\n\na.tif\n")
+    assert expand_inputs([str(tmp_path)]) == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]
+    assert expand_inputs([str(tmp_path / "*.tif")]) == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]
+    assert expand_inputs([str(listing)]) == [str(tmp_path / "b.tif"), str(tmp_path / "a.tif")]
+    assert expand_inputs(["/vsicurl/https://example.org/x.tif"]) == ["/vsicurl/https://example.org/x.tif"]
+    (tmp_path / "empty").mkdir()
+    for bad, message in (([str(tmp_path / "empty")], "no rasters"), ([str(tmp_path / "nope.tif")], "not found"),
+                         ([str(tmp_path / "*.jp2")], "no files match")):
+        with pytest.raises(InputError, match=message):
+            expand_inputs(bad)
+
+
+def test_chunks_merge_exactly_like_one_run(tmp_path):
+    raster = write_tif(tmp_path / "scene.tif", town_like())
+    single, _ = detect_scene(raster, scorer=SpectralBaseline(), config=CONFIG)
+    for rows_per_chunk in (1, 2, 100):
+        regional, stats = detect_regional([raster], tmp_path / f"r{rows_per_chunk}.gpkg", scorer_spec=SpectralBaseline(),
+                                          config=CONFIG, rows_per_chunk=rows_per_chunk)
+        same_polygons(regional, single)
+        assert stats.chunks_total == -(-6 // rows_per_chunk)  # 300 px -> 6 tile rows of stride 56
+        same_polygons(gpd.read_file(tmp_path / f"r{rows_per_chunk}.gpkg"), single)
+
+
+def test_adjacent_rasters_merge_into_one_output_in_any_crs(tmp_path):
+    image = town_like(seed=3)
+    whole = write_tif(tmp_path / "whole.tif", image)
+    left = write_tif(tmp_path / "left.tif", image[:, :, :130])
+    right = write_tif(tmp_path / "right.tif", image[:, :, 130:],
+                      transform=Affine(0.5, 0, UTM_ORIGIN[0] + 65, 0, -0.5, UTM_ORIGIN[1]))
+    single, _ = detect_scene(whole, scorer=SpectralBaseline(), config=CONFIG)
+    both, stats = detect_regional([left, right], tmp_path / "both.gpkg", scorer_spec=SpectralBaseline(), config=CONFIG)
+    assert stats.rasters == 2
+    assert len(both) == len(single)  # arrays cut by the file boundary come out whole
+    assert both.area_m2.sum() == pytest.approx(single.area_m2.sum(), rel=1e-6)
+    in_4326, _ = detect_regional([left, right], tmp_path / "ll.gpkg", scorer_spec=SpectralBaseline(), config=CONFIG,
+                                 out_crs="EPSG:4326")
+    assert in_4326.crs.to_epsg() == 4326
+    assert len(in_4326) == len(single)
+    assert in_4326.area_m2.sum() == pytest.approx(single.area_m2.sum(), rel=1e-3)
+
+
+def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
+    import solarmap.regional as regional
+
+    raster = write_tif(tmp_path / "scene.tif", town_like(seed=5))
+    out = tmp_path / "r.gpkg"
+    calls = {"n": 0}
+    real = regional.run_chunk
+
+    def dies_on_third(chunk, spec):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(chunk, spec)
+
+    monkeypatch.setattr(regional, "run_chunk", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        detect_regional([raster], out, scorer_spec=SpectralBaseline(), config=CONFIG, rows_per_chunk=1)
+    assert not out.exists() and len(list((tmp_path / ".r.gpkg.partial").glob("chunk-*.pkl"))) == 2
+    monkeypatch.setattr(regional, "run_chunk", real)
+    resumed, stats = detect_regional([raster], out, scorer_spec=SpectralBaseline(), config=CONFIG, rows_per_chunk=1,
+                                     resume=True)
+    assert stats.chunks_resumed == 2
+    single, _ = detect_scene(raster, scorer=SpectralBaseline(), config=CONFIG)
+    same_polygons(resumed, single)
+    assert not (tmp_path / ".r.gpkg.partial").exists()
+
+
+@dataclass(frozen=True)
+class SlowBaseline(SpectralBaseline):
+    """The baseline, slowed down so a worker can be killed while chunks are still running."""
+
+    delay_s: float = 0.15
+
+    def __call__(self, pixels):
+        time.sleep(self.delay_s)
+        return super().__call__(pixels)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    distributed = pytest.importorskip("distributed")
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=":0") as local:
+        yield local
+
+
+def test_two_local_workers_give_the_single_process_result(tmp_path, cluster):
+    rasters = [write_tif(tmp_path / f"s{i}.tif", town_like(seed=10 + i)) for i in range(2)]
+    alone, _ = detect_regional(rasters, tmp_path / "alone.gpkg", scorer_spec=SpectralBaseline(), config=CONFIG,
+                               rows_per_chunk=1)
+    spread, stats = detect_regional(rasters, tmp_path / "spread.gpkg", scorer_spec=SpectralBaseline(), config=CONFIG,
+                                    rows_per_chunk=1, scheduler=cluster.scheduler_address)
+    assert stats.chunks_done == stats.chunks_total == 12
+    same_polygons(spread, alone)
+
+
+def test_a_worker_killed_mid_run_loses_nothing(tmp_path, cluster):
+    from distributed import Client
+
+    raster = write_tif(tmp_path / "s.tif", town_like(height=500, seed=21))
+    expected, _ = detect_scene(raster, scorer=SpectralBaseline(), config=CONFIG)
+    with Client(cluster.scheduler_address) as client:
+        pids = list(client.run(os.getpid).values())
+    killed = []
+
+    def kill_one_worker_after_first_chunk(stats):
+        if stats.chunks_done >= 1 and not killed:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    result, stats = detect_regional([raster], tmp_path / "k.gpkg", scorer_spec=SlowBaseline(), config=CONFIG,
+                                    rows_per_chunk=1, scheduler=cluster.scheduler_address,
+                                    progress=kill_one_worker_after_first_chunk)
+    assert killed and stats.chunks_done == stats.chunks_total
+    same_polygons(result, expected)
