@@ -6,6 +6,10 @@ Methods (``--cam-method``), all returning raw maps (batch, h, w) for the positiv
 * ``gap``     Zhou et al.'s CAM of the main classifier at Mixed_7c (8 x 8 for 299 px tiles);
 * ``gradcam`` Grad-CAM: ReLU of the activations at a chosen layer weighted by the spatially averaged
   gradient of the positive logit (default layer Mixed_6e, 17 x 17).
+* ``feedback`` feedback-network localization (Cao et al.): a gate on every hidden ReLU output of
+  the Mixed_5*/6* blocks, all open at first, is optimised for a fixed number of steps to keep the
+  panel score while closing as many gates as possible (L1); the map is the image-gradient saliency
+  of the panel score through the optimised gates, at pixel resolution.
 
 Alignment (:func:`align_to_window`): a map cell is not a uniform slice of the tile. Inception's
 stem uses unpadded convolutions, so cell ``k`` of Mixed_5d is centred on pixel ``8k + 13`` (Mixed_6*:
@@ -32,6 +36,7 @@ from enum import Enum
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from solarmap.errors import ModelError, OptionError
 from solarmap.model import SolarNet
@@ -49,6 +54,66 @@ class CamMethod(str, Enum):
     BRANCH = "branch"
     GAP = "gap"
     GRADCAM = "gradcam"
+    FEEDBACK = "feedback"
+
+
+FEEDBACK_LAYERS = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e")
+
+
+def feedback_saliency(model: SolarNet, pixels: torch.Tensor, *, steps: int = 10, lr: float = 0.1,
+                      sparsity: float = 0.05, smooth_px: float = 4.0) -> torch.Tensor:
+    """Feedback localization maps (batch, H, W) at pixel resolution, raw scale.
+
+    Gates in [0, 1] on the hidden ReLU outputs (the block outputs of ``FEEDBACK_LAYERS``, which are
+    concatenations of ReLU outputs) start open; ``steps`` of projected gradient ascent raise the
+    positive logit while closing gates: each step moves a gate by ``lr`` x (its logit gradient relative
+    to the largest in its layer, minus ``sparsity``), so gates that do not help the panel score
+    close and those that do stay open whatever the logit's scale; then the saliency is the channel-wise
+    maximum of |d logit / d pixel| through the optimised gates, smoothed by a Gaussian of
+    ``smooth_px`` (gradients are speckled at pixel level).
+    """
+    backbone = model.backbone
+    gates: dict[str, torch.Tensor] = {}
+
+    def gate(name):
+        def apply(_module, _inputs, output):
+            if name not in gates:
+                gates[name] = torch.ones_like(output, requires_grad=True)
+            return output * gates[name]
+        return apply
+
+    handles = [getattr(backbone, name).register_forward_hook(gate(name)) for name in FEEDBACK_LAYERS]
+    try:
+        with torch.enable_grad():
+            x = pixels.detach().float()
+            model(x)  # creates the gates at this input size
+            params = list(gates.values())
+            for _ in range(steps):
+                grads = torch.autograd.grad(model(x)[:, 1].sum(), params)
+                with torch.no_grad():
+                    for g, d in zip(params, grads):
+                        g += lr * (d / (d.abs().amax(dim=(1, 2, 3), keepdim=True) + 1e-12) - sparsity)
+                        g.clamp_(0.0, 1.0)
+            x = x.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(model(x)[:, 1].sum(), x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    saliency = grad.abs().amax(dim=1)
+    if smooth_px > 0:
+        saliency = _gaussian_blur(saliency, smooth_px)
+    return saliency.detach()
+
+
+def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(t ** 2) / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    x = maps[:, None]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
 
 
 # (stride, first cell centre) in input pixels of Inception-v3 feature maps, by layer name prefix
@@ -57,6 +122,8 @@ _LAYER_GEOMETRY = {"Mixed_5": (8, 13), "Mixed_6": (16, 21), "Mixed_7": (32, 37)}
 
 def layer_geometry(method: CamMethod, gradcam_layer: str = "Mixed_6e") -> tuple[int, int] | None:
     """Where a method's map cells sit on the input; None where unknown (maps are then stretched)."""
+    if method is CamMethod.FEEDBACK:
+        return (1, 0)  # already one value per pixel
     layer = {CamMethod.BRANCH: "Mixed_5d", CamMethod.GAP: "Mixed_7c"}.get(method, gradcam_layer)
     return next((g for prefix, g in _LAYER_GEOMETRY.items() if layer.startswith(prefix)), None)
 
@@ -177,7 +244,7 @@ def normalise(raw: torch.Tensor, method: CamMethod, model: SolarNet) -> torch.Te
         return raw / model.config.cam_scale
     if method is CamMethod.GAP:
         return raw / model.config.gap_cam_scale
-    peak = raw.flatten(1).max(dim=1).values.clamp(min=1e-12)
+    peak = raw.flatten(1).max(dim=1).values.clamp(min=1e-12)  # Grad-CAM and feedback: per-tile maximum
     return raw / peak[:, None, None]
 
 
@@ -211,13 +278,26 @@ class ModelScorer:
     gradcam_layer: str = "Mixed_6e"
     name: str = "solarmap"
     context_px: int | None = None  # None: the model's
+    branch_levels: int | None = None  # None: all the model's trained levels
+    feedback_steps: int = 10
 
     def __post_init__(self) -> None:
         self.method = CamMethod(self.method)
         if self.context_px is None:
             self.context_px = self.model.config.context_px
+        trained = self.model.config.branch_levels
+        if self.branch_levels is not None and not 1 <= self.branch_levels <= max(trained, 0):
+            raise OptionError(f"--branch-levels {self.branch_levels}: this model has {trained} trained branch level(s)")
         self.geometry = layer_geometry(self.method, self.gradcam_layer)
-        self.shift_px = tuple(self.model.config.cam_shifts.get(self.method.value, (0.0, 0.0)))
+        self.shift_px = tuple(self.model.config.cam_shifts.get(self.shift_key,
+                                                                self.model.config.cam_shifts.get(self.method.value, (0.0, 0.0))))
+
+    @property
+    def shift_key(self) -> str:
+        """Which measured offset applies: per method, and per branch depth when not the deepest."""
+        if self.method is CamMethod.BRANCH and self.branch_levels not in (None, self.model.config.branch_levels):
+            return f"branch{self.branch_levels}"
+        return self.method.value
         if self.method is CamMethod.BRANCH and self.model.config.branch_levels < 1:
             raise ModelError("this model has no trained CAM branch; use --cam-method gap or gradcam")
         self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
@@ -235,9 +315,14 @@ class ModelScorer:
         if self.method is CamMethod.GRADCAM:
             with self._autocast():
                 return grad_cam(model, x.clone(), layer=self.gradcam_layer).float()
+        if self.method is CamMethod.FEEDBACK:
+            return feedback_saliency(model, x.clone(), steps=self.feedback_steps).float()
         with torch.inference_mode(), self._autocast():
             f5d = model.mixed_5d(x) if f5d is None else f5d
-            raw = model.branch_cam(f5d) if self.method is CamMethod.BRANCH else model.gap_cam(model.mixed_7c(f5d))
+            if self.method is CamMethod.BRANCH:
+                raw = model.branch_cam(f5d, levels=self.branch_levels)
+            else:
+                raw = model.gap_cam(model.mixed_7c(f5d))
         return raw.float()
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

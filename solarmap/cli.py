@@ -364,10 +364,13 @@ class _RegionalProgress:
 @click.option("--gsd", "gsd_m", type=float, default=None, help="Resample to this GSD in metres (default: the model's).")
 @click.option("--bands", default=None, help="Bands to use as R,G,B (1-based), e.g. 1,2,3.")
 @click.option("--src-crs", default=None, help="CRS of a raster that carries none, e.g. EPSG:32611.")
-@click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam"]), default="branch", show_default=True,
-              help="Localization: greedy branch CAM, the classifier's GAP CAM, or Grad-CAM.")
+@click.option("--branch-levels", type=click.IntRange(1, 2), default=None,
+              help="Branch CAM from this many branch levels (default: all the model has).")
+@click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam", "feedback"]), default="branch",
+              show_default=True,
+              help="Localization: greedy branch CAM, the classifier's GAP CAM, Grad-CAM, or feedback saliency.")
 @click.option("--cam-threshold", type=float, default=None, callback=_unit_interval,
-              help="Mask threshold on the normalised CAM (CAM / the model's calibrated scale; Grad-CAM: / tile max).")
+              help="Mask threshold on the normalised CAM (CAM / the model's calibrated scale; Grad-CAM, feedback: / tile max).")
 @click.option("--score-threshold", type=float, default=None, callback=_unit_interval,
               help="Tile probability above which a tile is positive (default: the model's calibrated one).")
 @click.option("--min-area", "min_area_m2", type=float, default=1.0, show_default=True, help="Drop polygons below this many m².")
@@ -377,7 +380,7 @@ class _RegionalProgress:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same inputs and settings.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, src_crs, cam_method,
+def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, src_crs, branch_levels, cam_method,
            cam_threshold, score_threshold, min_area_m2, simplify_m, heatmap, resume, overwrite, quiet) -> None:
     """Find solar panels in RASTERS and write their polygons (with areas in m²) to one GeoPackage.
 
@@ -417,14 +420,14 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
         min_area_m2=min_area_m2, simplify_m=simplify_m, **{k: v for k, v in given.items() if v is not None})
     check_tile_size(config.tile_size_px)
     scorer = ModelScorer(net, method=method, device=torch_device, decision_threshold=config.score_threshold,
-                         context_px=config.context_px,
+                         context_px=config.context_px, branch_levels=branch_levels,
                          name=f"{'bundled' if model_path is None else model_path}")
     _sigterm_as_interrupt()
     if not single:
         from solarmap.regional import ScorerSpec, detect_regional
 
         spec = ScorerSpec(model_path=model_path, method=method.value, device=device, context_px=config.context_px,
-                          decision_threshold=config.score_threshold)
+                          decision_threshold=config.score_threshold, branch_levels=branch_levels)
         _, rstats = detect_regional(expanded, out_path, scorer_spec=spec, config=config, scheduler=scheduler,
                                     out_crs=out_crs, rows_per_chunk=rows_per_chunk, overwrite=overwrite, resume=resume,
                                     metadata={"cam_method": method.value}, progress=_RegionalProgress(quiet))
@@ -440,7 +443,8 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
                            heatmap=heatmap, progress=progress,
                            metadata={"cam_method": method.value, "device": str(torch_device),
                                      "model_gsd_m": net.config.gsd_m, "cam_threshold_basis": "CAM / cam_scale"
-                                     if method is not CamMethod.GRADCAM else "Grad-CAM / tile max"})
+                                     if method in (CamMethod.BRANCH, CamMethod.GAP) else f"{method.value} / tile max",
+                                     "branch_levels": branch_levels or net.config.branch_levels})
     progress.done()
     if not quiet:
         st = stats.stage_seconds

@@ -91,6 +91,7 @@ class ScorerSpec:
     device: str = "auto"
     context_px: int | None = None
     decision_threshold: float | None = None
+    branch_levels: int | None = None
 
     def build(self):
         from solarmap import model as model_lib
@@ -98,7 +99,7 @@ class ScorerSpec:
 
         net = model_lib.load(self.model_path)
         return ModelScorer(net, method=self.method, device=resolve_device(self.device), context_px=self.context_px,
-                           decision_threshold=self.decision_threshold, name="bundled" if self.model_path is None else self.model_path)
+                           decision_threshold=self.decision_threshold, branch_levels=self.branch_levels, name="bundled" if self.model_path is None else self.model_path)
 
 
 _SCORERS: dict = {}  # per worker process: spec -> scorer, so each worker loads its model once

@@ -484,11 +484,11 @@ def calibrate_cam_shifts(model: SolarNet, windows: Sequence[Sample], *, max_wind
         raise ValueError("no positive windows to measure CAM offsets on")
     x, _ = stack_samples(positives)
     shifts = {}
-    for method in CamMethod:
-        if method is CamMethod.BRANCH and model.config.branch_levels < 1:
-            continue
-        scorer = ModelScorer(model, method=method)
-        shifts[method.value] = list(estimate_cam_shift(scorer.raw_maps, x, scorer.geometry))
+    variants = [dict(method=CamMethod.GAP), dict(method=CamMethod.GRADCAM)]
+    variants += [dict(method=CamMethod.BRANCH, branch_levels=level) for level in range(1, model.config.branch_levels + 1)]
+    for options in variants:  # feedback maps are input gradients: aligned by construction
+        scorer = ModelScorer(model, **options)
+        shifts[scorer.shift_key] = list(estimate_cam_shift(scorer.raw_maps, x, scorer.geometry))
     model.config = replace(model.config, cam_shifts=shifts)
     return shifts
 

@@ -78,3 +78,43 @@ def test_scorer_classifies_the_tile_and_maps_the_whole_window():
     assert plain_maps.shape == (2, 96, 96)
     none = ModelScorer(net, decision_threshold=1.1)(window)[1]
     assert not none.any()  # no CAM work for negative tiles
+
+
+def test_feedback_saliency_is_a_pixel_map_and_leaves_the_model_untouched():
+    from solarmap.cam import feedback_saliency
+
+    torch.manual_seed(0)
+    net = M.SolarNet(M.ModelConfig.tiny()).eval()
+    x = torch.rand(2, 3, 96, 96)
+    with torch.inference_mode():
+        before = net(x)
+    maps = feedback_saliency(net, x, steps=3)
+    assert maps.shape == (2, 96, 96)
+    assert torch.isfinite(maps).all() and (maps >= 0).all() and maps.amax() > 0
+    with torch.inference_mode():
+        assert torch.equal(net(x), before)  # gates were hooks, now removed
+    scorer = ModelScorer(net, method="feedback", decision_threshold=0.0, feedback_steps=2)
+    probs, normalised = scorer(x.numpy())
+    assert normalised.shape == (2, 96, 96)
+    assert normalised.max(axis=(1, 2)) == pytest.approx([1.0, 1.0])  # basis: the tile's own maximum
+
+
+def test_branch_levels_choose_the_cam_depth_and_their_own_offset():
+    torch.manual_seed(0)
+    net = M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2,
+                             cam_shifts={"branch": [4.0, 0.0], "branch1": [8.0, 0.0]})).eval()
+    assert ModelScorer(net).shift_px == (4.0, 0.0)
+    assert ModelScorer(net, branch_levels=1).shift_px == (8.0, 0.0)
+    x = torch.rand(1, 3, 96, 96)
+    with torch.inference_mode():
+        f5d = net.mixed_5d(x)
+        assert torch.allclose(ModelScorer(net, branch_levels=1).raw_maps(x), net.branch_cam(f5d, levels=1))
+    from solarmap.errors import OptionError
+
+    with pytest.raises(OptionError, match="trained branch level"):
+        ModelScorer(replace_levels(net, 1), branch_levels=2)
+
+
+def replace_levels(net, levels):
+    net.config = replace(net.config, branch_levels=levels)
+    return net

@@ -158,6 +158,7 @@ def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, t
     (["--score-threshold", "1.5"], "between 0 and 1"),
     (["--overlap", "200"], "smaller than the tile size"),
     (["--batch-size", "0"], "must be positive"),
+    (["--branch-levels", "3"], "--branch-levels"),
 ])
 def test_detect_option_errors(runner, tmp_path, tiny_model_file, geotiff, args, message):
     import torch
@@ -185,3 +186,21 @@ def test_evaluate_prints_a_table_and_json(runner, tmp_path, geotiff):
     data = json.loads(as_json.output)
     if data["truth_objects"]:
         assert data["pixel_iou"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["feedback", "gradcam"])
+def test_detect_runs_every_localization_method(runner, tmp_path, tiny_model_file, geotiff, method):
+    from conftest import rectangle_raster
+    from solarmap.io import read_layer_metadata
+
+    raster = geotiff((rectangle_raster(96, 96, (30, 30, 50, 70)) * 200).astype(np.uint8))  # one whole tile
+    out = tmp_path / "panels.gpkg"
+    result = runner.invoke(main, ["detect", raster, "--out", str(out), "--model", tiny_model_file, "--cam-method", method,
+                                  "--gsd", "0.5", "--score-threshold", "0", "--cam-threshold", "0.5", "--quiet"])
+    assert result.exit_code == 0, result.output
+    meta = read_layer_metadata(out)
+    assert meta["cam_method"] == method and meta["cam_threshold_basis"] == f"{method} / tile max"
+    import geopandas as gpd
+
+    if method == "feedback":  # saliency is never all zero; an untrained net's Grad-CAM may be (ReLU)
+        assert len(gpd.read_file(out)) >= 1

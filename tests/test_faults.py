@@ -170,7 +170,10 @@ def test_a_signal_leaves_no_output_and_resume_completes(tmp_path, tiny_model, si
     out = tmp_path / "p.gpkg"
     args = [sys.executable, "-m", "solarmap.cli", "detect", raster, "--out", str(out), "--model", tiny_model,
             "--cam-method", "gap", "--score-threshold", "0", "--gsd", "0.5", "--batch-size", "4", "--quiet"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that backgrounds the test run (nohup, CI runners) may leave SIGINT ignored; a user's
+    # terminal does not, so the child starts with the default disposition (Python then installs its own)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = tmp_path / ".p.gpkg.partial" / "state.pkl"
     deadline = time.monotonic() + 120
     while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
