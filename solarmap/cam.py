@@ -291,6 +291,11 @@ class ModelScorer:
         self.geometry = layer_geometry(self.method, self.gradcam_layer)
         self.shift_px = tuple(self.model.config.cam_shifts.get(self.shift_key,
                                                                 self.model.config.cam_shifts.get(self.method.value, (0.0, 0.0))))
+        if self.method is CamMethod.BRANCH and self.model.config.branch_levels < 1:
+            raise ModelError("this model has no trained CAM branch; use --cam-method gap, gradcam or feedback")
+        self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
+        if self.decision_threshold is None:
+            self.decision_threshold = self.model.config.decision_threshold
 
     @property
     def shift_key(self) -> str:
@@ -298,11 +303,6 @@ class ModelScorer:
         if self.method is CamMethod.BRANCH and self.branch_levels not in (None, self.model.config.branch_levels):
             return f"branch{self.branch_levels}"
         return self.method.value
-        if self.method is CamMethod.BRANCH and self.model.config.branch_levels < 1:
-            raise ModelError("this model has no trained CAM branch; use --cam-method gap or gradcam")
-        self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
-        if self.decision_threshold is None:
-            self.decision_threshold = self.model.config.decision_threshold
 
     def _autocast(self):
         if self.device.type == "cuda":

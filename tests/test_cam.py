@@ -118,3 +118,14 @@ def test_branch_levels_choose_the_cam_depth_and_their_own_offset():
 def replace_levels(net, levels):
     net.config = replace(net.config, branch_levels=levels)
     return net
+
+
+def test_scorer_defaults_come_from_the_checkpoint():
+    net = M.SolarNet(replace(M.ModelConfig.tiny(), decision_threshold=0.37, context_px=12)).train()
+    scorer = ModelScorer(net, method="gap")
+    assert scorer.decision_threshold == 0.37 and scorer.context_px == 12
+    assert not scorer.model.training  # inference mode for batch norm and dropout
+    from solarmap.errors import ModelError
+
+    with pytest.raises(ModelError, match="no trained CAM branch"):
+        ModelScorer(net, method="branch")
