@@ -1,3 +1,12 @@
-"""solarmap: find solar panels in georeferenced aerial imagery and map them as polygons."""
+"""solarmap: find solar panels in georeferenced aerial imagery and map them as polygons with areas."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """``solarmap.detect`` without importing torch and GDAL when only the version is wanted."""
+    if name == "detect":
+        from solarmap.pipeline import detect
+
+        return detect
+    raise AttributeError(f"module 'solarmap' has no attribute {name!r}")
