@@ -7,7 +7,11 @@ polygons, on the model's tile grid), box IoU of the largest component per positi
 total and mean per-system area error, and seconds per 1,000 tiles (one process, this machine).
 Classification (the shared Inception classifier) is reported once, on the real Fresno test chips.
 
-    python scripts/compare_localization.py [--model FILE] [--methods gap branch1 branch2 gradcam feedback]
+    python scripts/compare_localization.py [--model FILE] [--methods gap branch1 branch2 gradcam feedback pseudo-seg]
+
+Branch and GAP maps are each divided by their own scale (median peak on positive validation
+windows). Without a pseudo-seg head in the model, one is trained first on the positive windows of
+the training towns (image-level labels only) and its training time is printed.
 
 Towns are generated under --workdir when missing (validation seeds 101-104, test seeds 301-303: the
 same held-out seeds scripts/train_default.py uses).
@@ -23,11 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from solarmap import model as model_lib
-from solarmap.cam import ModelScorer
+import torch
+
+from solarmap.cam import ModelScorer, align_to_window
 from solarmap.evaluate import evaluate
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.synth import SynthConfig, render_town, write_town
-from solarmap.train import _CachingScorer, calibrate_cam_shifts, scene_samples
+from solarmap.pseudoseg import train_pseudo_seg
+from solarmap.train import _CachingScorer, calibrate_cam_shifts, scene_samples, stack_samples
 
 VAL_SEEDS = range(101, 105)
 TEST_SEEDS = range(301, 304)
@@ -37,7 +44,10 @@ VARIANTS = {
     "branch2": dict(method="branch", branch_levels=2),
     "gradcam": dict(method="gradcam"),
     "feedback": dict(method="feedback"),
+    "pseudo-seg": dict(method="pseudo-seg"),
+    "pseudo-seg-ms": dict(method="pseudo-seg", seg_scales=(0.5, 0.75, 1.0)),
 }
+TRAIN_SEEDS = range(1, 25)  # pseudo-seg head: positive windows of the training towns (image-level labels)
 KEYS = ["tile_precision", "tile_recall", "box_iou", "pixel_iou", "total_area_error", "per_system_area_error"]
 
 
@@ -85,6 +95,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/solarmap-compare"))
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument("--train-towns", type=Path, default=Path.home() / "solarmap-train" / "towns",
+                        help="Training towns (scripts/train_default.py's) for the pseudo-seg head.")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     net = model_lib.load(args.model)
@@ -93,9 +105,26 @@ def main() -> None:
         scene, str(Path(scene).with_name("truth.gpkg")), model=net.config, context_px=net.config.context_px)]
     shifts = calibrate_cam_shifts(net, windows)  # every variant's own offset, from validation windows
     print(f"CAM offsets (rows, cols px) from validation windows: {shifts}", flush=True)
+    positives, _ = stack_samples([w for w in windows if w.label])
+    scales = {}
+    for name in ("gap", "branch1", "branch2"):  # each map's own scale: median peak on positive validation windows
+        scorer = ModelScorer(net, **VARIANTS[name])
+        peaks = torch.cat([align_to_window(scorer.raw_maps(positives[i:i + 32]), tuple(positives.shape[-2:]),
+                                           scorer.geometry, scorer.shift_px).flatten(1).max(dim=1).values
+                           for i in range(0, len(positives), 32)])
+        scales[name] = float(peaks.median())
+    print(f"CAM scales (median peak, positive validation windows): {scales}", flush=True)
+    if any(name.startswith("pseudo-seg") for name in args.methods) and net.seg_head is None:
+        train_windows = [w for seed in TRAIN_SEEDS for w in scene_samples(
+            str(Path(args.train_towns) / f"town_{seed}" / "scene.tif"),
+            str(Path(args.train_towns) / f"town_{seed}" / "truth.gpkg"), model=net.config,
+            context_px=net.config.context_px) if w.label]
+        x_train, _ = stack_samples(train_windows)
+        info = train_pseudo_seg(net, x_train, progress=lambda line: print(line, flush=True))
+        print(f"pseudo-seg head trained: {info}", flush=True)
     results = {}
     for name in args.methods:
-        scorer = ModelScorer(net, **VARIANTS[name])
+        scorer = ModelScorer(net, **VARIANTS[name], cam_scale=scales.get(name))
         threshold, fraction = choose_mask_rule(scorer, net, val)
         config = DetectConfig.for_model(net.config, mask_threshold=threshold, mask_peak_fraction=fraction)
         metrics, seconds, tiles = run(scorer, config, test, net.config.tile_size_px)

@@ -55,6 +55,7 @@ class CamMethod(str, Enum):
     GAP = "gap"
     GRADCAM = "gradcam"
     FEEDBACK = "feedback"
+    PSEUDO_SEG = "pseudo-seg"
 
 
 FEEDBACK_LAYERS = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e")
@@ -122,7 +123,7 @@ _LAYER_GEOMETRY = {"Mixed_5": (8, 13), "Mixed_6": (16, 21), "Mixed_7": (32, 37)}
 
 def layer_geometry(method: CamMethod, gradcam_layer: str = "Mixed_6e") -> tuple[int, int] | None:
     """Where a method's map cells sit on the input; None where unknown (maps are then stretched)."""
-    if method is CamMethod.FEEDBACK:
+    if method in (CamMethod.FEEDBACK, CamMethod.PSEUDO_SEG):
         return (1, 0)  # already one value per pixel
     layer = {CamMethod.BRANCH: "Mixed_5d", CamMethod.GAP: "Mixed_7c"}.get(method, gradcam_layer)
     return next((g for prefix, g in _LAYER_GEOMETRY.items() if layer.startswith(prefix)), None)
@@ -238,12 +239,15 @@ def _hook(module: torch.nn.Module, fn):
         handle.remove()
 
 
-def normalise(raw: torch.Tensor, method: CamMethod, model: SolarNet) -> torch.Tensor:
-    """Raw maps -> the basis the CAM threshold is expressed in (see module docstring)."""
+def normalise(raw: torch.Tensor, method: CamMethod, model: SolarNet, scale: float | None = None) -> torch.Tensor:
+    """Raw maps -> the basis the CAM threshold is expressed in (see module docstring); ``scale``
+    overrides the checkpoint's for branch and GAP maps (e.g. a shallower branch level's own)."""
     if method is CamMethod.BRANCH:
-        return raw / model.config.cam_scale
+        return raw / (scale or model.config.cam_scale)
     if method is CamMethod.GAP:
-        return raw / model.config.gap_cam_scale
+        return raw / (scale or model.config.gap_cam_scale)
+    if method is CamMethod.PSEUDO_SEG:
+        return raw  # already a probability
     peak = raw.flatten(1).max(dim=1).values.clamp(min=1e-12)  # Grad-CAM and feedback: per-tile maximum
     return raw / peak[:, None, None]
 
@@ -280,6 +284,8 @@ class ModelScorer:
     context_px: int | None = None  # None: the model's
     branch_levels: int | None = None  # None: all the model's trained levels
     feedback_steps: int = 10
+    seg_scales: tuple[float, ...] = (1.0,)  # pseudo-seg: e.g. (0.5, 0.75, 1.0), fused by maximum
+    cam_scale: float | None = None  # None: the checkpoint's scale for the method
 
     def __post_init__(self) -> None:
         self.method = CamMethod(self.method)
@@ -291,8 +297,10 @@ class ModelScorer:
         self.geometry = layer_geometry(self.method, self.gradcam_layer)
         self.shift_px = tuple(self.model.config.cam_shifts.get(self.shift_key,
                                                                 self.model.config.cam_shifts.get(self.method.value, (0.0, 0.0))))
-        if self.method is CamMethod.BRANCH and self.model.config.branch_levels < 1:
+        if self.method in (CamMethod.BRANCH, CamMethod.PSEUDO_SEG) and self.model.config.branch_levels < 1:
             raise ModelError("this model has no trained CAM branch; use --cam-method gap, gradcam or feedback")
+        if self.method is CamMethod.PSEUDO_SEG and self.model.seg_head is None:
+            raise ModelError("this model has no pseudo-seg head; train one with solarmap train --stage pseudo-seg")
         self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
         if self.decision_threshold is None:
             self.decision_threshold = self.model.config.decision_threshold
@@ -317,6 +325,10 @@ class ModelScorer:
                 return grad_cam(model, x.clone(), layer=self.gradcam_layer).float()
         if self.method is CamMethod.FEEDBACK:
             return feedback_saliency(model, x.clone(), steps=self.feedback_steps).float()
+        if self.method is CamMethod.PSEUDO_SEG:
+            from solarmap.pseudoseg import segment
+
+            return segment(model, x.float(), scales=self.seg_scales).float()
         with torch.inference_mode(), self._autocast():
             f5d = model.mixed_5d(x) if f5d is None else f5d
             if self.method is CamMethod.BRANCH:
@@ -337,5 +349,5 @@ class ModelScorer:
         if len(positive):
             raw = self.raw_maps(x[positive], None if c else f5d[positive])
             aligned = align_to_window(raw, tuple(pixels.shape[2:]), self.geometry, self.shift_px)
-            maps[positive.cpu().numpy()] = normalise(aligned, self.method, self.model).cpu().numpy()
+            maps[positive.cpu().numpy()] = normalise(aligned, self.method, self.model, self.cam_scale).cpu().numpy()
         return probs.cpu().numpy(), maps

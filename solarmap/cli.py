@@ -171,7 +171,7 @@ def _unit_interval(ctx, param, value):
 
 
 @main.command()
-@click.option("--stage", type=click.Choice(["classifier", "branch1", "branch2", "all"]), default="all",
+@click.option("--stage", type=click.Choice(["classifier", "branch1", "branch2", "all", "pseudo-seg"]), default="all",
               show_default=True, help="Greedy stage(s) to train; branch stages need a --model with the previous stage.")
 @click.option("--chips", "chip_sources", multiple=True, type=click.Path(exists=True),
               help="Labelled chips: a folder with labels.csv + chips/ID.tif, or a CSV of path,label. Repeatable.")
@@ -212,6 +212,10 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
     if not (chip_sources or scenes or synthetic):
         raise OptionError("no training data: give --chips, --scene/--truth or --synthetic N")
     torch.manual_seed(seed)
+    if stage == "pseudo-seg":
+        _train_pseudo_seg(model_lib.load(model_path), scenes, truths, synthetic, workdir, out_path, epochs, lr,
+                          batch_size, seed)
+        return
     if model_path:
         net = model_lib.load(model_path)
     else:
@@ -247,6 +251,40 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
         "stage": stage, "chips": list(chip_sources), "scenes": list(scenes), "synthetic": synthetic, "seed": seed}})
     model_lib.save(net, out_path)
     click.echo(f"wrote {out_path} (branch levels: {net.config.branch_levels})")
+
+
+def _train_pseudo_seg(net, scenes, truths, synthetic, workdir, out_path, epochs, lr, batch_size, seed) -> None:
+    """The pseudo-seg head on the positive windows (tile + context) of georeferenced scenes."""
+    from pathlib import Path
+
+    from solarmap import model as model_lib
+    from solarmap import train as train_lib
+    from solarmap.errors import OptionError
+    from solarmap.pseudoseg import train_pseudo_seg
+
+    if net.config.branch_levels < 1:
+        raise OptionError("pseudo-seg needs a model with a trained CAM branch (--model FILE, default: bundled)")
+    pairs = list(zip(scenes, truths))
+    if synthetic:
+        train_lib.synthetic_samples(Path(workdir) / "towns", seeds=range(1, synthetic + 1), size_px=1024,
+                                    model=net.config)
+        pairs += [(str(Path(workdir) / "towns" / f"town_{s}" / "scene.tif"),
+                   str(Path(workdir) / "towns" / f"town_{s}" / "truth.gpkg")) for s in range(1, synthetic + 1)]
+    if not pairs:
+        raise OptionError("pseudo-seg trains on georeferenced scenes: give --scene/--truth or --synthetic N")
+    windows = [w for scene, truth in pairs
+               for w in train_lib.scene_samples(scene, truth, model=net.config, context_px=net.config.context_px)
+               if w.label]
+    if not windows:
+        raise OptionError("no tile with panels in the given scenes: nothing to learn pseudo masks from")
+    x, _ = train_lib.stack_samples(windows)
+    info = train_pseudo_seg(net, x, epochs=epochs or 6, batch_size=batch_size, lr=lr or 2e-3, seed=seed,
+                            progress=lambda line: click.echo(line, err=True))
+    model_lib.with_config(net, provenance={**net.config.provenance, "pseudo_seg": {
+        k: v for k, v in info.items() if k != "loss"}})
+    model_lib.save(net, out_path)
+    click.echo(f"wrote {out_path} (pseudo-seg head on {info['windows']} positive windows, "
+               f"{info['seconds']:.0f} s; use --cam-method pseudo-seg)")
 
 
 @main.command()
@@ -366,9 +404,11 @@ class _RegionalProgress:
 @click.option("--src-crs", default=None, help="CRS of a raster that carries none, e.g. EPSG:32611.")
 @click.option("--branch-levels", type=click.IntRange(1, 2), default=None,
               help="Branch CAM from this many branch levels (default: all the model has).")
-@click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam", "feedback"]), default="branch",
+@click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam", "feedback", "pseudo-seg"]),
+              default="branch",
               show_default=True,
-              help="Localization: greedy branch CAM, the classifier's GAP CAM, Grad-CAM, or feedback saliency.")
+              help="Localization: greedy branch CAM, the classifier's GAP CAM, Grad-CAM, feedback saliency, or "
+                   "the pseudo-seg head (a model trained with --stage pseudo-seg).")
 @click.option("--cam-threshold", type=float, default=None, callback=_unit_interval,
               help="Mask threshold on the normalised CAM (CAM / the model's calibrated scale; Grad-CAM, feedback: / tile max).")
 @click.option("--score-threshold", type=float, default=None, callback=_unit_interval,
@@ -443,7 +483,8 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
                            heatmap=heatmap, progress=progress,
                            metadata={"cam_method": method.value, "device": str(torch_device),
                                      "model_gsd_m": net.config.gsd_m, "cam_threshold_basis": "CAM / cam_scale"
-                                     if method in (CamMethod.BRANCH, CamMethod.GAP) else f"{method.value} / tile max",
+                                     if method in (CamMethod.BRANCH, CamMethod.GAP) else
+                                     "probability" if method is CamMethod.PSEUDO_SEG else f"{method.value} / tile max",
                                      "branch_levels": branch_levels or net.config.branch_levels})
     progress.done()
     if not quiet:

@@ -51,6 +51,7 @@ class ModelConfig:
     cam_scale: float = 1.0  # raw branch-CAM value that maps to 1.0 (median peak on positive validation tiles)
     gap_cam_scale: float = 1.0  # the same for the main classifier's GAP CAM
     cam_shifts: dict = field(default_factory=dict)  # method -> (rows, cols) px to move its maps by
+    pseudo_seg: bool = False  # has a pseudo-seg segmentation head (solarmap.pseudoseg)
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 
@@ -73,6 +74,11 @@ class SolarNet(nn.Module):
         c1, c2 = config.branch_channels
         self.branch = nn.ModuleList([nn.Conv2d(288, c1, 3, padding=1), nn.Conv2d(c1, c2, 3, padding=1)])
         self.branch_heads = nn.ModuleList([nn.Linear(c1, 2), nn.Linear(c2, 2)])
+        self.seg_head = None
+        if config.pseudo_seg:
+            from solarmap.pseudoseg import SegHead
+
+            self.seg_head = SegHead()
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
 

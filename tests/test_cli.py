@@ -204,3 +204,30 @@ def test_detect_runs_every_localization_method(runner, tmp_path, tiny_model_file
 
     if method == "feedback":  # saliency is never all zero; an untrained net's Grad-CAM may be (ReLU)
         assert len(gpd.read_file(out)) >= 1
+
+
+def test_pseudo_seg_stage_trains_a_head_that_detect_uses(runner, tmp_path):
+    from dataclasses import replace
+
+    import torch
+
+    from solarmap import model as M
+    from solarmap.io import read_layer_metadata
+    from solarmap.synth import SynthConfig, render_town, write_town
+
+    torch.manual_seed(0)
+    base = M.save(M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2)), tmp_path / "base.pt")
+    scene, truth = write_town(render_town(SynthConfig(size_px=240, seed=5, panel_house_fraction=1.0)), tmp_path / "t")
+    out = tmp_path / "seg.pt"
+    result = runner.invoke(main, ["train", "--stage", "pseudo-seg", "--model", str(base), "--scene", scene,
+                                  "--truth", truth, "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert M.load(out).config.pseudo_seg
+    panels = tmp_path / "p.gpkg"
+    result = runner.invoke(main, ["detect", scene, "--out", str(panels), "--model", str(out), "--cam-method",
+                                  "pseudo-seg", "--score-threshold", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert read_layer_metadata(panels)["cam_threshold_basis"] == "probability"
+    refused = runner.invoke(main, ["detect", scene, "--out", str(tmp_path / "q.gpkg"), "--model", str(base),
+                                   "--cam-method", "pseudo-seg"])
+    assert refused.exit_code == 1 and "no pseudo-seg head" in refused.output
