@@ -163,3 +163,32 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path, cluster):
                                     progress=kill_one_worker_after_first_chunk)
     assert killed and stats.chunks_done == stats.chunks_total
     same_polygons(result, expected)
+
+
+def test_cli_takes_a_directory_of_rasters_into_one_geopackage(tmp_path):
+    from click.testing import CliRunner
+
+    from solarmap.cli import main
+
+    pytest.importorskip("torch")
+    import torch
+
+    from solarmap import model as M
+
+    torch.manual_seed(0)
+    model = M.save(M.SolarNet(M.ModelConfig.tiny()), tmp_path / "tiny.pt")
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i in range(2):
+        write_tif(tiles / f"t{i}.tif", town_like(height=120, width=120, seed=30 + i))
+    out = tmp_path / "region.gpkg"
+    result = CliRunner().invoke(main, ["detect", str(tiles), "--out", str(out), "--model", str(model),
+                                       "--cam-method", "gap", "--score-threshold", "0", "--gsd", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "rasters: 2" in result.output and out.exists()
+    from solarmap.io import read_layer_metadata
+
+    assert read_layer_metadata(out)["rasters"] == "2"
+    with_heatmap = CliRunner().invoke(main, ["detect", str(tiles), "--out", str(tmp_path / "h.gpkg"), "--model",
+                                             str(model), "--heatmap", str(tmp_path / "h.tif")])
+    assert with_heatmap.exit_code == 2 and "--heatmap works with a single raster" in with_heatmap.output
