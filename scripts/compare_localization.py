@@ -27,14 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from solarmap import model as model_lib
-import torch
-
-from solarmap.cam import ModelScorer, align_to_window
+from solarmap.cam import ModelScorer
 from solarmap.evaluate import evaluate
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.synth import SynthConfig, render_town, write_town
 from solarmap.pseudoseg import train_pseudo_seg
-from solarmap.train import _CachingScorer, calibrate_cam_shifts, scene_samples, stack_samples
+from solarmap.train import _CachingScorer, calibrate_cam_shifts, cam_scales, scene_samples, stack_samples
 
 VAL_SEEDS = range(101, 105)
 TEST_SEEDS = range(301, 304)
@@ -105,14 +103,7 @@ def main() -> None:
         scene, str(Path(scene).with_name("truth.gpkg")), model=net.config, context_px=net.config.context_px)]
     shifts = calibrate_cam_shifts(net, windows)  # every variant's own offset, from validation windows
     print(f"CAM offsets (rows, cols px) from validation windows: {shifts}", flush=True)
-    positives, _ = stack_samples([w for w in windows if w.label])
-    scales = {}
-    for name in ("gap", "branch1", "branch2"):  # each map's own scale: median peak on positive validation windows
-        scorer = ModelScorer(net, **VARIANTS[name])
-        peaks = torch.cat([align_to_window(scorer.raw_maps(positives[i:i + 32]), tuple(positives.shape[-2:]),
-                                           scorer.geometry, scorer.shift_px).flatten(1).max(dim=1).values
-                           for i in range(0, len(positives), 32)])
-        scales[name] = float(peaks.median())
+    scales = cam_scales(net, windows, {name: VARIANTS[name] for name in ("gap", "branch1", "branch2")})
     print(f"CAM scales (median peak, positive validation windows): {scales}", flush=True)
     if any(name.startswith("pseudo-seg") for name in args.methods) and net.seg_head is None:
         train_windows = [w for seed in TRAIN_SEEDS for w in scene_samples(

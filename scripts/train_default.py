@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from solarmap import model as model_lib
-from solarmap.train import (TrainConfig, calibrate, calibrate_cam_shifts, calibrate_cam_threshold, load_chips,
+from solarmap.train import (TrainConfig, calibrate, calibrate_cam_scales, calibrate_cam_shifts, calibrate_cam_threshold,
+                            load_chips,
                             scene_samples, score_samples, split_samples, synthetic_samples, train_stage)
 
 SYNTH_TRAIN_SEEDS = range(1, 25)
@@ -145,6 +146,8 @@ def main() -> None:
                for w in scene_samples(scene, truth, model=net.config, context_px=net.config.context_px)]
     shifts = calibrate_cam_shifts(net, windows)
     say(f"CAM offsets measured on validation windows (flip consistency, no pixel truth): {shifts}")
+    scales = calibrate_cam_scales(net, windows)
+    say(f"CAM scales (median peak on positive validation windows, as detection reads them): {scales}")
     cam_calibration = calibrate_cam_threshold(net, val_towns)
     say(f"CAM threshold from validation towns: {cam_calibration}")
     metrics = {}
@@ -155,7 +158,7 @@ def main() -> None:
     net.config = replace(net.config, metrics=metrics,
                          provenance={"script": "scripts/train_default.py", "chips": str(args.chips.name),
                                      "chip_gsd_m": args.chip_gsd, "synthetic_train_seeds": [min(SYNTH_TRAIN_SEEDS), max(SYNTH_TRAIN_SEEDS)],
-                                     "calibration": {**calibration, **cam_calibration, "cam_shifts": shifts},
+                                     "calibration": {**calibration, **cam_calibration, "cam_shifts": shifts, "cam_scales": scales},
                                      "stages": results, "trained": time.strftime("%Y-%m-%d")})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model_lib.save(net, args.out, half=True)

@@ -20,7 +20,6 @@ import time
 from dataclasses import replace
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

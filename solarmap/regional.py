@@ -33,7 +33,7 @@ import shapely
 from solarmap.errors import InputError, OptionError
 from solarmap.pipeline import DetectConfig, SceneRun
 from solarmap.tiling import TileSpec, axis_cores, axis_offsets, tile_grid_shape
-from solarmap.vectorize import Piece, merge_pieces, panels_frame, simplify_pixels
+from solarmap.vectorize import Piece, merge_pieces, panels_frame
 
 log = logging.getLogger(__name__)
 

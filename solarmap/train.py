@@ -493,6 +493,30 @@ def calibrate_cam_shifts(model: SolarNet, windows: Sequence[Sample], *, max_wind
     return shifts
 
 
+def cam_scales(model: SolarNet, windows: Sequence[Sample], variants: dict[str, dict]) -> dict[str, float]:
+    """Median peak of each variant's aligned map (ModelScorer options) on positive windows: the
+    value its normalised map reaches on a typical panel tile."""
+    from solarmap.cam import ModelScorer, align_to_window
+
+    x, _ = stack_samples([w for w in windows if w.label])
+    scales = {}
+    for name, options in variants.items():
+        scorer = ModelScorer(model, **options)
+        peaks = [align_to_window(scorer.raw_maps(x[i: i + 32]), tuple(x.shape[-2:]), scorer.geometry,
+                                 scorer.shift_px).flatten(1).max(dim=1).values for i in range(0, len(x), 32)]
+        scales[name] = max(float(torch.cat(peaks).median()), 1e-6)
+    return scales
+
+
+def calibrate_cam_scales(model: SolarNet, windows: Sequence[Sample]) -> dict[str, float]:
+    """Set ``cam_scale`` (branch) and ``gap_cam_scale`` from windows as detection reads them (tile +
+    context, aligned and shifted): scales measured on bare tiles differ, e.g. the GAP map of a 101 px
+    tile is a single cell."""
+    scales = cam_scales(model, windows, {"branch": dict(method="branch"), "gap": dict(method="gap")})
+    model.config = replace(model.config, cam_scale=scales["branch"], gap_cam_scale=scales["gap"])
+    return scales
+
+
 class _CachingScorer:
     """Remembers a scorer's answers per tile, so a threshold sweep runs the network once per tile."""
 

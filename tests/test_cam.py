@@ -129,3 +129,20 @@ def test_scorer_defaults_come_from_the_checkpoint():
 
     with pytest.raises(ModelError, match="no trained CAM branch"):
         ModelScorer(net, method="branch")
+
+
+def test_cam_scales_are_measured_on_windows_as_detection_reads_them():
+    from solarmap.train import Sample, calibrate_cam_scales
+
+    torch.manual_seed(0)
+    net = M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2)).eval()
+    with torch.no_grad():  # positive class weights >= 0: maps of ReLU features are then >= 0, as when trained
+        net.branch_heads[1].weight.abs_()
+        net.backbone.fc.weight.abs_()
+    rng = np.random.default_rng(0)
+    windows = [Sample(pixels=rng.random((3, 96, 96), dtype=np.float32), label=label, source="t", key=str(i))
+               for i, label in enumerate([1, 1, 1, 0])]
+    scales = calibrate_cam_scales(net, windows)
+    assert net.config.cam_scale == scales["branch"] and net.config.gap_cam_scale == scales["gap"]
+    normalised = ModelScorer(net, decision_threshold=0.0)(np.stack([w.pixels for w in windows[:3]]))[1]
+    assert float(np.median(normalised.max(axis=(1, 2)))) == pytest.approx(1.0, rel=1e-4)  # a typical peak maps to 1
