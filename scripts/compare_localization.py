@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/solarmap-compare"))
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument("--save-model", type=Path, default=None,
+                        help="Save the model with its freshly trained pseudo-seg head here.")
     parser.add_argument("--train-towns", type=Path, default=Path.home() / "solarmap-train" / "towns",
                         help="Training towns (scripts/train_default.py's) for the pseudo-seg head.")
     args = parser.parse_args()
@@ -113,6 +115,9 @@ def main() -> None:
         x_train, _ = stack_samples(train_windows)
         info = train_pseudo_seg(net, x_train, progress=lambda line: print(line, flush=True))
         print(f"pseudo-seg head trained: {info}", flush=True)
+        if args.save_model:
+            model_lib.save(net, args.save_model, half=True)  # reuse with --model next time
+            print(f"saved the model with its pseudo-seg head to {args.save_model}", flush=True)
     results = {}
     for name in args.methods:
         scorer = ModelScorer(net, **VARIANTS[name], cam_scale=scales.get(name))

@@ -222,7 +222,7 @@ def grad_cam(model: SolarNet, pixels: torch.Tensor, *, layer: str = "Mixed_6e") 
         captured["activation"] = output
 
     with _hook(target, keep), torch.enable_grad():
-        x = pixels.detach().requires_grad_(False)
+        x = pixels.detach().requires_grad_(True)  # activations need a graph even when the weights are frozen
         logits = model(x)
         activation = captured["activation"]
         grads = torch.autograd.grad(logits[:, 1].sum(), activation)[0]

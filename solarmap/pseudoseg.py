@@ -124,7 +124,8 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, epochs: int = 6,
     """Fit ``model.seg_head`` on pseudo masks of positive windows (everything else frozen)."""
     torch.manual_seed(seed)
     model.eval()
-    for p in model.parameters():
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
         p.requires_grad_(False)
     model.seg_head = SegHead()
     started = time.perf_counter()
@@ -158,6 +159,8 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, epochs: int = 6,
         if progress:
             progress(f"pseudo-seg epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f}")
     model.seg_head.eval()
+    for p in frozen:
+        p.requires_grad_(True)
     model.config = replace(model.config, pseudo_seg=True)
     return {"epochs": epochs, "loss": history, "pseudo_label_fractions": fraction,
             "seconds": time.perf_counter() - started, "windows": len(windows)}

@@ -146,3 +146,14 @@ def test_cam_scales_are_measured_on_windows_as_detection_reads_them():
     assert net.config.cam_scale == scales["branch"] and net.config.gap_cam_scale == scales["gap"]
     normalised = ModelScorer(net, decision_threshold=0.0)(np.stack([w.pixels for w in windows[:3]]))[1]
     assert float(np.median(normalised.max(axis=(1, 2)))) == pytest.approx(1.0, rel=1e-4)  # a typical peak maps to 1
+
+
+def test_grad_cam_works_on_a_frozen_model():
+    from solarmap.cam import grad_cam
+
+    torch.manual_seed(0)
+    net = M.SolarNet(M.ModelConfig.tiny()).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    maps = grad_cam(net, torch.rand(1, 3, 96, 96))
+    assert maps.shape == (1, 5, 5) and torch.isfinite(maps).all()
