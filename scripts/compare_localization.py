@@ -32,7 +32,7 @@ from solarmap.evaluate import evaluate
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.synth import SynthConfig, render_town, write_town
 from solarmap.pseudoseg import train_pseudo_seg
-from solarmap.train import _CachingScorer, calibrate_cam_shifts, cam_scales, scene_samples, stack_samples
+from solarmap.train import calibrate_cam_shifts, cam_scales, scene_samples, stack_samples, sweep_mask_rules
 
 VAL_SEEDS = range(101, 105)
 TEST_SEEDS = range(301, 304)
@@ -46,6 +46,7 @@ VARIANTS = {
     "pseudo-seg-ms": dict(method="pseudo-seg", seg_scales=(0.5, 0.75, 1.0)),
 }
 TRAIN_SEEDS = range(1, 25)  # pseudo-seg head: positive windows of the training towns (image-level labels)
+THRESHOLDS = tuple(np.round(np.arange(0.3, 0.95, 0.1), 2))
 KEYS = ["tile_precision", "tile_recall", "box_iou", "pixel_iou", "total_area_error", "per_system_area_error"]
 
 
@@ -70,21 +71,6 @@ def run(scorer, config: DetectConfig, scenes, tile_px: int) -> tuple[dict, float
         tiles += stats.tiles_read
         rows.append(evaluate(frame, truth, scene, tile_size_px=tile_px))
     return {k: float(np.mean([getattr(r, k) for r in rows])) for k in KEYS}, seconds, tiles
-
-
-def choose_mask_rule(scorer, net, scenes) -> tuple[float, float | None]:
-    cached = _CachingScorer(scorer)
-    best, best_any = None, None
-    for threshold in np.round(np.arange(0.3, 0.95, 0.1), 2):
-        for fraction in (None, 0.5, 0.7):
-            config = DetectConfig.for_model(net.config, mask_threshold=float(threshold), mask_peak_fraction=fraction)
-            metrics, _, _ = run(cached, config, scenes, net.config.tile_size_px)
-            candidate = (metrics["pixel_iou"], float(threshold), fraction)
-            best_any = max(best_any or candidate, candidate, key=lambda c: c[0])
-            if metrics["tile_recall"] >= 0.9:
-                best = max(best or candidate, candidate, key=lambda c: c[0])
-    chosen = best or best_any
-    return chosen[1], chosen[2]
 
 
 def main() -> None:
@@ -121,7 +107,8 @@ def main() -> None:
     results = {}
     for name in args.methods:
         scorer = ModelScorer(net, **VARIANTS[name], cam_scale=scales.get(name))
-        threshold, fraction = choose_mask_rule(scorer, net, val)
+        threshold, fraction, _ = sweep_mask_rules(scorer, net.config, val, thresholds=THRESHOLDS,
+                                                  peak_fractions=(None, 0.5, 0.7))
         config = DetectConfig.for_model(net.config, mask_threshold=threshold, mask_peak_fraction=fraction)
         metrics, seconds, tiles = run(scorer, config, test, net.config.tile_size_px)
         results[name] = {**metrics, "cam_threshold": threshold, "peak_fraction": fraction,

@@ -427,20 +427,16 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     RASTERS: raster files, directories, globs, URLs GDAL opens, or .txt files listing rasters. Several
     rasters (or --scheduler) make a regional run, chunked over dask when --scheduler is given.
     """
-    from pathlib import Path
-
     from solarmap.io import check_output_path, describe_scene, parse_bands
 
     check_output_path(out_path, overwrite=overwrite)
-    single = (len(rasters) == 1 and scheduler is None and not Path(rasters[0]).is_dir()
-              and Path(rasters[0]).suffix.lower() != ".txt" and not any(ch in rasters[0] for ch in "*?["))
-    if not single:
-        if heatmap:
-            raise click.UsageError("--heatmap works with a single raster")
-        from solarmap.regional import expand_inputs
+    from solarmap.regional import expand_inputs
 
-        expanded = expand_inputs(rasters)
-    raster = rasters[0] if single else expanded[0]
+    expanded = expand_inputs(rasters)
+    single = scheduler is None and list(rasters) == expanded  # one raster named as itself
+    if heatmap and not single:
+        raise click.UsageError("--heatmap works with a single raster")
+    raster = expanded[0]
     if heatmap:
         check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
     band_tuple = parse_bands(bands)

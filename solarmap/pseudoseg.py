@@ -65,8 +65,9 @@ def class_attention(model: SolarNet, pixels: torch.Tensor) -> torch.Tensor:
 
 def erasing_saliency(model: SolarNet, pixels: torch.Tensor, *, rounds: int = 3, erase_above: float = 0.5) -> torch.Tensor:
     """Class-agnostic saliency in [0, 1] (batch, H, W): max over rounds of erasing the most salient part."""
-    from solarmap.cam import align_to_window
+    from solarmap.cam import CamMethod, align_to_window, layer_geometry
 
+    geometry = layer_geometry(CamMethod.BRANCH)  # Mixed_5d cells
     x = pixels.clone()
     size = tuple(pixels.shape[-2:])
     fill = pixels.mean(dim=(2, 3), keepdim=True)
@@ -74,7 +75,7 @@ def erasing_saliency(model: SolarNet, pixels: torch.Tensor, *, rounds: int = 3, 
     with torch.no_grad():
         for _ in range(rounds):
             norm = model.mixed_5d(x).norm(dim=1)
-            sal = align_to_window(norm, size, (8, 13))
+            sal = align_to_window(norm, size, geometry)
             low = sal.flatten(1).min(dim=1).values[:, None, None]
             high = sal.flatten(1).max(dim=1).values[:, None, None]
             sal = (sal - low) / (high - low).clamp(min=1e-6)
@@ -87,9 +88,10 @@ def pseudo_masks(cam: torch.Tensor, saliency: torch.Tensor, *, high: float = 0.5
                  saliency_low: float = 0.25) -> torch.Tensor:
     """1 = panel, 0 = background, IGNORE = unsure (uint8, same shape as the maps)."""
     fused = cam * saliency
+    peak = fused.flatten(1).max(dim=1).values[:, None, None]
     labels = torch.full(cam.shape, IGNORE, dtype=torch.uint8)
-    labels[fused >= high * fused.flatten(1).max(dim=1).values[:, None, None].clamp(min=1e-6)] = 1
-    labels[(fused < low * fused.flatten(1).max(dim=1).values[:, None, None]) | (saliency < saliency_low)] = 0
+    labels[fused >= high * peak.clamp(min=1e-6)] = 1
+    labels[(fused < low * peak) | (saliency < saliency_low)] = 0
     labels[cam <= 0.05] = 0
     return labels
 

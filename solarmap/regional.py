@@ -33,7 +33,7 @@ import shapely
 from solarmap.errors import InputError, OptionError
 from solarmap.pipeline import DetectConfig, SceneRun
 from solarmap.tiling import TileSpec, axis_cores, axis_offsets, tile_grid_shape
-from solarmap.vectorize import Piece, merge_pieces, panels_frame
+from solarmap.vectorize import Piece, connected_groups, merge_pieces, panels_frame
 
 log = logging.getLogger(__name__)
 
@@ -262,24 +262,9 @@ def _merge_across_rasters(frame, out_crs):
     tree = shapely.STRtree(geoms)
     left, right = tree.query(geoms, predicate="dwithin", distance=tolerance)
     sources = edge["source"].to_numpy()
-    parent = np.arange(len(edge))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in zip(left, right):
-        if sources[a] != sources[b]:
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(edge)):
-        groups.setdefault(find(i), []).append(i)
+    pairs = ((a, b) for a, b in zip(left, right) if sources[a] != sources[b])
     rows = []
-    for members in groups.values():
+    for members in connected_groups(len(edge), pairs):
         part = edge.iloc[members]
         if len(members) == 1:
             rows.append(part)

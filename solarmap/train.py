@@ -534,28 +534,27 @@ class _CachingScorer:
         return (np.array([self._memo[k][0] for k in keys]), np.stack([self._memo[k][1] for k in keys]))
 
 
-def calibrate_cam_threshold(model: SolarNet, scenes: Sequence[tuple[str, str]], *,
-                            thresholds: Sequence[float] = tuple(np.round(np.arange(0.3, 0.95, 0.1), 2)),
-                            peak_fractions: Sequence[float | None] = (None, 0.5, 0.7, 0.9),
-                            min_tile_recall: float = 0.9) -> dict:
-    """Pick the mask rule (CAM threshold, peak fraction for weak tiles) on validation scenes
-    (scene, truth): the best mean pixel IoU among the rules whose polygons still reach
-    ``min_tile_recall`` of the truth's tiles (finding arrays comes before outlining them), or the best
-    pixel IoU if none does. Stores it in ``model.config``; returns the sweep so it can be reported."""
+def sweep_mask_rules(scorer, model_config: ModelConfig, scenes: Sequence[tuple[str, object]], *,
+                     thresholds: Sequence[float], peak_fractions: Sequence[float | None],
+                     min_tile_recall: float = 0.9) -> tuple[float, float | None, dict]:
+    """Detect on validation scenes (scene, truth path or frame) under every mask rule (CAM
+    threshold, peak fraction for weak tiles) and pick the best mean pixel IoU among the rules whose
+    polygons still reach ``min_tile_recall`` of the truth's tiles (finding arrays comes before
+    outlining them), or the best pixel IoU if none does. Returns (threshold, fraction, sweep)."""
     import geopandas as gpd
 
-    from solarmap.cam import ModelScorer
     from solarmap.evaluate import evaluate
     from solarmap.pipeline import DetectConfig, detect_scene
 
-    scorer = _CachingScorer(ModelScorer(model))
-    truths = [gpd.read_file(truth, layer="panels") for _, truth in scenes]
+    cached = _CachingScorer(scorer)
+    truths = [gpd.read_file(truth, layer="panels") if isinstance(truth, (str, Path)) else truth
+              for _, truth in scenes]
     sweep = {}
     for threshold in thresholds:
         for fraction in peak_fractions:
-            config = DetectConfig.for_model(model.config, mask_threshold=float(threshold), mask_peak_fraction=fraction)
-            results = [evaluate(detect_scene(scene, scorer=scorer, config=config)[0], truth, scene,
-                                tile_size_px=model.config.tile_size_px) for (scene, _), truth in zip(scenes, truths)]
+            config = DetectConfig.for_model(model_config, mask_threshold=float(threshold), mask_peak_fraction=fraction)
+            results = [evaluate(detect_scene(scene, scorer=cached, config=config)[0], truth, scene,
+                                tile_size_px=model_config.tile_size_px) for (scene, _), truth in zip(scenes, truths)]
             sweep[(float(threshold), fraction)] = {
                 "pixel_iou": float(np.mean([r.pixel_iou for r in results])),
                 "tile_recall": float(np.mean([r.tile_recall for r in results])),
@@ -563,6 +562,19 @@ def calibrate_cam_threshold(model: SolarNet, scenes: Sequence[tuple[str, str]], 
             }
     eligible = [k for k, v in sweep.items() if v["tile_recall"] >= min_tile_recall] or list(sweep)
     threshold, fraction = max(eligible, key=lambda k: sweep[k]["pixel_iou"])
+    return threshold, fraction, sweep
+
+
+def calibrate_cam_threshold(model: SolarNet, scenes: Sequence[tuple[str, str]], *,
+                            thresholds: Sequence[float] = tuple(np.round(np.arange(0.3, 0.95, 0.1), 2)),
+                            peak_fractions: Sequence[float | None] = (None, 0.5, 0.7, 0.9),
+                            min_tile_recall: float = 0.9) -> dict:
+    """Pick the branch CAM's mask rule on validation scenes (see :func:`sweep_mask_rules`) and
+    store it in ``model.config``; returns the sweep so it can be reported."""
+    from solarmap.cam import ModelScorer
+
+    threshold, fraction, sweep = sweep_mask_rules(ModelScorer(model), model.config, scenes, thresholds=thresholds,
+                                                  peak_fractions=peak_fractions, min_tile_recall=min_tile_recall)
     model.config = replace(model.config, cam_threshold=threshold, cam_peak_fraction=fraction)
     return {"cam_threshold": threshold, "cam_peak_fraction": fraction,
             "sweep": {f"{t}/{f}": v for (t, f), v in sweep.items()}}

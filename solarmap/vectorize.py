@@ -102,14 +102,10 @@ def _touches_inner_seam(bounds: np.ndarray, core: Window, grid_shape: tuple[int,
            ((miny <= r0) & (r0 > 0)) | ((maxy >= r1) & (r1 < height))
 
 
-def merge_pieces(pieces: Sequence[Piece]) -> list[Piece]:
-    """Union pieces that share an edge; each result keeps the max score and CAM peak of its group."""
-    if len(pieces) < 2:
-        return list(pieces)
-    geoms = np.array([p.geometry for p in pieces], dtype=object)
-    tree = shapely.STRtree(geoms)
-    left, right = tree.query(geoms, predicate="intersects")
-    parent = np.arange(len(pieces))
+def connected_groups(count: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Indices 0..count-1 grouped by the transitive closure of ``pairs`` (union-find), each group
+    in ascending order, groups in order of their smallest index."""
+    parent = np.arange(count)
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -117,15 +113,24 @@ def merge_pieces(pieces: Sequence[Piece]) -> list[Piece]:
             i = parent[i]
         return i
 
-    for a, b in zip(left, right):
+    for a, b in pairs:
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     groups: dict[int, list[int]] = {}
-    for i in range(len(pieces)):
+    for i in range(count):
         groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
+
+
+def merge_pieces(pieces: Sequence[Piece]) -> list[Piece]:
+    """Union pieces that share an edge; each result keeps the max score and CAM peak of its group."""
+    if len(pieces) < 2:
+        return list(pieces)
+    geoms = np.array([p.geometry for p in pieces], dtype=object)
+    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
     merged = []
-    for members in groups.values():
+    for members in connected_groups(len(pieces), zip(left, right)):
         if len(members) == 1:
             merged.append(pieces[members[0]])
             continue
