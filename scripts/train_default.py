@@ -1,4 +1,4 @@
-"""Train the bundled default model: Fresno chips + synthetic towns, classifier -> branch1 -> branch2.
+"""Train the bundled default model: Fresno chips + synthetic towns, classifier -> branch1 -> branch2 -> classifier-top.
 
 Resumable: every stage checkpoints each epoch under --workdir and a finished stage is skipped on
 the next run, so an interrupted job continues where it stopped:
@@ -37,6 +37,9 @@ STAGE_PLAN = {
     "classifier": dict(epochs=24, lr=6e-4, batch_size=32),
     "branch1": dict(epochs=12, lr=1e-3, batch_size=64),
     "branch2": dict(epochs=5, lr=1e-3, batch_size=64),  # 5 epochs: CPU time (branch1 converged in a few)
+    # the classifier above Mixed_5d a little longer, on the branch stages' cached Mixed_5d features
+    # (cheap; the branch reads Mixed_5d, so its CAM does not change)
+    "classifier-top": dict(epochs=4, lr=1e-4, batch_size=64),
 }
 
 
@@ -81,6 +84,53 @@ def detection_metrics(net, out_dir: Path, seeds, say) -> dict:
     return {**summary, "towns": per_town}
 
 
+def pseudo_seg_stage(net, workdir: Path, say) -> dict:
+    """The pseudo-seg head (``--cam-method pseudo-seg``) on the positive windows of the training
+    towns (image-level labels only); its weights are kept under ``workdir`` and reused."""
+    from solarmap.pseudoseg import SegHead, train_pseudo_seg
+    from solarmap.train import stack_samples
+
+    done, weights = workdir / "pseudo_seg.done.json", workdir / "pseudo_seg.final.pt"
+    if done.exists():
+        net.seg_head = SegHead()
+        net.seg_head.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        net.seg_head.eval()
+        net.config = replace(net.config, pseudo_seg=True)
+        say("pseudo-seg: already done, reusing its head")
+        return json.loads(done.read_text())
+    windows = [w for seed in SYNTH_TRAIN_SEEDS for w in scene_samples(
+        str(workdir / "towns" / f"town_{seed}" / "scene.tif"), str(workdir / "towns" / f"town_{seed}" / "truth.gpkg"),
+        model=net.config, context_px=net.config.context_px) if w.label]
+    info = train_pseudo_seg(net, stack_samples(windows)[0], progress=say)
+    torch.save(net.seg_head.state_dict(), weights)
+    info = {k: v for k, v in info.items() if k != "loss"}
+    done.write_text(json.dumps(info, indent=1))
+    say(f"pseudo-seg: head trained on {info['windows']} positive windows in {info['seconds'] / 60:.1f} min")
+    return info
+
+
+def calibrate_mask_rules(net, val_towns, say) -> dict:
+    """Each other CAM method's mask rule on the validation towns, chosen like the branch's (best pixel
+    IoU among rules reaching 90 % tile recall), so ``--cam-method X`` works without a threshold."""
+    import geopandas as gpd
+
+    from solarmap.cam import ModelScorer
+    from solarmap.train import sweep_mask_rules
+
+    scenes = [(scene, gpd.read_file(truth, layer="panels")) for scene, truth in val_towns]
+    rules = {}
+    for method in ("gap", "gradcam", "feedback") + (("pseudo-seg",) if net.seg_head is not None else ()):
+        t0 = time.perf_counter()
+        threshold, fraction, sweep = sweep_mask_rules(ModelScorer(net, method=method), net.config, scenes,
+                                                      thresholds=tuple(np.round(np.arange(0.3, 0.95, 0.1), 2)),
+                                                      peak_fractions=(None, 0.5, 0.7))
+        rules[method] = [threshold, fraction]
+        say(f"mask rule for {method}: CAM >= {threshold}, weak tiles >= {fraction} x peak "
+            f"({sweep[(threshold, fraction)]}; {time.perf_counter() - t0:.0f} s)")
+    net.config = replace(net.config, mask_rules=rules)
+    return rules
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path.home() / "solarmap-train")
@@ -122,7 +172,7 @@ def main() -> None:
         if done.exists():
             net.load_state_dict(torch.load(workdir / f"{stage}.final.pt", map_location="cpu", weights_only=True))
             results[stage] = json.loads(done.read_text())
-            if stage != "classifier":
+            if stage.startswith("branch"):
                 net.config = replace(net.config, branch_levels=int(stage[-1]))
             say(f"{stage}: already done (best epoch {results[stage]['best_epoch']}), skipping")
             continue
@@ -131,6 +181,13 @@ def main() -> None:
         results[stage] = {k: v for k, v in asdict(result).items() if k != "history"}
         done.write_text(json.dumps(results[stage], indent=1))
         say(f"{stage}: done in {result.seconds / 60:.1f} min, best epoch {result.best_epoch}: {result.val}")
+
+    top, base = results.get("classifier-top", {}).get("val", {}), results["classifier"]["val"]
+    if top and top.get("f1", 0) <= base.get("f1", 0):  # decided on validation F1 only
+        net.load_state_dict(torch.load(workdir / "branch2.final.pt", map_location="cpu", weights_only=True))
+        say(f"classifier-top: validation F1 {top.get('f1', 0):.3f} is not above the classifier's "
+            f"{base.get('f1', 0):.3f}; keeping the classifier's own top")
+        results["classifier-top"]["kept"] = False
 
     # Run at the size it was trained at: a classifier trained on 101 px tiles saturates on 299 px tiles
     # (measured: every validation tile, negatives included, scored 1.0), so the model's tiles are 101 px.
@@ -150,6 +207,8 @@ def main() -> None:
     say(f"CAM scales (median peak on positive validation windows, as detection reads them): {scales}")
     cam_calibration = calibrate_cam_threshold(net, val_towns)
     say(f"CAM threshold from validation towns: {cam_calibration}")
+    seg_info = pseudo_seg_stage(net, workdir, say)
+    mask_rules = calibrate_mask_rules(net, val_towns, say)
     metrics = {}
     for name, samples in (("fresno_test", real_test), ("synthetic_test", synth_test), ("fresno_val", real_val)):
         metrics[name] = asdict(score_samples(net, samples))
@@ -158,7 +217,9 @@ def main() -> None:
     net.config = replace(net.config, metrics=metrics,
                          provenance={"script": "scripts/train_default.py", "chips": str(args.chips.name),
                                      "chip_gsd_m": args.chip_gsd, "synthetic_train_seeds": [min(SYNTH_TRAIN_SEEDS), max(SYNTH_TRAIN_SEEDS)],
-                                     "calibration": {**calibration, **cam_calibration, "cam_shifts": shifts, "cam_scales": scales},
+                                     "calibration": {**calibration, **cam_calibration, "cam_shifts": shifts, "cam_scales": scales,
+                                                     "mask_rules": mask_rules},
+                                     "pseudo_seg": seg_info,
                                      "stages": results, "trained": time.strftime("%Y-%m-%d")})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model_lib.save(net, args.out, half=True)

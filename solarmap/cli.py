@@ -410,7 +410,8 @@ class _RegionalProgress:
               help="Localization: greedy branch CAM, the classifier's GAP CAM, Grad-CAM, feedback saliency, or "
                    "the pseudo-seg head (a model trained with --stage pseudo-seg).")
 @click.option("--cam-threshold", type=float, default=None, callback=_unit_interval,
-              help="Mask threshold on the normalised CAM (CAM / the model's calibrated scale; Grad-CAM, feedback: / tile max).")
+              help="Mask threshold on the normalised CAM (CAM / the model's calibrated scale; Grad-CAM, feedback: / tile max). "
+                   "Default: the model's calibrated rule for the --cam-method.")
 @click.option("--score-threshold", type=float, default=None, callback=_unit_interval,
               help="Tile probability above which a tile is positive (default: the model's calibrated one).")
 @click.option("--min-area", "min_area_m2", type=float, default=1.0, show_default=True, help="Drop polygons below this many m².")
@@ -452,7 +453,7 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     given = dict(tile_size_px=tile_size_px, overlap_px=overlap_px, gsd_m=gsd_m, score_threshold=score_threshold,
                  mask_threshold=cam_threshold)
     config = DetectConfig.for_model(
-        net.config, bands=band_tuple, src_crs=src_crs, batch_size=batch_size or (64 if torch_device.type == "cuda" else 16),
+        net.config, method=method.value, bands=band_tuple, src_crs=src_crs, batch_size=batch_size or (64 if torch_device.type == "cuda" else 16),
         min_area_m2=min_area_m2, simplify_m=simplify_m, **{k: v for k, v in given.items() if v is not None})
     check_tile_size(config.tile_size_px)
     scorer = ModelScorer(net, method=method, device=torch_device, decision_threshold=config.score_threshold,

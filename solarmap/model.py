@@ -52,6 +52,7 @@ class ModelConfig:
     gap_cam_scale: float = 1.0  # the same for the main classifier's GAP CAM
     cam_shifts: dict = field(default_factory=dict)  # method -> (rows, cols) px to move its maps by
     pseudo_seg: bool = False  # has a pseudo-seg segmentation head (solarmap.pseudoseg)
+    mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 

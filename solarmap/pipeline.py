@@ -12,6 +12,7 @@ interrupted run continues there and ends with the same output as an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -108,14 +109,17 @@ class DetectConfig:
         return TileSpec(self.tile_size_px, self.overlap_px, self.context_px)
 
     @classmethod
-    def for_model(cls, model_config, **overrides) -> "DetectConfig":
-        """The settings a checkpoint was calibrated for (tile size, overlap, context, GSD,
-        thresholds); ``overrides`` win."""
+    def for_model(cls, model_config, method: str = "branch", **overrides) -> "DetectConfig":
+        """The settings a checkpoint was calibrated for (tile size, overlap, context, GSD, and the
+        mask rule of CAM ``method``: each method's maps have their own scale, so each has its own
+        rule where the checkpoint has one); ``overrides`` win."""
+        threshold, fraction = model_config.cam_threshold, model_config.cam_peak_fraction
+        if method != "branch" and method in model_config.mask_rules:
+            threshold, fraction = model_config.mask_rules[method]
         settings = dict(tile_size_px=model_config.tile_size_px, overlap_px=model_config.overlap_px,
                         context_px=model_config.context_px,
                         gsd_m=model_config.gsd_m, score_threshold=model_config.decision_threshold,
-                        mask_threshold=model_config.cam_threshold,
-                        mask_peak_fraction=model_config.cam_peak_fraction)
+                        mask_threshold=threshold, mask_peak_fraction=fraction)
         return cls(**{**settings, **overrides})
 
 
@@ -149,8 +153,12 @@ class _ReaderFailed:
         self.exc = exc
 
 
-def prefetch(items: Iterable, depth: int = 3) -> Iterator:
-    """Iterate ``items`` in a background thread, keeping up to ``depth`` ready (errors re-raised here)."""
+def prefetch(items: Iterable, depth: int = 3, *, name: str = "solarmap-reader") -> Iterator:
+    """Iterate ``items`` in a background thread, keeping up to ``depth`` ready (errors re-raised here).
+
+    Stages chain: ``prefetch(f(x) for x in prefetch(...))`` runs each stage in its own thread, so
+    reading, the model and vectorizing overlap. Closing the returned iterator stops the thread and
+    closes ``items`` (and so any stage before it)."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
@@ -168,9 +176,13 @@ def prefetch(items: Iterable, depth: int = 3) -> Iterator:
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             ready.put(_ReaderFailed(exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # an earlier stage's thread stops too
         ready.put(done)
 
-    thread = threading.Thread(target=work, name="solarmap-reader", daemon=True)
+    thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
     try:
         while True:
@@ -287,36 +299,46 @@ class SceneRun:
                     yield image
 
             current_row = start_row
-            for batch in prefetch(_batches(read_tiles(), config.batch_size)):
-                scored = self._score(batch, stats)
-                t0 = time.perf_counter()
-                for image, prob, score_map in scored:
-                    if image.tile.tile_row != current_row:  # a row is complete: checkpoint here
-                        stats.stage_seconds["vectorize"] += time.perf_counter() - t0
-                        finished.extend(merger.close_row())
+
+            def score_batches() -> Iterator[list]:
+                batches = prefetch(_batches(read_tiles(), config.batch_size))
+                try:
+                    for batch in batches:
+                        yield self._score(batch, stats)
+                finally:
+                    batches.close()
+
+            # reading, the model and vectorizing (here) each run in their own thread
+            with contextlib.closing(prefetch(score_batches(), depth=1, name="solarmap-model")) as scored_batches:
+                for scored in scored_batches:
+                    t0 = time.perf_counter()
+                    for image, prob, score_map in scored:
+                        if image.tile.tile_row != current_row:  # a row is complete: checkpoint here
+                            stats.stage_seconds["vectorize"] += time.perf_counter() - t0
+                            finished.extend(merger.close_row())
+                            flush()
+                            current_row = image.tile.tile_row
+                            stats.seconds = elapsed_before + time.perf_counter() - started
+                            if checkpoint is not None:
+                                checkpoint(RunState(rows_done=current_row, merger=merger.state(), next_id=next_id,
+                                                    stats=stats, frame_rows=next_id - 1))
+                            t0 = time.perf_counter()
+                        stats.tiles_read += 1
+                        stats.tiles_skipped_nodata += prob is None
+                        stats.tiles_positive += score_map is not None
+                        pieces = []
+                        if score_map is not None:
+                            if heatmap is not None:
+                                heatmap.write(image.tile, score_map)
+                            mask = (score_map >= self._mask_threshold(score_map)) & image.valid
+                            pieces = core_pieces(image.tile, mask, score=prob, cam_map=score_map)
+                        finished.extend(merger.add(image.tile.core, pieces))
+                    stats.stage_seconds["vectorize"] += time.perf_counter() - t0
+                    if len(finished) >= chunk_polygons:
                         flush()
-                        current_row = image.tile.tile_row
+                    if self.progress is not None:
                         stats.seconds = elapsed_before + time.perf_counter() - started
-                        if checkpoint is not None:
-                            checkpoint(RunState(rows_done=current_row, merger=merger.state(), next_id=next_id,
-                                                stats=stats, frame_rows=next_id - 1))
-                        t0 = time.perf_counter()
-                    stats.tiles_read += 1
-                    stats.tiles_skipped_nodata += prob is None
-                    stats.tiles_positive += score_map is not None
-                    pieces = []
-                    if score_map is not None:
-                        if heatmap is not None:
-                            heatmap.write(image.tile, score_map)
-                        mask = (score_map >= self._mask_threshold(score_map)) & image.valid
-                        pieces = core_pieces(image.tile, mask, score=prob, cam_map=score_map)
-                    finished.extend(merger.add(image.tile.core, pieces))
-                stats.stage_seconds["vectorize"] += time.perf_counter() - t0
-                if len(finished) >= chunk_polygons:
-                    flush()
-                if self.progress is not None:
-                    stats.seconds = elapsed_before + time.perf_counter() - started
-                    self.progress(stats)
+                        self.progress(stats)
             finished.extend(merger.finish())
             flush()
         stats.seconds = elapsed_before + time.perf_counter() - started

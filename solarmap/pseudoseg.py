@@ -121,9 +121,39 @@ def segment(model: SolarNet, pixels: torch.Tensor, *, scales: Sequence[float] = 
         return out * (class_attention(model, pixels) >= attention_floor)
 
 
-def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, epochs: int = 6, batch_size: int = 16,
+def feedback_attention(model: SolarNet, pixels: torch.Tensor) -> torch.Tensor:
+    """Feedback saliency (sharper than the branch CAM) as class attention in [0, 1]: each window's
+    map over its own peak, kept where the branch CAM agrees there is a panel nearby."""
+    from solarmap.cam import feedback_saliency
+
+    sal = feedback_saliency(model, pixels)
+    sal = sal / sal.flatten(1).max(dim=1).values.clamp(min=1e-12)[:, None, None]
+    return sal * (class_attention(model, pixels) >= 0.1)
+
+
+def background_labels(windows: torch.Tensor, context_px: int) -> torch.Tensor:
+    """Labels for windows whose middle tile holds no panel: that tile is certain background (0);
+    the context ring around it may hold panels of the neighbouring tiles, so it is ignored."""
+    labels = torch.full((len(windows), *windows.shape[-2:]), IGNORE, dtype=torch.uint8)
+    h, w = windows.shape[-2:]
+    labels[:, context_px: h - context_px, context_px: w - context_px] = 0
+    return labels
+
+
+def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, negatives: torch.Tensor | None = None,
+                     context_px: int = 0, attention: str = "branch", background_in_positives: bool = True,
+                     epochs: int = 6, batch_size: int = 16,
                      lr: float = 2e-3, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
-    """Fit ``model.seg_head`` on pseudo masks of positive windows (everything else frozen)."""
+    """Fit ``model.seg_head`` on pseudo masks of positive windows (everything else frozen).
+
+    ``negatives``: windows whose middle tile the image-level labels call panel-free; they teach the
+    head what panels are *not* (dark roofs, cars, pools), which pseudo masks of positive windows alone
+    cannot: there the roof around an array is only "unsure". ``attention``: "branch" (the CAM) or
+    "feedback" (feedback saliency, sharper, ~10x slower to compute) as the class attention of the
+    pseudo masks.
+    """
+    if attention not in ("branch", "feedback"):
+        raise ValueError(f"attention must be 'branch' or 'feedback', not {attention!r}")
     torch.manual_seed(seed)
     model.eval()
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -131,14 +161,27 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, epochs: int = 6,
         p.requires_grad_(False)
     model.seg_head = SegHead()
     started = time.perf_counter()
-    inputs, labels = [], []
+    attend = class_attention if attention == "branch" else feedback_attention
+    labels = []
     for i in range(0, len(windows), batch_size):
         x = windows[i: i + batch_size]
-        cam = class_attention(model, x)
-        labels.append(pseudo_masks(cam, erasing_saliency(model, x)))
-        with torch.no_grad():
-            inputs.append(stem_features(model, x))
+        masks = pseudo_masks(attend(model, x), erasing_saliency(model, x))
+        if not background_in_positives:
+            masks[masks == 0] = IGNORE  # background is learnt from the negative windows only
+        labels.append(masks)
+        if progress and attention == "feedback":
+            progress(f"pseudo masks {min(i + batch_size, len(windows))}/{len(windows)}")
+    if negatives is not None and len(negatives):
+        windows = torch.cat([windows, negatives])
+        labels.append(background_labels(negatives, context_px))
     labelled = torch.cat(labels)
+    order = torch.randperm(len(windows))  # mix positive and negative windows in every batch
+    windows, labelled = windows[order], labelled[order]
+    labels = list(labelled.split(batch_size))
+    inputs = []
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            inputs.append(stem_features(model, windows[i: i + batch_size]))
     fraction = {"panel": float((labelled == 1).float().mean()), "background": float((labelled == 0).float().mean())}
     positive_weight = torch.tensor(fraction["background"] / max(fraction["panel"], 1e-6)).clamp(1, 20)
     optimiser = torch.optim.AdamW(model.seg_head.parameters(), lr=lr, weight_decay=1e-4)
@@ -164,5 +207,6 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, epochs: int = 6,
     for p in frozen:
         p.requires_grad_(True)
     model.config = replace(model.config, pseudo_seg=True)
-    return {"epochs": epochs, "loss": history, "pseudo_label_fractions": fraction,
-            "seconds": time.perf_counter() - started, "windows": len(windows)}
+    return {"epochs": epochs, "loss": history, "pseudo_label_fractions": fraction, "attention": attention,
+            "seconds": time.perf_counter() - started, "windows": len(windows),
+            "negative_windows": 0 if negatives is None else len(negatives)}

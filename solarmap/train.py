@@ -33,6 +33,9 @@ from solarmap.model import ModelConfig, SolarNet
 log = logging.getLogger(__name__)
 
 STAGES = ("classifier", "branch1", "branch2")
+# optional, after the branch: fine-tune the classifier above Mixed_5d (Mixed_6a..fc) on cached
+# Mixed_5d features; the branch reads Mixed_5d, so its CAM is untouched
+EXTRA_STAGES = ("classifier-top",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,8 +255,8 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise OptionError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage not in STAGES + EXTRA_STAGES:
+            raise OptionError(f"stage must be one of {', '.join(STAGES + EXTRA_STAGES)}, got {self.stage!r}")
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
             raise OptionError("epochs, batch size and learning rate must be positive")
 
@@ -321,8 +324,8 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    level = {"classifier": 0, "branch1": 1, "branch2": 2}[config.stage]
-    if level and model.config.branch_levels < level - 1:
+    level = {"classifier": 0, "branch1": 1, "branch2": 2, "classifier-top": TOP}[config.stage]
+    if level > 0 and model.config.branch_levels < level - 1:
         raise OptionError(f"stage {config.stage} needs branch level {level - 1} trained first")
     x_train, y_train = stack_samples(train)
     x_val, y_val = stack_samples(val)
@@ -331,6 +334,10 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
     if level == 0:
         params = freeze_all_but(model, [model.backbone])
         inputs = x_train
+    elif level == TOP:
+        params = freeze_all_but(model, _top_modules(model))
+        inputs = _cached_features(model, x_train, config, workdir, progress)
+        y_train = y_train.repeat(config.augmentations)
     else:
         params = freeze_all_but(model, [model.branch[level - 1], model.branch_heads[level - 1]])
         inputs = _cached_features(model, x_train, config, workdir, progress)
@@ -362,6 +369,8 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
             idx = order[step * config.batch_size: (step + 1) * config.batch_size]
             if level == 0:
                 logits = model(augment(inputs[idx], generator))
+            elif level == TOP:
+                logits = model.classify_7c(model.mixed_7c(inputs[idx].float()))
             else:
                 logits = model.branch_logits(inputs[idx].float(), level)
             loss = F.cross_entropy(logits, y_train[idx], weight=weights)
@@ -372,7 +381,7 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
             optimizer.step()
             scheduler.step()
             total_loss += float(loss.detach()) * len(idx)
-        probs = predict_probabilities(model, x_val, level=level or None) if len(x_val) else np.zeros(0)
+        probs = predict_probabilities(model, x_val, level=level if level > 0 else None) if len(x_val) else np.zeros(0)
         scores = binary_scores(y_val.numpy(), probs >= 0.5)
         entry = {"epoch": epoch + 1, "loss": total_loss / len(inputs), "val": asdict(scores),
                  "seconds": time.perf_counter() - t0}
@@ -390,7 +399,7 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
     if best_state.exists():
         model.load_state_dict(torch.load(best_state, map_location="cpu", weights_only=True))
     model.eval()
-    if level:
+    if level > 0:
         model.config = replace(model.config, branch_levels=level)
     best_val = next((h["val"] for h in history if h["epoch"] == best[1]), {})
     (workdir / f"{config.stage}.history.json").write_text(json.dumps(history, indent=1))
@@ -398,11 +407,23 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
                        seconds=time.perf_counter() - started, history=history)
 
 
+TOP = -1  # train_stage's level for "classifier-top"
+
+
+def _top_modules(model: SolarNet) -> list[torch.nn.Module]:
+    """The classifier above Mixed_5d: what "classifier-top" trains."""
+    b = model.backbone
+    return [b.Mixed_6a, b.Mixed_6b, b.Mixed_6c, b.Mixed_6d, b.Mixed_6e, b.Mixed_7a, b.Mixed_7b, b.Mixed_7c, b.fc]
+
+
 def _set_train_mode(model: SolarNet, level: int) -> None:
     """Only the stage's own modules in train mode: frozen batch-norm statistics must not move."""
     model.eval()
     if level == 0:
         model.backbone.train()
+    elif level == TOP:
+        for module in _top_modules(model):
+            module.train()
     else:
         model.branch[level - 1].train()
         model.branch_heads[level - 1].train()
@@ -557,6 +578,8 @@ def sweep_mask_rules(scorer, model_config: ModelConfig, scenes: Sequence[tuple[s
                                 tile_size_px=model_config.tile_size_px) for (scene, _), truth in zip(scenes, truths)]
             sweep[(float(threshold), fraction)] = {
                 "pixel_iou": float(np.mean([r.pixel_iou for r in results])),
+                "box_iou": float(np.mean([r.box_iou for r in results])),
+                "tile_precision": float(np.mean([r.tile_precision for r in results])),
                 "tile_recall": float(np.mean([r.tile_recall for r in results])),
                 "total_area_error": float(np.mean([r.total_area_error for r in results])),
             }

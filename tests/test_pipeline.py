@@ -99,6 +99,50 @@ def test_reader_errors_reach_the_caller():
     assert got == [1]
 
 
+def test_closing_chained_stages_stops_every_thread():
+    import threading
+    import time
+
+    produced = []
+
+    def source():
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    def doubled(items):
+        try:
+            for item in items:
+                yield 2 * item
+        finally:
+            items.close()
+
+    outer = prefetch(doubled(prefetch(source(), depth=2, name="test-stage-1")), depth=1, name="test-stage-2")
+    assert next(outer) == 0
+    outer.close()
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("test-stage") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name.startswith("test-stage") for t in threading.enumerate())
+    assert len(produced) < 100  # nothing ran on after the consumer left
+
+
+def test_scorer_errors_reach_the_caller_from_the_model_thread(scene, tmp_path):
+    class Broken(BandOneScorer):
+        calls = 0
+
+        def __call__(self, pixels):
+            Broken.calls += 1
+            if Broken.calls == 3:
+                raise RuntimeError("model blew up")
+            return super().__call__(pixels)
+
+    out = tmp_path / "p.gpkg"
+    with pytest.raises(RuntimeError, match="model blew up"):
+        detect_to_file(scene, out, scorer=Broken(), config=CONFIG)
+    assert not out.exists()
+
+
 def test_python_api_accepts_a_dataarray_with_crs_and_transform(geotiff):
     rioxarray = pytest.importorskip("rioxarray")
     from solarmap.pipeline import detect
@@ -138,3 +182,19 @@ def test_peak_fraction_keeps_the_strongest_response_of_a_faint_positive_tile(tmp
     strong = geotiff(rectangle_raster(64, 64, (10, 10, 30, 40), value=0.9))
     both, _ = detect_scene(strong, scorer=WeakTileScorer(), config=replace(base, mask_peak_fraction=0.99))
     assert both.geometry.iloc[0].area == pytest.approx(20 * 30 * 0.25)  # strong tiles: the global threshold rules
+
+
+def test_each_cam_method_gets_its_own_calibrated_mask_rule(tmp_path):
+    from dataclasses import replace
+
+    from solarmap import model as M
+
+    config = replace(M.ModelConfig.tiny(), cam_threshold=0.8, cam_peak_fraction=0.5,
+                     mask_rules={"feedback": [0.4, None], "gap": [0.9, 0.7]})
+    config = M.load(M.save(M.SolarNet(config), tmp_path / "m.pt")).config  # the rules survive a checkpoint
+    rule = lambda c: (c.mask_threshold, c.mask_peak_fraction)  # noqa: E731
+    assert rule(DetectConfig.for_model(config)) == (0.8, 0.5)
+    assert rule(DetectConfig.for_model(config, method="feedback")) == (0.4, None)
+    assert rule(DetectConfig.for_model(config, method="gap")) == (0.9, 0.7)
+    assert rule(DetectConfig.for_model(config, method="gradcam")) == (0.8, 0.5)  # no rule of its own
+    assert rule(DetectConfig.for_model(config, method="feedback", mask_threshold=0.6)) == (0.6, None)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from solarmap import model as M
-from solarmap.pseudoseg import IGNORE, erasing_saliency, pseudo_masks, segment, train_pseudo_seg
+from solarmap.pseudoseg import (IGNORE, background_labels, erasing_saliency, pseudo_masks, segment,
+                               train_pseudo_seg)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,39 @@ def test_head_trains_only_itself_round_trips_and_segments(tmp_path, tiny):
     path = M.save(tiny, tmp_path / "seg.pt")
     again = M.load(path)
     assert again.config.pseudo_seg and torch.allclose(segment(again, x[:2], scales=(0.75, 1.0)), prob, atol=1e-5)
+
+
+def test_background_labels_mark_only_the_middle_tile():
+    labels = background_labels(torch.zeros(2, 3, 10, 10), context_px=3)
+    assert labels.shape == (2, 10, 10)
+    assert (labels[:, 3:7, 3:7] == 0).all()
+    ring = torch.ones(10, 10, dtype=torch.bool)
+    ring[3:7, 3:7] = False
+    assert (labels[:, ring] == IGNORE).all()  # the context may hold a neighbour's panels
+
+
+def test_negative_windows_teach_the_head_background(tiny):
+    """Trained with panel-free windows of a confuser colour, the head scores that colour lower than
+    when it never saw them (same seed, same positives)."""
+    panel, confuser = torch.tensor([0.05, 0.07, 0.2]), torch.tensor([0.6, 0.3, 0.2])
+    x = torch.rand(6, 3, 96, 96) * 0.3 + 0.5
+    x[:, :, 30:50, 30:70] = panel[:, None, None]
+    negatives = confuser[None, :, None, None].expand(6, 3, 96, 96).clone()
+    probe = negatives[:1]
+
+    def confuser_score(neg):
+        net = M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2, cam_scale=1.0)).eval()
+        net.load_state_dict(tiny.state_dict(), strict=False)
+        info = train_pseudo_seg(net, x, negatives=neg, context_px=8, epochs=3, batch_size=4, seed=1)
+        with torch.no_grad():
+            from solarmap.pseudoseg import stem_features
+
+            return float(torch.sigmoid(net.seg_head(probe, stem_features(net, probe))).mean()), info
+
+    without, _ = confuser_score(None)
+    with_negatives, info = confuser_score(negatives)
+    assert info["negative_windows"] == 6 and info["windows"] == 12
+    assert with_negatives < without
 
 
 def test_pseudo_seg_without_a_head_is_a_clear_error():

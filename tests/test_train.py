@@ -65,6 +65,29 @@ def test_branch_stages_leave_everything_else_bit_identical(net, tmp_path):
     assert not torch.equal(before_level2["weight"], changed["weight"])  # the new level did learn
 
 
+def test_classifier_top_stage_changes_only_the_layers_above_mixed_5d(net, tmp_path):
+    train, val = toy_samples(12), toy_samples(6, seed=1)
+    cfg = dict(epochs=1, batch_size=6, augmentations=2)
+    for stage in ("classifier", "branch1"):
+        train_stage(net, train, val, TrainConfig(stage=stage, **cfg), workdir=tmp_path, progress=lambda s: None)
+    b = net.backbone
+    below = {name: snapshot(getattr(b, name)) for name in ("Conv2d_1a_3x3", "Conv2d_4a_3x3", "Mixed_5b", "Mixed_5d")}
+    branch, heads, fc = snapshot(net.branch), snapshot(net.branch_heads), snapshot(b.fc)
+    x = torch.from_numpy(np.stack([s.pixels for s in val]))
+    with torch.no_grad():
+        cam_before = net.branch_cam(net.mixed_5d(x))
+    train_stage(net, train, val, TrainConfig(stage="classifier-top", lr=1e-2, **cfg), workdir=tmp_path,
+                progress=lambda s: None)
+    for name, state in below.items():
+        assert_identical(state, getattr(b, name))
+    assert_identical(branch, net.branch)
+    assert_identical(heads, net.branch_heads)
+    assert net.config.branch_levels == 1
+    assert not torch.equal(fc["weight"], b.fc.weight)  # the top did learn
+    with torch.no_grad():
+        assert torch.equal(cam_before, net.branch_cam(net.mixed_5d(x)))  # the CAM is untouched
+
+
 def test_branch2_needs_branch1(net, tmp_path):
     with pytest.raises(OptionError, match="branch level 1 trained first"):
         train_stage(net, toy_samples(4), [], TrainConfig(stage="branch2", epochs=1), workdir=tmp_path)
