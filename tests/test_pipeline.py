@@ -127,20 +127,34 @@ def test_closing_chained_stages_stops_every_thread():
     assert len(produced) < 100  # nothing ran on after the consumer left
 
 
-def test_scorer_errors_reach_the_caller_from_the_model_thread(scene, tmp_path):
-    class Broken(BandOneScorer):
-        calls = 0
+class _Device:
+    def __init__(self, type_):
+        self.type = type_
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # "cuda": the model runs in its own thread (no GPU needed)
+def test_model_in_line_or_in_its_own_thread_gives_the_same_output_and_errors_reach_the_caller(scene, tmp_path,
+                                                                                                 device):
+    class OnDevice(BandOneScorer):
+        def __init__(self, fail_at=None):
+            self.device, self.calls, self.fail_at = _Device(device), 0, fail_at
 
         def __call__(self, pixels):
-            Broken.calls += 1
-            if Broken.calls == 3:
+            self.calls += 1
+            if self.calls == self.fail_at:
                 raise RuntimeError("model blew up")
             return super().__call__(pixels)
 
+    reference = tmp_path / "reference.gpkg"
+    detect_to_file(scene, reference, scorer=BandOneScorer(), config=CONFIG)
     out = tmp_path / "p.gpkg"
+    detect_to_file(scene, out, scorer=OnDevice(), config=CONFIG)
+    a, b = read(reference), read(out)
+    assert len(a) == len(b) > 0 and a.geometry.geom_equals(b.geometry).all()
+    broken = tmp_path / "broken.gpkg"
     with pytest.raises(RuntimeError, match="model blew up"):
-        detect_to_file(scene, out, scorer=Broken(), config=CONFIG)
-    assert not out.exists()
+        detect_to_file(scene, broken, scorer=OnDevice(fail_at=3), config=CONFIG)
+    assert not broken.exists()
 
 
 def test_python_api_accepts_a_dataarray_with_crs_and_transform(geotiff):
