@@ -171,8 +171,10 @@ def _unit_interval(ctx, param, value):
 
 
 @main.command()
-@click.option("--stage", type=click.Choice(["classifier", "branch1", "branch2", "all", "pseudo-seg"]), default="all",
-              show_default=True, help="Greedy stage(s) to train; branch stages need a --model with the previous stage.")
+@click.option("--stage", type=click.Choice(["classifier", "branch1", "branch2", "all", "pseudo-seg", "classifier-top"]),
+              default="all", show_default=True,
+              help="Greedy stage(s) to train; branch stages need a --model with the previous stage. classifier-top: "
+                   "fine-tune the classifier above Mixed_5d of a --model (its CAM branch is untouched).")
 @click.option("--chips", "chip_sources", multiple=True, type=click.Path(exists=True),
               help="Labelled chips: a folder with labels.csv + chips/ID.tif, or a CSV of path,label. Repeatable.")
 @click.option("--chips-gsd", type=float, default=0.3, show_default=True, callback=_positive,
@@ -211,6 +213,8 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
         raise OptionError("give one --truth for each --scene")
     if not (chip_sources or scenes or synthetic):
         raise OptionError("no training data: give --chips, --scene/--truth or --synthetic N")
+    if stage == "classifier-top" and not model_path:
+        raise OptionError("classifier-top fine-tunes a trained model: give --model FILE")
     torch.manual_seed(seed)
     if stage == "pseudo-seg":
         _train_pseudo_seg(model_lib.load(model_path), scenes, truths, synthetic, workdir, out_path, epochs, lr,
@@ -235,7 +239,8 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
     click.echo(f"samples: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} held out", err=True)
     stages = train_lib.STAGES if stage == "all" else (stage,)
     for name in stages:
-        defaults = {"epochs": 20, "lr": 2e-3} if name == "classifier" else {"epochs": 10, "lr": 1e-3}
+        defaults = {"classifier": {"epochs": 20, "lr": 2e-3},
+                    "classifier-top": {"epochs": 4, "lr": 1e-4}}.get(name, {"epochs": 10, "lr": 1e-3})
         cfg = train_lib.TrainConfig(stage=name, epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"],
                                     batch_size=batch_size, seed=seed)
         result = train_lib.train_stage(net, train_set, val_set, cfg, workdir=workdir,

@@ -132,6 +132,14 @@ def test_train_cli_runs_a_stage_and_refuses_missing_data(runner, tmp_path, tiny_
     assert again.exit_code == 1 and "--overwrite" in again.output
     nothing = runner.invoke(main, ["train", "--out", str(tmp_path / "x.pt")])
     assert nothing.exit_code == 1 and "no training data" in nothing.output
+    no_model = runner.invoke(main, ["train", "--stage", "classifier-top", "--chips", str(folder),
+                                    "--out", str(tmp_path / "y.pt")])
+    assert no_model.exit_code == 1 and "give --model" in no_model.output
+    top = runner.invoke(main, ["train", "--stage", "classifier-top", "--chips", str(folder), "--model", str(out),
+                               "--epochs", "1", "--batch-size", "4", "--workdir", str(tmp_path / "work"),
+                               "--out", str(tmp_path / "top.pt")])
+    assert top.exit_code == 0, top.output
+    assert "classifier-top: best epoch 1" in top.output and M.load(tmp_path / "top.pt").config.branch_levels == 1
 
 
 def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, tiny_model_file, geotiff):
