@@ -32,7 +32,8 @@ from solarmap.evaluate import evaluate
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.synth import SynthConfig, render_town, write_town
 from solarmap.pseudoseg import train_pseudo_seg
-from solarmap.train import calibrate_cam_shifts, cam_scales, scene_samples, stack_samples, sweep_mask_rules
+from solarmap.train import (MASK_THRESHOLDS, calibrate_cam_shifts, cam_scales, positive_windows, scene_samples,
+                            stack_samples, sweep_mask_rules)
 
 VAL_SEEDS = range(101, 105)
 TEST_SEEDS = range(301, 304)
@@ -46,7 +47,6 @@ VARIANTS = {
     "pseudo-seg-ms": dict(method="pseudo-seg", seg_scales=(0.5, 0.75, 1.0)),
 }
 TRAIN_SEEDS = range(1, 25)  # pseudo-seg head: positive windows of the training towns (image-level labels)
-THRESHOLDS = tuple(np.round(np.arange(0.3, 0.95, 0.1), 2))
 KEYS = ["tile_precision", "tile_recall", "box_iou", "pixel_iou", "total_area_error", "per_system_area_error"]
 
 
@@ -94,10 +94,9 @@ def main() -> None:
     scales = cam_scales(net, windows, {name: VARIANTS[name] for name in ("gap", "branch1", "branch2")})
     print(f"CAM scales (median peak, positive validation windows): {scales}", flush=True)
     if any(name.startswith("pseudo-seg") for name in args.methods) and net.seg_head is None:
-        train_windows = [w for seed in TRAIN_SEEDS for w in scene_samples(
-            str(Path(args.train_towns) / f"town_{seed}" / "scene.tif"),
-            str(Path(args.train_towns) / f"town_{seed}" / "truth.gpkg"), model=net.config,
-            context_px=net.config.context_px) if w.label]
+        train_windows = positive_windows([(Path(args.train_towns) / f"town_{seed}" / "scene.tif",
+                                           Path(args.train_towns) / f"town_{seed}" / "truth.gpkg")
+                                          for seed in TRAIN_SEEDS], model=net.config)
         x_train, _ = stack_samples(train_windows)
         info = train_pseudo_seg(net, x_train, progress=lambda line: print(line, flush=True))
         print(f"pseudo-seg head trained: {info}", flush=True)
@@ -107,7 +106,7 @@ def main() -> None:
     results = {}
     for name in args.methods:
         scorer = ModelScorer(net, **VARIANTS[name], cam_scale=scales.get(name))
-        threshold, fraction, _ = sweep_mask_rules(scorer, net.config, val, thresholds=THRESHOLDS,
+        threshold, fraction, _ = sweep_mask_rules(scorer, net.config, val, thresholds=MASK_THRESHOLDS,
                                                   peak_fractions=(None, 0.5, 0.7))
         config = DetectConfig.for_model(net.config, mask_threshold=threshold, mask_peak_fraction=fraction)
         metrics, seconds, tiles = run(scorer, config, test, net.config.tile_size_px)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from solarmap import model as model_lib
-from solarmap.train import (TrainConfig, calibrate, calibrate_cam_scales, calibrate_cam_shifts, calibrate_cam_threshold,
-                            load_chips,
-                            scene_samples, score_samples, split_samples, synthetic_samples, train_stage)
+from solarmap.train import (MASK_THRESHOLDS, TrainConfig, calibrate, calibrate_cam_scales, calibrate_cam_shifts,
+                            calibrate_cam_threshold, load_chips, positive_windows, scene_samples, score_samples,
+                            split_samples, stack_samples, synthetic_samples, train_stage)
 
 SYNTH_TRAIN_SEEDS = range(1, 25)
 SYNTH_VAL_SEEDS = range(101, 105)
@@ -88,7 +88,6 @@ def pseudo_seg_stage(net, workdir: Path, say) -> dict:
     """The pseudo-seg head (``--cam-method pseudo-seg``) on the positive windows of the training
     towns (image-level labels only); its weights are kept under ``workdir`` and reused."""
     from solarmap.pseudoseg import SegHead, train_pseudo_seg
-    from solarmap.train import stack_samples
 
     done, weights = workdir / "pseudo_seg.done.json", workdir / "pseudo_seg.final.pt"
     if done.exists():
@@ -98,9 +97,9 @@ def pseudo_seg_stage(net, workdir: Path, say) -> dict:
         net.config = replace(net.config, pseudo_seg=True)
         say("pseudo-seg: already done, reusing its head")
         return json.loads(done.read_text())
-    windows = [w for seed in SYNTH_TRAIN_SEEDS for w in scene_samples(
-        str(workdir / "towns" / f"town_{seed}" / "scene.tif"), str(workdir / "towns" / f"town_{seed}" / "truth.gpkg"),
-        model=net.config, context_px=net.config.context_px) if w.label]
+    windows = positive_windows([(workdir / "towns" / f"town_{seed}" / "scene.tif",
+                                 workdir / "towns" / f"town_{seed}" / "truth.gpkg") for seed in SYNTH_TRAIN_SEEDS],
+                               model=net.config)
     info = train_pseudo_seg(net, stack_samples(windows)[0], progress=say)
     torch.save(net.seg_head.state_dict(), weights)
     info = {k: v for k, v in info.items() if k != "loss"}
@@ -122,7 +121,7 @@ def calibrate_mask_rules(net, val_towns, say) -> dict:
     for method in ("gap", "gradcam", "feedback") + (("pseudo-seg",) if net.seg_head is not None else ()):
         t0 = time.perf_counter()
         threshold, fraction, sweep = sweep_mask_rules(ModelScorer(net, method=method), net.config, scenes,
-                                                      thresholds=tuple(np.round(np.arange(0.3, 0.95, 0.1), 2)),
+                                                      thresholds=MASK_THRESHOLDS,
                                                       peak_fractions=(None, 0.5, 0.7))
         rules[method] = [threshold, fraction]
         say(f"mask rule for {method}: CAM >= {threshold}, weak tiles >= {fraction} x peak "

@@ -277,9 +277,7 @@ def _train_pseudo_seg(net, scenes, truths, synthetic, workdir, out_path, epochs,
                    str(Path(workdir) / "towns" / f"town_{s}" / "truth.gpkg")) for s in range(1, synthetic + 1)]
     if not pairs:
         raise OptionError("pseudo-seg trains on georeferenced scenes: give --scene/--truth or --synthetic N")
-    windows = [w for scene, truth in pairs
-               for w in train_lib.scene_samples(scene, truth, model=net.config, context_px=net.config.context_px)
-               if w.label]
+    windows = train_lib.positive_windows(pairs, model=net.config)
     if not windows:
         raise OptionError("no tile with panels in the given scenes: nothing to learn pseudo masks from")
     x, _ = train_lib.stack_samples(windows)

@@ -36,6 +36,9 @@ STAGES = ("classifier", "branch1", "branch2")
 # optional, after the branch: fine-tune the classifier above Mixed_5d (Mixed_6a..fc) on cached
 # Mixed_5d features; the branch reads Mixed_5d, so its CAM is untouched
 EXTRA_STAGES = ("classifier-top",)
+TOP = -1  # train_stage's level for "classifier-top" (0 is the classifier, 1 and 2 the branch levels)
+# CAM thresholds every mask-rule sweep tries (branch calibration, per-method rules, comparisons)
+MASK_THRESHOLDS = tuple(np.round(np.arange(0.3, 0.95, 0.1), 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +166,13 @@ def scene_samples(scene: str | Path, truth: str | Path, *, model: ModelConfig, m
             samples.append(Sample(pixels=image.pixels, label=int(panel_m2 > 0), source=Path(scene).parent.name,
                                   key=f"{Path(scene).parent.name}:{tile.tile_row}:{tile.tile_col}"))
     return samples
+
+
+def positive_windows(pairs: Sequence[tuple[str | Path, str | Path]], *, model: ModelConfig) -> list[Sample]:
+    """The windows (tile + the model's context) of (scene, truth) pairs whose tile holds panels:
+    what the pseudo-seg head and the CAM calibrations learn or measure on."""
+    return [w for scene, truth in pairs
+            for w in scene_samples(scene, truth, model=model, context_px=model.context_px) if w.label]
 
 
 def synthetic_samples(out_dir: str | Path, *, seeds: Sequence[int], size_px: int, model: ModelConfig,
@@ -407,9 +417,6 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
                        seconds=time.perf_counter() - started, history=history)
 
 
-TOP = -1  # train_stage's level for "classifier-top"
-
-
 def _top_modules(model: SolarNet) -> list[torch.nn.Module]:
     """The classifier above Mixed_5d: what "classifier-top" trains."""
     b = model.backbone
@@ -577,19 +584,15 @@ def sweep_mask_rules(scorer, model_config: ModelConfig, scenes: Sequence[tuple[s
             results = [evaluate(detect_scene(scene, scorer=cached, config=config)[0], truth, scene,
                                 tile_size_px=model_config.tile_size_px) for (scene, _), truth in zip(scenes, truths)]
             sweep[(float(threshold), fraction)] = {
-                "pixel_iou": float(np.mean([r.pixel_iou for r in results])),
-                "box_iou": float(np.mean([r.box_iou for r in results])),
-                "tile_precision": float(np.mean([r.tile_precision for r in results])),
-                "tile_recall": float(np.mean([r.tile_recall for r in results])),
-                "total_area_error": float(np.mean([r.total_area_error for r in results])),
-            }
+                key: float(np.mean([getattr(r, key) for r in results]))
+                for key in ("pixel_iou", "box_iou", "tile_precision", "tile_recall", "total_area_error")}
     eligible = [k for k, v in sweep.items() if v["tile_recall"] >= min_tile_recall] or list(sweep)
     threshold, fraction = max(eligible, key=lambda k: sweep[k]["pixel_iou"])
     return threshold, fraction, sweep
 
 
 def calibrate_cam_threshold(model: SolarNet, scenes: Sequence[tuple[str, str]], *,
-                            thresholds: Sequence[float] = tuple(np.round(np.arange(0.3, 0.95, 0.1), 2)),
+                            thresholds: Sequence[float] = MASK_THRESHOLDS,
                             peak_fractions: Sequence[float | None] = (None, 0.5, 0.7, 0.9),
                             min_tile_recall: float = 0.9) -> dict:
     """Pick the branch CAM's mask rule on validation scenes (see :func:`sweep_mask_rules`) and
