@@ -25,7 +25,7 @@ import torch
 
 from solarmap import model as model_lib
 from solarmap.train import (MASK_THRESHOLDS, TrainConfig, calibrate, calibrate_cam_scales, calibrate_cam_shifts,
-                            calibrate_cam_threshold, load_chips, positive_windows, scene_samples, score_samples,
+                            calibrate_cam_threshold, calibrate_refine_rule, fit_colour_prior, load_chips, positive_windows, scene_samples, score_samples,
                             split_samples, stack_samples, synthetic_samples, train_stage)
 
 SYNTH_TRAIN_SEEDS = range(1, 25)
@@ -130,6 +130,10 @@ def calibrate_mask_rules(net, val_towns, say) -> dict:
     return rules
 
 
+def _rule_key(rule: dict) -> str:
+    return "/".join(str(rule[k]) for k in ("grow_px", "min_log_ratio", "smooth_px")) if rule else "none"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path.home() / "solarmap-train")
@@ -208,6 +212,12 @@ def main() -> None:
     say(f"CAM threshold from validation towns: {cam_calibration}")
     seg_info = pseudo_seg_stage(net, workdir, say)
     mask_rules = calibrate_mask_rules(net, val_towns, say)
+    t1 = time.perf_counter()
+    colour_info = fit_colour_prior(net, train)  # the classifier's training tiles, image-level labels
+    refine_calibration = calibrate_refine_rule(net, val_towns)
+    say(f"colour prior {colour_info}; refinement rule from validation towns {refine_calibration['refine_rule']} "
+        f"({refine_calibration['sweep'][_rule_key(net.config.refine_rule)]}; without refinement "
+        f"{refine_calibration['sweep']['none']}; {time.perf_counter() - t1:.0f} s)")
     metrics = {}
     for name, samples in (("fresno_test", real_test), ("synthetic_test", synth_test), ("fresno_val", real_val)):
         metrics[name] = asdict(score_samples(net, samples))
@@ -217,7 +227,9 @@ def main() -> None:
                          provenance={"script": "scripts/train_default.py", "chips": str(args.chips.name),
                                      "chip_gsd_m": args.chip_gsd, "synthetic_train_seeds": [min(SYNTH_TRAIN_SEEDS), max(SYNTH_TRAIN_SEEDS)],
                                      "calibration": {**calibration, **cam_calibration, "cam_shifts": shifts, "cam_scales": scales,
-                                                     "mask_rules": mask_rules},
+                                                     "mask_rules": mask_rules,
+                                                     "refine_rule": net.config.refine_rule},
+                                     "colour_prior": colour_info,
                                      "pseudo_seg": seg_info,
                                      "stages": results, "trained": time.strftime("%Y-%m-%d")})
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -306,6 +306,12 @@ class ModelScorer:
             self.decision_threshold = self.model.config.decision_threshold
 
     @property
+    def colour_prior(self) -> np.ndarray | None:
+        """The model's panel-colour table for mask refinement (solarmap.refine), if it has one."""
+        table = self.model.config.colour_prior
+        return None if table is None else np.asarray(table, dtype=np.float32)
+
+    @property
     def shift_key(self) -> str:
         """Which measured offset applies: per method, and per branch depth when not the deepest."""
         if self.method is CamMethod.BRANCH and self.branch_levels not in (None, self.model.config.branch_levels):

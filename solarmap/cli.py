@@ -128,7 +128,7 @@ def demo(out_dir: str, seed: int, model_path: str | None) -> None:
     ctx.invoke(detect, rasters=(scene,), out_path=str(out / "panels.gpkg"), model_path=model_path,
                heatmap=str(out / "heat.tif"), overwrite=True, quiet=False, device="auto", batch_size=None,
                tile_size_px=None, overlap_px=None, gsd_m=None, bands=None, cam_method="branch", cam_threshold=None,
-               score_threshold=None, min_area_m2=1.0, simplify_m=0.0, resume=False)
+               refine=None, score_threshold=None, min_area_m2=1.0, simplify_m=0.0, resume=False)
     click.echo("")
     ctx.invoke(evaluate, predicted=str(out / "panels.gpkg"), truth=truth, scene=scene, tile_size_px=299,
                min_panel_m2=2.0, as_json=False)
@@ -171,10 +171,12 @@ def _unit_interval(ctx, param, value):
 
 
 @main.command()
-@click.option("--stage", type=click.Choice(["classifier", "branch1", "branch2", "all", "pseudo-seg", "classifier-top"]),
+@click.option("--stage", type=click.Choice(["classifier", "branch1", "branch2", "all", "pseudo-seg", "classifier-top",
+                                           "colour-prior"]),
               default="all", show_default=True,
               help="Greedy stage(s) to train; branch stages need a --model with the previous stage. classifier-top: "
-                   "fine-tune the classifier above Mixed_5d of a --model (its CAM branch is untouched).")
+                   "fine-tune the classifier above Mixed_5d of a --model (its CAM branch is untouched). Every stage "
+                   "also learns the panel colours of mask refinement (--refine); colour-prior does only that.")
 @click.option("--chips", "chip_sources", multiple=True, type=click.Path(exists=True),
               help="Labelled chips: a folder with labels.csv + chips/ID.tif, or a CSV of path,label. Repeatable.")
 @click.option("--chips-gsd", type=float, default=0.3, show_default=True, callback=_positive,
@@ -205,7 +207,7 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
 
     from solarmap import model as model_lib
     from solarmap import train as train_lib
-    from solarmap.errors import OptionError, OutputError
+    from solarmap.errors import InputError, OptionError, OutputError
 
     if Path(out_path).exists() and not overwrite:
         raise OutputError(f"output exists: {out_path} (use --overwrite to replace it)")
@@ -213,8 +215,8 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
         raise OptionError("give one --truth for each --scene")
     if not (chip_sources or scenes or synthetic):
         raise OptionError("no training data: give --chips, --scene/--truth or --synthetic N")
-    if stage == "classifier-top" and not model_path:
-        raise OptionError("classifier-top fine-tunes a trained model: give --model FILE")
+    if stage in ("classifier-top", "colour-prior") and not model_path:
+        raise OptionError(f"{stage} works on a trained model: give --model FILE")
     torch.manual_seed(seed)
     if stage == "pseudo-seg":
         _train_pseudo_seg(model_lib.load(model_path), scenes, truths, synthetic, workdir, out_path, epochs, lr,
@@ -237,7 +239,7 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
                                                model=config)
     train_set, val_set, test_set = train_lib.split_samples(samples, val_fraction=0.15, test_fraction=0.2)
     click.echo(f"samples: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} held out", err=True)
-    stages = train_lib.STAGES if stage == "all" else (stage,)
+    stages = {"all": train_lib.STAGES, "colour-prior": ()}.get(stage, (stage,))
     for name in stages:
         defaults = {"classifier": {"epochs": 20, "lr": 2e-3},
                     "classifier-top": {"epochs": 4, "lr": 1e-4}}.get(name, {"epochs": 10, "lr": 1e-3})
@@ -248,10 +250,16 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
         val = result.val
         click.echo(f"{name}: best epoch {result.best_epoch}: validation precision {val.get('precision', 0):.3f} "
                    f"recall {val.get('recall', 0):.3f} F1 {val.get('f1', 0):.3f}")
-    if val_set:
+    if val_set and stages:
         click.echo(f"calibrated on validation data: {train_lib.calibrate(net, val_set)}", err=True)
-    if test_set:
+    if test_set and stages:
         click.echo(f"held-out: {train_lib.score_samples(net, test_set).line()}")
+    try:
+        click.echo(f"colour prior (for --refine): {train_lib.fit_colour_prior(net, train_set)}", err=True)
+    except InputError:
+        if not stages:
+            raise
+        click.echo("no colour prior: the training tiles need both labels", err=True)
     model_lib.with_config(net, provenance={**net.config.provenance, "train_args": {
         "stage": stage, "chips": list(chip_sources), "scenes": list(scenes), "synthetic": synthetic, "seed": seed}})
     model_lib.save(net, out_path)
@@ -415,6 +423,9 @@ class _RegionalProgress:
 @click.option("--cam-threshold", type=float, default=None, callback=_unit_interval,
               help="Mask threshold on the normalised CAM (CAM / the model's calibrated scale; Grad-CAM, feedback: / tile max). "
                    "Default: the model's calibrated rule for the --cam-method.")
+@click.option("--refine/--no-refine", default=None,
+              help="Outline masks by the model's learnt panel colours near the CAM (default: on for the branch "
+                   "CAM when the model has a colour prior, as the bundled one does).")
 @click.option("--score-threshold", type=float, default=None, callback=_unit_interval,
               help="Tile probability above which a tile is positive (default: the model's calibrated one).")
 @click.option("--min-area", "min_area_m2", type=float, default=1.0, show_default=True, help="Drop polygons below this many m².")
@@ -425,7 +436,7 @@ class _RegionalProgress:
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, src_crs, branch_levels, cam_method,
-           cam_threshold, score_threshold, min_area_m2, simplify_m, heatmap, resume, overwrite, quiet) -> None:
+           cam_threshold, refine, score_threshold, min_area_m2, simplify_m, heatmap, resume, overwrite, quiet) -> None:
     """Find solar panels in RASTERS and write their polygons (with areas in m²) to one GeoPackage.
 
     RASTERS: raster files, directories, globs, URLs GDAL opens, or .txt files listing rasters. Several
@@ -449,6 +460,10 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     from solarmap import model as model_lib
     from solarmap.cam import CamMethod, ModelScorer, check_tile_size, resolve_device
     from solarmap.pipeline import DetectConfig, detect_to_file
+    from dataclasses import replace
+
+    from solarmap.errors import ModelError
+    from solarmap.refine import ColourRefine
 
     net = model_lib.load(model_path)
     torch_device = resolve_device(device)
@@ -458,6 +473,12 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     config = DetectConfig.for_model(
         net.config, method=method.value, bands=band_tuple, src_crs=src_crs, batch_size=batch_size or (64 if torch_device.type == "cuda" else 16),
         min_area_m2=min_area_m2, simplify_m=simplify_m, **{k: v for k, v in given.items() if v is not None})
+    if refine is False:
+        config = replace(config, refine=None)
+    elif refine and config.refine is None:
+        if net.config.colour_prior is None:
+            raise ModelError("--refine: this model has no colour prior (solarmap train --stage colour-prior adds one)")
+        config = replace(config, refine=ColourRefine(**net.config.refine_rule))
     check_tile_size(config.tile_size_px)
     scorer = ModelScorer(net, method=method, device=torch_device, decision_threshold=config.score_threshold,
                          context_px=config.context_px, branch_levels=branch_levels,

@@ -53,6 +53,8 @@ class ModelConfig:
     cam_shifts: dict = field(default_factory=dict)  # method -> (rows, cols) px to move its maps by
     pseudo_seg: bool = False  # has a pseudo-seg segmentation head (solarmap.pseudoseg)
     mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
+    colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.refine), bins³ entries
+    refine_rule: dict = field(default_factory=dict)  # solarmap.refine.ColourRefine fields, calibrated
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 
@@ -211,8 +213,8 @@ def _read_payload(path: Path, map_location) -> Any:
 def _config_from_dict(data: dict) -> ModelConfig:
     known = {f for f in ModelConfig.__dataclass_fields__}
     values = {k: v for k, v in data.items() if k in known}
-    for key in ("mean", "std", "branch_channels"):
-        if key in values:
+    for key in ("mean", "std", "branch_channels", "colour_prior"):
+        if values.get(key) is not None:
             values[key] = tuple(values[key])
     try:
         return ModelConfig(**values)

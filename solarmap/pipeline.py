@@ -33,6 +33,7 @@ from solarmap import __version__
 from solarmap.errors import OptionError, OutputError
 from solarmap.io import (DEFAULT_BANDS, GeoPackageWriter, HeatmapWriter, SceneReader, TileImage,
                          check_output_path, parse_crs)
+from solarmap.refine import ColourRefine, refine_mask
 from solarmap.style import panels_qml
 from solarmap.tiling import TileSpec, iter_tiles, tile_grid_shape
 from solarmap.vectorize import SeamMerger, core_pieces, panels_frame, upsample_scores
@@ -88,6 +89,7 @@ class DetectConfig:
     mask_peak_fraction: float | None = None  # weak positive tiles: also mask >= this fraction of their peak
     min_area_m2: float = 1.0
     simplify_m: float = 0.0
+    refine: ColourRefine | None = None  # outline masks by the model's panel colours (solarmap.refine)
 
     def __post_init__(self) -> None:
         self.tile_spec  # validates sizes
@@ -116,10 +118,13 @@ class DetectConfig:
         threshold, fraction = model_config.cam_threshold, model_config.cam_peak_fraction
         if method != "branch" and method in model_config.mask_rules:
             threshold, fraction = model_config.mask_rules[method]
+        refine = None  # calibrated on the branch CAM's masks
+        if method == "branch" and model_config.colour_prior is not None and model_config.refine_rule:
+            refine = ColourRefine(**model_config.refine_rule)
         settings = dict(tile_size_px=model_config.tile_size_px, overlap_px=model_config.overlap_px,
                         context_px=model_config.context_px,
                         gsd_m=model_config.gsd_m, score_threshold=model_config.decision_threshold,
-                        mask_threshold=threshold, mask_peak_fraction=fraction)
+                        mask_threshold=threshold, mask_peak_fraction=fraction, refine=refine)
         return cls(**{**settings, **overrides})
 
 
@@ -248,6 +253,10 @@ class SceneRun:
         self.config = config
         self.progress = progress
         self.source_name = source_name or Path(self.path).name
+        self.colour_table = getattr(scorer, "colour_prior", None)
+        if config.refine is not None and self.colour_table is None:
+            raise OptionError("mask refinement needs a model with a colour prior "
+                              "(solarmap train --stage colour-prior); run without --refine")
 
     def run(self, sink: Callable, *, heatmap: HeatmapWriter | None = None, state: RunState | None = None,
             checkpoint: Callable[[RunState], None] | None = None, chunk_polygons: int = 2000,
@@ -344,6 +353,9 @@ class SceneRun:
                             if heatmap is not None:
                                 heatmap.write(image.tile, score_map)
                             mask = (score_map >= self._mask_threshold(score_map)) & image.valid
+                            if config.refine is not None:
+                                mask = refine_mask(image.pixels, mask, image.valid, log_ratio=self.colour_table,
+                                                   rule=config.refine)
                             pieces = core_pieces(image.tile, mask, score=prob, cam_map=score_map)
                         finished.extend(merger.add(image.tile.core, pieces))
                     stats.stage_seconds["vectorize"] += time.perf_counter() - t0

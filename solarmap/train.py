@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from solarmap.errors import InputError, OptionError
+from solarmap.errors import InputError, ModelError, OptionError
 from solarmap.model import ModelConfig, SolarNet
 
 log = logging.getLogger(__name__)
@@ -551,6 +551,7 @@ class _CachingScorer:
     def __init__(self, scorer):
         self.scorer, self.name, self._memo = scorer, scorer.name, {}
         self.context_px = getattr(scorer, "context_px", 0)
+        self.colour_prior = getattr(scorer, "colour_prior", None)
 
     def __call__(self, pixels: np.ndarray):
         keys = [zlib.crc32(p.tobytes()) for p in pixels]
@@ -562,33 +563,87 @@ class _CachingScorer:
         return (np.array([self._memo[k][0] for k in keys]), np.stack([self._memo[k][1] for k in keys]))
 
 
-def sweep_mask_rules(scorer, model_config: ModelConfig, scenes: Sequence[tuple[str, object]], *,
-                     thresholds: Sequence[float], peak_fractions: Sequence[float | None],
-                     min_tile_recall: float = 0.9) -> tuple[float, float | None, dict]:
-    """Detect on validation scenes (scene, truth path or frame) under every mask rule (CAM
-    threshold, peak fraction for weak tiles) and pick the best mean pixel IoU among the rules whose
-    polygons still reach ``min_tile_recall`` of the truth's tiles (finding arrays comes before
-    outlining them), or the best pixel IoU if none does. Returns (threshold, fraction, sweep)."""
+def sweep_detect_configs(scorer, configs: dict, scenes: Sequence[tuple[str, object]], *,
+                         tile_size_px: int) -> dict:
+    """Detect on validation scenes (scene, truth path or frame) under every config of ``configs``
+    (key -> DetectConfig), the network run once per tile; mean metrics per key."""
     import geopandas as gpd
 
     from solarmap.evaluate import evaluate
-    from solarmap.pipeline import DetectConfig, detect_scene
+    from solarmap.pipeline import detect_scene
 
     cached = _CachingScorer(scorer)
     truths = [gpd.read_file(truth, layer="panels") if isinstance(truth, (str, Path)) else truth
               for _, truth in scenes]
     sweep = {}
-    for threshold in thresholds:
-        for fraction in peak_fractions:
-            config = DetectConfig.for_model(model_config, mask_threshold=float(threshold), mask_peak_fraction=fraction)
-            results = [evaluate(detect_scene(scene, scorer=cached, config=config)[0], truth, scene,
-                                tile_size_px=model_config.tile_size_px) for (scene, _), truth in zip(scenes, truths)]
-            sweep[(float(threshold), fraction)] = {
-                key: float(np.mean([getattr(r, key) for r in results]))
-                for key in ("pixel_iou", "box_iou", "tile_precision", "tile_recall", "total_area_error")}
+    for key, config in configs.items():
+        results = [evaluate(detect_scene(scene, scorer=cached, config=config)[0], truth, scene,
+                            tile_size_px=tile_size_px) for (scene, _), truth in zip(scenes, truths)]
+        sweep[key] = {metric: float(np.mean([getattr(r, metric) for r in results]))
+                      for metric in ("pixel_iou", "box_iou", "tile_precision", "tile_recall", "total_area_error")}
+    return sweep
+
+
+def best_rule(sweep: dict, *, min_tile_recall: float = 0.9):
+    """The key with the best mean pixel IoU among those whose polygons still reach
+    ``min_tile_recall`` of the truth's tiles (finding arrays comes before outlining them), or the
+    best pixel IoU if none does."""
     eligible = [k for k, v in sweep.items() if v["tile_recall"] >= min_tile_recall] or list(sweep)
-    threshold, fraction = max(eligible, key=lambda k: sweep[k]["pixel_iou"])
+    return max(eligible, key=lambda k: sweep[k]["pixel_iou"])
+
+
+def sweep_mask_rules(scorer, model_config: ModelConfig, scenes: Sequence[tuple[str, object]], *,
+                     thresholds: Sequence[float], peak_fractions: Sequence[float | None],
+                     min_tile_recall: float = 0.9) -> tuple[float, float | None, dict]:
+    """Every mask rule (CAM threshold, peak fraction for weak tiles) on validation scenes, and the
+    best one (:func:`best_rule`). Returns (threshold, fraction, sweep)."""
+    from solarmap.pipeline import DetectConfig
+
+    method = getattr(getattr(scorer, "method", None), "value", "branch")  # as `detect --cam-method` would run
+    configs = {(float(t), f): DetectConfig.for_model(model_config, method=method, mask_threshold=float(t),
+                                                     mask_peak_fraction=f)
+               for t in thresholds for f in peak_fractions}
+    sweep = sweep_detect_configs(scorer, configs, scenes, tile_size_px=model_config.tile_size_px)
+    threshold, fraction = best_rule(sweep, min_tile_recall=min_tile_recall)
     return threshold, fraction, sweep
+
+
+def fit_colour_prior(model: SolarNet, samples: Sequence[Sample]) -> dict:
+    """Learn the panel-colour table of mask refinement (solarmap.refine) from labelled training
+    tiles and store it in ``model.config``; image-level labels are all it needs."""
+    from solarmap.refine import colour_histograms, colour_log_ratio
+
+    if not any(s.label for s in samples) or all(s.label for s in samples):
+        raise InputError("a colour prior needs training tiles with and without panels")
+    counts = colour_histograms((s.pixels, s.label) for s in samples)
+    table = colour_log_ratio(counts)
+    model.config = replace(model.config, colour_prior=tuple(round(float(v), 4) for v in table))
+    return {"tiles": len(samples), "positive_tiles": sum(s.label for s in samples),
+            "panel_colours": int((table > 1.0).sum()), "pixels": [int(c) for c in counts.sum(axis=1)]}
+
+
+def calibrate_refine_rule(model: SolarNet, scenes: Sequence[tuple[str, object]], *,
+                          grows_px: Sequence[int] = (16, 32, 48, 64, 96),
+                          min_log_ratios: Sequence[float] = (0.5, 0.75, 1.0, 1.25),
+                          smooths_px: Sequence[int] = (1, 2), min_tile_recall: float = 0.9) -> dict:
+    """Pick the colour refinement rule (solarmap.refine) of the branch CAM's masks on validation
+    scenes, like the mask rules (:func:`best_rule`), store it in ``model.config`` and return the
+    sweep. The model must already carry its colour table (``config.colour_prior``)."""
+    from solarmap.cam import ModelScorer
+    from solarmap.pipeline import DetectConfig
+    from solarmap.refine import ColourRefine
+
+    if model.config.colour_prior is None:
+        raise ModelError("calibrating the refinement needs the model's colour prior first")
+    rules = {(g, m, s): ColourRefine(grow_px=g, min_log_ratio=m, smooth_px=s)
+             for g in grows_px for m in min_log_ratios for s in smooths_px}
+    configs = {None: DetectConfig.for_model(model.config, refine=None),
+               **{key: DetectConfig.for_model(model.config, refine=rule) for key, rule in rules.items()}}
+    sweep = sweep_detect_configs(ModelScorer(model), configs, scenes, tile_size_px=model.config.tile_size_px)
+    key = best_rule(sweep, min_tile_recall=min_tile_recall)
+    model.config = replace(model.config, refine_rule=asdict(rules[key]) if key is not None else {})
+    return {"refine_rule": model.config.refine_rule,
+            "sweep": {("none" if k is None else "/".join(map(str, k))): v for k, v in sweep.items()}}
 
 
 def calibrate_cam_threshold(model: SolarNet, scenes: Sequence[tuple[str, str]], *,

@@ -140,6 +140,18 @@ def test_train_cli_runs_a_stage_and_refuses_missing_data(runner, tmp_path, tiny_
                                "--out", str(tmp_path / "top.pt")])
     assert top.exit_code == 0, top.output
     assert "classifier-top: best epoch 1" in top.output and M.load(tmp_path / "top.pt").config.branch_levels == 1
+    assert "colour prior" in top.output  # learnt, or said why not (6 chips may leave one label in training)
+    many = chip_folder(tmp_path / "many", n=20)
+    colours = runner.invoke(main, ["train", "--stage", "colour-prior", "--chips", str(many), "--model", tiny_model_file,
+                                   "--out", str(tmp_path / "colours.pt")])
+    assert colours.exit_code == 0, colours.output
+    with_prior = M.load(tmp_path / "colours.pt")
+    assert len(with_prior.config.colour_prior) == 16 ** 3 and with_prior.config.branch_levels == 0
+    one_label = chip_folder(tmp_path / "negatives")
+    (one_label / "labels.csv").write_text("id,label\n" + "".join(f"{i},0\n" for i in range(6)))
+    refused = runner.invoke(main, ["train", "--stage", "colour-prior", "--chips", str(one_label),
+                                   "--model", tiny_model_file, "--out", str(tmp_path / "z.pt")])
+    assert refused.exit_code == 1 and "with and without panels" in refused.output
 
 
 def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, tiny_model_file, geotiff):
@@ -167,6 +179,7 @@ def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, t
     (["--overlap", "200"], "smaller than the tile size"),
     (["--batch-size", "0"], "must be positive"),
     (["--branch-levels", "3"], "--branch-levels"),
+    (["--cam-method", "gap", "--refine"], "no colour prior"),
 ])
 def test_detect_option_errors(runner, tmp_path, tiny_model_file, geotiff, args, message):
     import torch

@@ -25,9 +25,10 @@ def test_detect_finds_the_panels_of_a_small_town(tmp_path):
     assert len(predicted) > 0
     tile_px = model_lib.load().config.tile_size_px
     metrics = evaluate(predicted, gpd.read_file(truth, layer="panels"), scene, tile_size_px=tile_px)
-    # it finds the panels (on the model's own tile grid: 36 tiles here, 19 with panels; measured 0.89 / 0.77)
-    assert metrics.tile_recall >= 0.85 and metrics.tile_precision >= 0.7
-    assert metrics.object_recall >= 0.5
-    # outlines land on the panels: before CAM alignment pixel IoU was ~0.07 and total area +900 %
-    assert metrics.pixel_iou >= 0.12
-    assert abs(metrics.total_area_error) <= 0.6
+    # it finds the panels (on the model's own tile grid: 36 tiles here, 19 with panels; measured 0.95 / 1.0)
+    assert metrics.tile_recall >= 0.9 and metrics.tile_precision >= 0.85
+    assert metrics.object_recall >= 0.8
+    # outlines follow the arrays (measured: pixel IoU 0.74, box IoU 0.83, total area -12 %; without the
+    # colour refinement 0.18, 0.27, +33 %; before CAM alignment pixel IoU was ~0.07 and area +900 %)
+    assert metrics.pixel_iou >= 0.5 and metrics.box_iou >= 0.6
+    assert abs(metrics.total_area_error) <= 0.3
