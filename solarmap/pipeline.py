@@ -355,7 +355,7 @@ class SceneRun:
                             mask = (score_map >= self._mask_threshold(score_map)) & image.valid
                             if config.refine is not None:
                                 mask = refine_mask(image.pixels, mask, image.valid, log_ratio=self.colour_table,
-                                                   rule=config.refine)
+                                                   rule=config.refine, region=image.tile.core_slices)
                             pieces = core_pieces(image.tile, mask, score=prob, cam_map=score_map)
                         finished.extend(merger.add(image.tile.core, pieces))
                     stats.stage_seconds["vectorize"] += time.perf_counter() - t0

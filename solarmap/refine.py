@@ -67,28 +67,57 @@ def colour_log_ratio(counts: np.ndarray) -> np.ndarray:
     return (np.log(probs[1]) - np.log(probs[0])).astype(np.float32)
 
 
-def grow(mask: np.ndarray, radius_px: float) -> np.ndarray:
-    """Pixels within ``radius_px`` (Euclidean) of the mask."""
+def grow(mask: np.ndarray, radius_px: float, region: tuple[slice, slice] | None = None) -> np.ndarray:
+    """Pixels of ``region`` (rows, cols slices; default all) within ``radius_px`` (Euclidean) of
+    the mask. Distances are exact on the smallest box holding the region and the whole mask, which
+    is usually much smaller than the window."""
+    rows, cols = region or (slice(0, mask.shape[0]), slice(0, mask.shape[1]))
     if not mask.any():
-        return mask.copy()
-    return ndimage.distance_transform_edt(~mask) <= radius_px
+        return np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
+    mask_rows, mask_cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    r0, r1 = min(rows.start, mask_rows[0]), max(rows.stop, mask_rows[-1] + 1)
+    c0, c1 = min(cols.start, mask_cols[0]), max(cols.stop, mask_cols[-1] + 1)
+    distance = ndimage.distance_transform_edt(~mask[r0:r1, c0:c1])
+    return distance[rows.start - r0: rows.stop - r0, cols.start - c0: cols.stop - c0] <= radius_px
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region that does not reach its border filled (4-connected);
+    the same as ``scipy.ndimage.binary_fill_holes``, about 3× faster."""
+    labels, count = ndimage.label(~mask)
+    open_to_border = np.zeros(count + 1, dtype=bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        open_to_border[edge] = True
+    open_to_border[0] = False  # label 0: the mask itself
+    return ~open_to_border[labels]
 
 
 def refine_mask(pixels: np.ndarray, mask: np.ndarray, valid: np.ndarray, *, log_ratio: np.ndarray,
-                rule: ColourRefine = ColourRefine()) -> np.ndarray:
+                rule: ColourRefine = ColourRefine(), region: tuple[slice, slice] | None = None) -> np.ndarray:
     """The CAM ``mask`` of one window replaced by the panel-coloured pixels near it.
 
-    ``log_ratio`` is the model's table (:func:`colour_log_ratio`, bins³ entries). An empty result
-    is returned as is: the colours say there is no panel near this blob.
+    ``log_ratio`` is the model's table (:func:`colour_log_ratio`, bins³ entries). ``region``
+    (rows, cols slices; default the whole window) is the part whose result is wanted, e.g. the
+    tile's core; the mask anywhere in the window still counts for distances, and pixels outside
+    the region come back False. An empty result is returned as is: the colours say there is no
+    panel near this blob.
     """
     mask = mask & valid
+    out = np.zeros_like(mask)
     if not mask.any():
-        return mask
+        return out
     bins = round(len(log_ratio) ** (1 / 3))
     if bins ** 3 != len(log_ratio):
         raise ValueError(f"a colour table has bins³ entries, got {len(log_ratio)}")
-    score = np.asarray(log_ratio, dtype=np.float32)[colour_codes(pixels, bins)]
-    if rule.smooth_px:
-        score = ndimage.uniform_filter(score, size=2 * rule.smooth_px + 1, mode="nearest")
-    refined = grow(mask, rule.grow_px) & valid & (score > rule.min_log_ratio)
-    return ndimage.binary_fill_holes(refined) & valid
+    h, w = mask.shape
+    rows, cols = region or (slice(0, h), slice(0, w))
+    m = rule.smooth_px  # the smoothing reads this many pixels around the region
+    r0, r1, c0, c1 = max(rows.start - m, 0), min(rows.stop + m, h), max(cols.start - m, 0), min(cols.stop + m, w)
+    score = np.asarray(log_ratio, dtype=np.float32)[colour_codes(pixels[:, r0:r1, c0:c1], bins)]
+    if m:
+        score = ndimage.uniform_filter(score, size=2 * m + 1, mode="nearest")
+    score = score[rows.start - r0: rows.stop - r0, cols.start - c0: cols.stop - c0]
+    near = grow(mask, rule.grow_px, (rows, cols))
+    inside = valid[rows, cols]
+    out[rows, cols] = fill_holes(near & inside & (score > rule.min_log_ratio)) & inside
+    return out

@@ -115,6 +115,13 @@ class Tile:
         return (self.tile_row, self.tile_col)
 
     @property
+    def core_slices(self) -> tuple[slice, slice]:
+        """The core as (rows, cols) slices of the window's pixel array."""
+        r0 = int(self.core.row_off - self.window.row_off)
+        c0 = int(self.core.col_off - self.window.col_off)
+        return slice(r0, r0 + int(self.core.height)), slice(c0, c0 + int(self.core.width))
+
+    @property
     def bounds(self) -> tuple[float, float, float, float]:
         """(minx, miny, maxx, maxy) of the full tile window in the CRS."""
         size_w, size_h = int(self.window.width), int(self.window.height)

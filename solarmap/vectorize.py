@@ -81,11 +81,9 @@ def mask_pieces(mask: np.ndarray, *, row_off: int, col_off: int, score: float = 
 def core_pieces(tile: Tile, mask: np.ndarray, *, score: float = 1.0,
                 cam_map: np.ndarray | None = None) -> list[Piece]:
     """Pieces of a full-tile mask, cut to the tile's core (the part of the grid it owns)."""
-    r0 = int(tile.core.row_off - tile.window.row_off)
-    c0 = int(tile.core.col_off - tile.window.col_off)
-    r1, c1 = r0 + int(tile.core.height), c0 + int(tile.core.width)
-    core_cam = None if cam_map is None else cam_map[r0:r1, c0:c1]
-    return mask_pieces(mask[r0:r1, c0:c1], row_off=int(tile.core.row_off),
+    rows, cols = tile.core_slices
+    core_cam = None if cam_map is None else cam_map[rows, cols]
+    return mask_pieces(mask[rows, cols], row_off=int(tile.core.row_off),
                        col_off=int(tile.core.col_off), score=score, cam_map=core_cam)
 
 

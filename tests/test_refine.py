@@ -148,3 +148,17 @@ def test_refinement_is_the_branch_default_only_when_the_checkpoint_has_a_prior_a
     assert DetectConfig.for_model(config).refine == ColourRefine(grow_px=20, min_log_ratio=1.5, smooth_px=2)
     assert DetectConfig.for_model(config, method="feedback").refine is None  # calibrated on branch masks only
     assert DetectConfig.for_model(replace(config, refine_rule={})).refine is None
+
+
+def test_a_region_gives_the_whole_window_result_there_and_nothing_outside():
+    pixels = paint((100, 100), ROOF, [((40, 30, 52, 60), PANEL), ((5, 80, 15, 95), PANEL)])
+    blob = np.zeros((100, 100), bool)
+    blob[30:60, 20:70] = True
+    valid, table = np.ones_like(blob), panel_table()
+    region = (slice(45, 90), slice(10, 50))
+    whole = refine_mask(pixels, blob, valid, log_ratio=table, rule=ColourRefine(grow_px=40))
+    part = refine_mask(pixels, blob, valid, log_ratio=table, rule=ColourRefine(grow_px=40), region=region)
+    outside = np.ones_like(blob)
+    outside[region] = False
+    assert (part[region] == whole[region]).all() and part[region].any() and not part[outside].any()
+    assert whole[5:15, 80:95].all()  # within 40 px of the blob: found when the region allows
