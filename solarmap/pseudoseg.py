@@ -141,6 +141,7 @@ def background_labels(windows: torch.Tensor, context_px: int) -> torch.Tensor:
 
 
 def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, negatives: torch.Tensor | None = None,
+                     masks: torch.Tensor | None = None,
                      context_px: int = 0, attention: str = "branch", background_in_positives: bool = True,
                      epochs: int = 6, batch_size: int = 16,
                      lr: float = 2e-3, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
@@ -150,7 +151,8 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, negatives: torch
     head what panels are *not* (dark roofs, cars, pools), which pseudo masks of positive windows alone
     cannot: there the roof around an array is only "unsure". ``attention``: "branch" (the CAM) or
     "feedback" (feedback saliency, sharper, ~10x slower to compute) as the class attention of the
-    pseudo masks.
+    pseudo masks. ``masks``: pseudo masks of ``windows`` made by the caller (uint8 0 / 1 /
+    ``IGNORE``, e.g. colour-refined CAM masks) instead of CAM × saliency.
     """
     if attention not in ("branch", "feedback"):
         raise ValueError(f"attention must be 'branch' or 'feedback', not {attention!r}")
@@ -162,8 +164,8 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, negatives: torch
     model.seg_head = SegHead()
     started = time.perf_counter()
     attend = class_attention if attention == "branch" else feedback_attention
-    labels = []
-    for i in range(0, len(windows), batch_size):
+    labels = [] if masks is None else [masks.to(torch.uint8)]
+    for i in range(0, len(windows) if masks is None else 0, batch_size):
         x = windows[i: i + batch_size]
         masks = pseudo_masks(attend(model, x), erasing_saliency(model, x))
         if not background_in_positives:

@@ -88,3 +88,19 @@ def test_pseudo_seg_without_a_head_is_a_clear_error():
     net = M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2))
     with pytest.raises(ModelError, match="no pseudo-seg head"):
         ModelScorer(net, method="pseudo-seg")
+
+
+def test_pseudo_masks_given_by_the_caller_are_what_the_head_learns(tiny):
+    """Masks from elsewhere (e.g. colour-refined CAM masks) replace CAM x saliency: the head learns
+    to score the labelled rectangle above the background."""
+    from solarmap.pseudoseg import stem_features
+
+    x = torch.rand(6, 3, 96, 96) * 0.3 + 0.5
+    x[:, :, 30:50, 10:40] = torch.tensor([0.05, 0.07, 0.2])[:, None, None]
+    masks = torch.zeros(6, 96, 96, dtype=torch.uint8)
+    masks[:, 30:50, 10:40] = 1
+    info = train_pseudo_seg(tiny, x, masks=masks, epochs=3, batch_size=3, seed=2)
+    assert info["pseudo_label_fractions"]["panel"] == pytest.approx(20 * 30 / 96 ** 2)
+    with torch.no_grad():
+        logits = tiny.seg_head(x[:1], stem_features(tiny, x[:1]))[0]
+    assert float(logits[34:46, 14:36].mean()) > float(logits[60:90, 50:90].mean()) + 1.0
