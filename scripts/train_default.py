@@ -8,6 +8,10 @@ the next run, so an interrupted job continues where it stopped:
 Splits are deterministic (hash of each chip id / tile key): Fresno 65 % train, 15 % validation
 (checkpoint selection and threshold choice), 20 % test (reported, never used for any choice).
 Synthetic training towns use seeds 1..N; validation and test towns use disjoint seed ranges.
+
+After the stages: calibration on validation data (decision threshold, CAM offsets and scales, mask
+rules per CAM method), the pseudo-seg head, the colour prior of mask refinement (from the
+classifier's training tiles) and its rule (validation towns); then held-out metrics.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import torch
 
 from solarmap import model as model_lib
 from solarmap.train import (MASK_THRESHOLDS, TrainConfig, calibrate, calibrate_cam_scales, calibrate_cam_shifts,
-                            calibrate_cam_threshold, calibrate_refine_rule, fit_colour_prior, load_chips, positive_windows, scene_samples, score_samples,
-                            split_samples, stack_samples, synthetic_samples, train_stage)
+                            calibrate_cam_threshold, calibrate_refine_rule, fit_colour_prior, load_chips,
+                            positive_windows, scene_samples, score_samples, split_samples, stack_samples,
+                            synthetic_samples, train_stage)
 
 SYNTH_TRAIN_SEEDS = range(1, 25)
 SYNTH_VAL_SEEDS = range(101, 105)

@@ -457,12 +457,12 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     band_tuple = parse_bands(bands)
     describe_scene(raster, bands=band_tuple, src_crs=src_crs)  # fail fast on a bad raster, before loading the model
 
-    from solarmap import model as model_lib
-    from solarmap.cam import CamMethod, ModelScorer, check_tile_size, resolve_device
-    from solarmap.pipeline import DetectConfig, detect_to_file
     from dataclasses import replace
 
+    from solarmap import model as model_lib
+    from solarmap.cam import CamMethod, ModelScorer, check_tile_size, resolve_device
     from solarmap.errors import ModelError
+    from solarmap.pipeline import DetectConfig, detect_to_file
     from solarmap.refine import ColourRefine
 
     net = model_lib.load(model_path)

@@ -167,10 +167,10 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, negatives: torch
     labels = [] if masks is None else [masks.to(torch.uint8)]
     for i in range(0, len(windows) if masks is None else 0, batch_size):
         x = windows[i: i + batch_size]
-        masks = pseudo_masks(attend(model, x), erasing_saliency(model, x))
+        batch_masks = pseudo_masks(attend(model, x), erasing_saliency(model, x))
         if not background_in_positives:
-            masks[masks == 0] = IGNORE  # background is learnt from the negative windows only
-        labels.append(masks)
+            batch_masks[batch_masks == 0] = IGNORE  # background is learnt from the negative windows only
+        labels.append(batch_masks)
         if progress and attention == "feedback":
             progress(f"pseudo masks {min(i + batch_size, len(windows))}/{len(windows)}")
     if negatives is not None and len(negatives):

@@ -27,7 +27,8 @@ COLOUR_BINS = 16  # per channel: 4096 colours, enough to tell module blue from d
 
 @dataclass(frozen=True)
 class ColourRefine:
-    """How a window's CAM mask becomes a panel-coloured mask.
+    """How a window's CAM mask becomes a panel-coloured mask (defaults: the bundled model's
+    calibrated rule, used for checkpoints that carry a colour prior but no rule of their own).
 
     grow_px : how far from the CAM mask panel pixels are looked for (the CAM can be offset from
         the array or cut by the threshold).
@@ -36,7 +37,7 @@ class ColourRefine:
     smooth_px : the averaging radius: it closes the modules' grid lines and drops lone pixels.
     """
 
-    grow_px: int = 48
+    grow_px: int = 96
     min_log_ratio: float = 0.75
     smooth_px: int = 1
 
