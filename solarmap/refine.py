@@ -73,11 +73,19 @@ def grow(mask: np.ndarray, radius_px: float, region: tuple[slice, slice] | None 
     the mask. Distances are exact on the smallest box holding the region and the whole mask, which
     is usually much smaller than the window."""
     rows, cols = region or (slice(0, mask.shape[0]), slice(0, mask.shape[1]))
-    if not mask.any():
-        return np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
-    mask_rows, mask_cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    r0, r1 = min(rows.start, mask_rows[0]), max(rows.stop, mask_rows[-1] + 1)
-    c0, c1 = min(cols.start, mask_cols[0]), max(cols.stop, mask_cols[-1] + 1)
+    shape = (rows.stop - rows.start, cols.stop - cols.start)
+    mask_r, mask_c = np.nonzero(mask)
+    if not len(mask_r):
+        return np.zeros(shape, dtype=bool)
+    # Shortcut, exact: when one mask pixel is within the radius of all four corners, the whole
+    # region is (a disk is convex), which is the usual case for a large radius.
+    centre_r, centre_c = (rows.start + rows.stop - 1) / 2, (cols.start + cols.stop - 1) / 2
+    k = np.argmin((mask_r - centre_r) ** 2 + (mask_c - centre_c) ** 2)
+    corners_r, corners_c = np.array([rows.start, rows.stop - 1]), np.array([cols.start, cols.stop - 1])
+    if ((corners_r[:, None] - mask_r[k]) ** 2 + (corners_c[None, :] - mask_c[k]) ** 2).max() <= radius_px ** 2:
+        return np.ones(shape, dtype=bool)
+    r0, r1 = min(rows.start, mask_r.min()), max(rows.stop, mask_r.max() + 1)
+    c0, c1 = min(cols.start, mask_c.min()), max(cols.stop, mask_c.max() + 1)
     distance = ndimage.distance_transform_edt(~mask[r0:r1, c0:c1])
     return distance[rows.start - r0: rows.stop - r0, cols.start - c0: cols.stop - c0] <= radius_px
 

@@ -162,3 +162,18 @@ def test_a_region_gives_the_whole_window_result_there_and_nothing_outside():
     outside[region] = False
     assert (part[region] == whole[region]).all() and part[region].any() and not part[outside].any()
     assert whole[5:15, 80:95].all()  # within 40 px of the blob: found when the region allows
+
+
+def test_grow_is_the_euclidean_distance_rule_on_any_region():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        mask = np.zeros((60, 70), bool)
+        mask[rng.integers(0, 60, 3), rng.integers(0, 70, 3)] = True
+        region = (slice(int(rng.integers(0, 30)), int(rng.integers(31, 60))),
+                  slice(int(rng.integers(0, 30)), int(rng.integers(31, 70))))
+        for radius in (5.0, 20.0, 45.0, 90.0):  # small ones need distances, large ones take the shortcut
+            expected = (ndimage.distance_transform_edt(~mask) <= radius)[region]
+            assert (grow(mask, radius, region) == expected).all()
+    assert not grow(np.zeros((5, 5), bool), 3.0).any()
