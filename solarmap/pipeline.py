@@ -336,14 +336,16 @@ class SceneRun:
                     t0 = time.perf_counter()
                     for image, prob, score_map in scored:
                         if image.tile.tile_row != current_row:  # a row is complete: checkpoint here
-                            stats.stage_seconds["vectorize"] += time.perf_counter() - t0
                             finished.extend(merger.close_row())
+                            stats.stage_seconds["vectorize"] += time.perf_counter() - t0
                             flush()
                             current_row = image.tile.tile_row
                             stats.seconds = elapsed_before + time.perf_counter() - started
-                            if checkpoint is not None:
+                            if checkpoint is not None:  # the resume journal: counted as writing
+                                t0 = time.perf_counter()
                                 checkpoint(RunState(rows_done=current_row, merger=merger.state(), next_id=next_id,
                                                     stats=stats, frame_rows=next_id - 1))
+                                stats.stage_seconds["write"] += time.perf_counter() - t0
                             t0 = time.perf_counter()
                         stats.tiles_read += 1
                         stats.tiles_skipped_nodata += prob is None
