@@ -164,15 +164,18 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, negatives: torch
     model.seg_head = SegHead()
     started = time.perf_counter()
     attend = class_attention if attention == "branch" else feedback_attention
-    labels = [] if masks is None else [masks.to(torch.uint8)]
-    for i in range(0, len(windows) if masks is None else 0, batch_size):
-        x = windows[i: i + batch_size]
-        batch_masks = pseudo_masks(attend(model, x), erasing_saliency(model, x))
-        if not background_in_positives:
-            batch_masks[batch_masks == 0] = IGNORE  # background is learnt from the negative windows only
-        labels.append(batch_masks)
-        if progress and attention == "feedback":
-            progress(f"pseudo masks {min(i + batch_size, len(windows))}/{len(windows)}")
+    if masks is not None:
+        labels = [masks.to(torch.uint8)]
+    else:
+        labels = []
+        for i in range(0, len(windows), batch_size):
+            x = windows[i: i + batch_size]
+            batch_masks = pseudo_masks(attend(model, x), erasing_saliency(model, x))
+            if not background_in_positives:
+                batch_masks[batch_masks == 0] = IGNORE  # background is learnt from the negative windows only
+            labels.append(batch_masks)
+            if progress and attention == "feedback":
+                progress(f"pseudo masks {min(i + batch_size, len(windows))}/{len(windows)}")
     if negatives is not None and len(negatives):
         windows = torch.cat([windows, negatives])
         labels.append(background_labels(negatives, context_px))
