@@ -1,4 +1,4 @@
-"""Train the bundled default model: Fresno chips + synthetic towns, classifier -> branch1 -> branch2 -> classifier-top.
+"""Train the bundled default model: Fresno chips + synthetic towns, classifier (two cycles) -> branch1 -> branch2 -> classifier-top.
 
 Resumable: every stage checkpoints each epoch under --workdir and a finished stage is skipped on
 the next run, so an interrupted job continues where it stopped:
@@ -34,12 +34,16 @@ from solarmap.train import (MASK_THRESHOLDS, TrainConfig, calibrate, calibrate_c
                             synthetic_samples, train_stage)
 
 SYNTH_TRAIN_SEEDS = range(1, 25)
+SYNTH_MORE_TRAIN_SEEDS = range(25, 49)  # only for the classifier's second cycle (STAGE_PLAN)
 SYNTH_VAL_SEEDS = range(101, 105)
 SYNTH_TEST_SEEDS = range(201, 207)
 SYNTH_DETECT_TEST_SEEDS = range(301, 304)  # whole towns for detection metrics, never used for any choice
 STAGE_PLAN = {
     # lr 2e-3 diverged from scratch (training loss rose above chance after the warm-up); 6e-4 with clipping
     "classifier": dict(epochs=24, lr=6e-4, batch_size=32),
+    # a second, shorter cycle of the whole classifier at a lower rate, with 24 more synthetic towns
+    # (the first cycle was still improving at its last epoch); kept only if validation F1 improves
+    "classifier-2": dict(stage="classifier", epochs=8, lr=2e-4, batch_size=32, more_towns=True),
     "branch1": dict(epochs=12, lr=1e-3, batch_size=64),
     "branch2": dict(epochs=5, lr=1e-3, batch_size=64),  # 5 epochs: CPU time (branch1 converged in a few)
     # the classifier above Mixed_5d a little longer, on the branch stages' cached Mixed_5d features
@@ -175,22 +179,38 @@ def main() -> None:
 
     net = model_lib.SolarNet(config).to(memory_format=torch.channels_last)
     results = {}
-    for stage, plan in STAGE_PLAN.items():
-        done = workdir / f"{stage}.done.json"
+    more_train = None
+    for name, plan in STAGE_PLAN.items():
+        plan = dict(plan)
+        stage, more_towns = plan.pop("stage", name), plan.pop("more_towns", False)
+        done = workdir / f"{name}.done.json"
         if done.exists():
-            net.load_state_dict(torch.load(workdir / f"{stage}.final.pt", map_location="cpu", weights_only=True))
-            results[stage] = json.loads(done.read_text())
+            net.load_state_dict(torch.load(workdir / f"{name}.final.pt", map_location="cpu", weights_only=True))
+            results[name] = json.loads(done.read_text())
             if stage.startswith("branch"):
                 net.config = replace(net.config, branch_levels=int(stage[-1]))
-            say(f"{stage}: already done (best epoch {results[stage]['best_epoch']}), skipping")
-            continue
-        result = train_stage(net, train, val, TrainConfig(stage=stage, **plan), workdir=workdir, progress=say)
-        torch.save(net.state_dict(), workdir / f"{stage}.final.pt")
-        results[stage] = {k: v for k, v in asdict(result).items() if k != "history"}
-        done.write_text(json.dumps(results[stage], indent=1))
-        say(f"{stage}: done in {result.seconds / 60:.1f} min, best epoch {result.best_epoch}: {result.val}")
+            say(f"{name}: already done (best epoch {results[name]['best_epoch']}), skipping")
+        else:
+            if more_towns and more_train is None:
+                more_train = synthetic_samples(workdir / "towns", seeds=SYNTH_MORE_TRAIN_SEEDS, size_px=args.town_px,
+                                               model=config)
+                say(f"{len(more_train)} more synthetic training tiles ({sum(s.label for s in more_train)} positive) "
+                    f"from towns {min(SYNTH_MORE_TRAIN_SEEDS)}-{max(SYNTH_MORE_TRAIN_SEEDS)}")
+            result = train_stage(net, train + more_train if more_towns else train, val,
+                                 TrainConfig(stage=stage, run_name=name, **plan), workdir=workdir, progress=say)
+            torch.save(net.state_dict(), workdir / f"{name}.final.pt")
+            results[name] = {k: v for k, v in asdict(result).items() if k != "history"}
+            done.write_text(json.dumps(results[name], indent=1))
+            say(f"{name}: done in {result.seconds / 60:.1f} min, best epoch {result.best_epoch}: {result.val}")
+        if name == "classifier-2" and results[name]["val"].get("f1", 0) <= results["classifier"]["val"].get("f1", 0):
+            # decided on validation F1 only, before the branch stages read its Mixed_5d
+            net.load_state_dict(torch.load(workdir / "classifier.final.pt", map_location="cpu", weights_only=True))
+            results[name]["kept"] = False
+            say(f"classifier-2: validation F1 {results[name]['val'].get('f1', 0):.3f} is not above the first "
+                f"cycle's {results['classifier']['val'].get('f1', 0):.3f}; the branch stages start from the first cycle")
 
-    top, base = results.get("classifier-top", {}).get("val", {}), results["classifier"]["val"]
+    classifier = "classifier-2" if results.get("classifier-2", {}).get("kept", True) else "classifier"
+    top, base = results.get("classifier-top", {}).get("val", {}), results[classifier]["val"]
     if top and top.get("f1", 0) <= base.get("f1", 0):  # decided on validation F1 only
         net.load_state_dict(torch.load(workdir / "branch2.final.pt", map_location="cpu", weights_only=True))
         say(f"classifier-top: validation F1 {top.get('f1', 0):.3f} is not above the classifier's "

@@ -263,6 +263,11 @@ class TrainConfig:
     warmup_fraction: float = 0.2  # one-cycle schedule: share of steps spent rising to ``lr``
     clip_grad_norm: float | None = 5.0
     threads: int | None = None
+    run_name: str | None = None  # checkpoint name under the workdir (default: the stage), so a stage can run twice
+
+    @property
+    def name(self) -> str:
+        return self.run_name or self.stage
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES + EXTRA_STAGES:
@@ -357,7 +362,7 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
                                                     pct_start=config.warmup_fraction)
     weights = _class_weights(y_train)
-    state_path = workdir / f"{config.stage}.state.pt"
+    state_path = workdir / f"{config.name}.state.pt"
     start_epoch, best, history = 0, (-1.0, -1), []
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -368,7 +373,7 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
         if "torch_rng" in state:  # states written before it was saved
             torch.set_rng_state(state["torch_rng"])
         start_epoch, best, history = state["epoch"], tuple(state["best"]), state["history"]
-        progress(f"{config.stage}: resuming after epoch {start_epoch}")
+        progress(f"{config.name}: resuming after epoch {start_epoch}")
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
@@ -398,21 +403,21 @@ def train_stage(model: SolarNet, train: Sequence[Sample], val: Sequence[Sample],
         history.append(entry)
         if scores.f1 > best[0]:
             best = (scores.f1, epoch + 1)
-            torch.save(model.state_dict(), workdir / f"{config.stage}.best.pt")
+            torch.save(model.state_dict(), workdir / f"{config.name}.best.pt")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "best": best,
                     "history": history}, state_path)
-        progress(f"{config.stage} epoch {epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}, "
+        progress(f"{config.name} epoch {epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}, "
                  f"val {scores.line()}, {entry['seconds']:.0f} s")
-    best_state = workdir / f"{config.stage}.best.pt"
+    best_state = workdir / f"{config.name}.best.pt"
     if best_state.exists():
         model.load_state_dict(torch.load(best_state, map_location="cpu", weights_only=True))
     model.eval()
     if level > 0:
         model.config = replace(model.config, branch_levels=level)
     best_val = next((h["val"] for h in history if h["epoch"] == best[1]), {})
-    (workdir / f"{config.stage}.history.json").write_text(json.dumps(history, indent=1))
+    (workdir / f"{config.name}.history.json").write_text(json.dumps(history, indent=1))
     return StageResult(stage=config.stage, epochs_run=len(history), best_epoch=best[1], val=best_val,
                        seconds=time.perf_counter() - started, history=history)
 

@@ -125,6 +125,26 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     assert torch.equal(straight.branch_heads[0].weight, resumed.branch_heads[0].weight)
 
 
+def test_a_named_run_of_a_finished_stage_trains_again_under_its_own_checkpoints(tmp_path):
+    """A second cycle of a stage (the default model's ``classifier-2``) must not resume the first
+    cycle's finished state, nor overwrite its checkpoints."""
+    train, val = toy_samples(8), toy_samples(4, seed=1)
+    torch.manual_seed(0)
+    net = M.SolarNet(M.ModelConfig.tiny())
+    first = TrainConfig(stage="branch1", epochs=2, batch_size=4, augmentations=2, lr=1e-2)
+    train_stage(net, train, val, first, workdir=tmp_path, progress=lambda s: None)
+    first_best = (tmp_path / "branch1.best.pt").read_bytes()
+    after_first = net.branch[0].weight.clone()
+    lines = []
+    second = replace(first, epochs=1, run_name="branch1-again")
+    result = train_stage(net, train, val, second, workdir=tmp_path, progress=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["branch1-again epoch 1/1"]
+    assert result.stage == "branch1" and result.epochs_run == 1
+    assert (tmp_path / "branch1-again.state.pt").exists() and (tmp_path / "branch1-again.history.json").exists()
+    assert (tmp_path / "branch1.best.pt").read_bytes() == first_best
+    assert not torch.equal(net.branch[0].weight, after_first)
+
+
 def test_stage_names_are_checked():
     with pytest.raises(OptionError, match="stage must be one of"):
         TrainConfig(stage="everything")
