@@ -4,8 +4,9 @@ The scoring step is a plug-in (:class:`Scorer`): anything that maps a batch of t
 probabilities and per-tile score maps. :class:`solarmap.cam.ModelScorer` is the CNN + CAM scorer;
 :class:`SpectralBaseline` (no learning) exists so the geometry can be tested and benchmarked alone.
 
-Reading runs in a background thread that keeps a few batches ready, so the scorer is not starved.
-Tiles are processed in row-major order; at each tile-row boundary a resumable run records where it
+The model runs in the calling thread. Reading runs in a background thread that keeps a few batches
+ready, so the scorer is not starved; masks, polygons, seam merging and writing run in another (on
+a CPU both are low priority, using the cycles the model leaves idle). Tiles are processed in row-major order; at each tile-row boundary a resumable run records where it
 is (rows done, the seam polygons still open, how many features the work file holds), so an
 interrupted run continues there and ends with the same output as an uninterrupted one.
 """
@@ -171,11 +172,8 @@ def prefetch(items: Iterable, depth: int = 3, *, name: str = "solarmap-reader", 
     stop = threading.Event()
 
     def work() -> None:
-        if low_priority and hasattr(os, "setpriority"):
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
-            except OSError:
-                pass
+        if low_priority:
+            _lower_this_threads_priority()
         try:
             for item in items:
                 while not stop.is_set():
@@ -213,19 +211,92 @@ def prefetch(items: Iterable, depth: int = 3, *, name: str = "solarmap-reader", 
                 pass
 
 
-def _batches(items: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _lower_this_threads_priority() -> None:
+    """Linux: this thread yields the CPU to the others (nice 19, this thread only)."""
+    if hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+
+
+class BackgroundConsumer:
+    """Hands items to ``handle`` in one background thread, in order, at most ``depth`` waiting.
+
+    The mirror of :func:`prefetch`: the caller produces, the thread consumes. An error in ``handle``
+    is raised again in the caller by the next :meth:`put` or by :meth:`finish`; :meth:`abort` lets
+    the item in hand finish and drops the rest, so the caller can clean up (nothing is handled
+    after it returns). ``low_priority`` as in :func:`prefetch`.
+    """
+
+    def __init__(self, handle: Callable, depth: int = 4, *, name: str = "solarmap-consumer",
+                 low_priority: bool = False):
+        self._handle, self._low_priority = handle, low_priority
+        self._waiting: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._end = object()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        if self._low_priority:
+            _lower_this_threads_priority()
+        while not self._stop.is_set():
+            try:
+                item = self._waiting.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is self._end:
+                return
+            try:
+                self._handle(item)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+                self._error = exc
+                return
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, item) -> None:
+        while True:
+            self._raise_if_failed()
+            if not self._thread.is_alive():
+                raise RuntimeError("the background consumer stopped")
+            try:
+                self._waiting.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Wait until every item is handled; raise the thread's error, if any."""
+        self.put(self._end)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # ---------------------------------------------------------------------------------------------
 # One scene
+
+
+@dataclass(frozen=True)
+class _ReadBatch:
+    """A batch of tiles as read, and the scorer's input: the pixels of its non-empty tiles."""
+
+    images: list[TileImage]
+    live: list[int]  # indices into ``images`` of the tiles that hold data
+    pixels: np.ndarray | None  # (len(live), 3, size, size), None when every tile is empty
+
+    @classmethod
+    def of(cls, images: list[TileImage]) -> "_ReadBatch":
+        live = [i for i, image in enumerate(images) if not image.is_empty]
+        return cls(images, live, np.stack([images[i].pixels for i in live]) if live else None)
 
 
 @dataclass
@@ -303,69 +374,88 @@ class SceneRun:
                 sink(frame)
                 stats.stage_seconds["write"] += time.perf_counter() - t0
 
-            def read_tiles() -> Iterator[TileImage]:
+            def read_batches() -> Iterator[_ReadBatch]:
+                """Tiles in batches, the scorer's input already stacked (off the model's thread)."""
+                batch: list[TileImage] = []
                 for tile in iter_tiles(grid, spec):
                     if tile.tile_row < start_row:
                         continue
                     if tile.tile_row >= stop_row:
                         break
                     t0 = time.perf_counter()
-                    image = reader.read_tile(tile)
+                    batch.append(reader.read_tile(tile))
+                    if len(batch) == config.batch_size:
+                        yield _ReadBatch.of(batch)
+                        batch = []
                     stats.stage_seconds["read"] += time.perf_counter() - t0
-                    yield image
+                if batch:
+                    yield _ReadBatch.of(batch)
 
             current_row = start_row
 
-            # On a CPU the model's threads use every core: reading runs in a low-priority thread on
-            # the cycles they leave idle, vectorizing between batches (measured: a model thread
-            # overlapping vectorizing slowed the run, efficiency 0.84 -> 0.69 on 2 cores). On a GPU
-            # the model also gets its own thread, one batch ahead of vectorizing.
-            on_gpu = getattr(getattr(self.scorer, "device", None), "type", "cpu") != "cpu"
-
-            def score_batches() -> Iterator[list]:
-                batches = prefetch(_batches(read_tiles(), config.batch_size), depth=8, low_priority=not on_gpu)
-                try:
-                    for batch in batches:
-                        yield self._score(batch, stats)
-                finally:
-                    batches.close()
-
-            scored_batches = prefetch(score_batches(), depth=1, name="solarmap-model") if on_gpu else score_batches()
-            with contextlib.closing(scored_batches):
-                for scored in scored_batches:
-                    t0 = time.perf_counter()
-                    for image, prob, score_map in scored:
-                        if image.tile.tile_row != current_row:  # a row is complete: checkpoint here
-                            finished.extend(merger.close_row())
-                            stats.stage_seconds["vectorize"] += time.perf_counter() - t0
-                            flush()
-                            current_row = image.tile.tile_row
-                            stats.seconds = elapsed_before + time.perf_counter() - started
-                            if checkpoint is not None:  # the resume journal: counted as writing
-                                t0 = time.perf_counter()
-                                checkpoint(RunState(rows_done=current_row, merger=merger.state(), next_id=next_id,
-                                                    stats=stats, frame_rows=next_id - 1))
-                                stats.stage_seconds["write"] += time.perf_counter() - t0
-                            t0 = time.perf_counter()
-                        stats.tiles_read += 1
-                        stats.tiles_skipped_nodata += prob is None
-                        stats.tiles_positive += score_map is not None
-                        pieces = []
-                        if score_map is not None:
-                            if heatmap is not None:
-                                heatmap.write(image.tile, score_map)
-                            mask = (score_map >= self._mask_threshold(score_map)) & image.valid
-                            if config.refine is not None:
-                                mask = refine_mask(image.pixels, mask, image.valid, log_ratio=self.colour_table,
-                                                   rule=config.refine, region=image.tile.core_slices)
-                            pieces = core_pieces(image.tile, mask, score=prob, cam_map=score_map)
-                        finished.extend(merger.add(image.tile.core, pieces))
-                    stats.stage_seconds["vectorize"] += time.perf_counter() - t0
-                    if len(finished) >= chunk_polygons:
+            def vectorize_batch(scored: tuple[_ReadBatch, np.ndarray, np.ndarray]) -> None:
+                """Everything after the model for one batch, in tile order; checkpoints at row ends."""
+                nonlocal current_row
+                read, probs, maps = scored
+                t0 = time.perf_counter()
+                scores = dict(zip(read.live, zip(probs, maps)))
+                for index, image in enumerate(read.images):
+                    if image.tile.tile_row != current_row:  # a row is complete: checkpoint here
+                        finished.extend(merger.close_row())
+                        stats.stage_seconds["vectorize"] += time.perf_counter() - t0
                         flush()
-                    if self.progress is not None:
+                        current_row = image.tile.tile_row
                         stats.seconds = elapsed_before + time.perf_counter() - started
-                        self.progress(stats)
+                        if checkpoint is not None:  # the resume journal: counted as writing
+                            t0 = time.perf_counter()
+                            checkpoint(RunState(rows_done=current_row, merger=merger.state(), next_id=next_id,
+                                                stats=stats, frame_rows=next_id - 1))
+                            stats.stage_seconds["write"] += time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                    prob, raw_map = scores.get(index, (None, None))
+                    positive = prob is not None and float(prob) >= config.score_threshold
+                    stats.tiles_read += 1
+                    stats.tiles_skipped_nodata += prob is None
+                    stats.tiles_positive += positive
+                    pieces = []
+                    if positive:
+                        score_map = upsample_scores(raw_map, image.valid.shape)
+                        if heatmap is not None:
+                            heatmap.write(image.tile, score_map)
+                        mask = (score_map >= self._mask_threshold(score_map)) & image.valid
+                        if config.refine is not None:
+                            mask = refine_mask(image.pixels, mask, image.valid, log_ratio=self.colour_table,
+                                               rule=config.refine, region=image.tile.core_slices)
+                        pieces = core_pieces(image.tile, mask, score=float(prob), cam_map=score_map)
+                    finished.extend(merger.add(image.tile.core, pieces))
+                stats.stage_seconds["vectorize"] += time.perf_counter() - t0
+                if len(finished) >= chunk_polygons:
+                    flush()
+                if self.progress is not None:
+                    stats.seconds = elapsed_before + time.perf_counter() - started
+                    self.progress(stats)
+
+            # The model runs here; reading and everything after the model run in their own threads.
+            # On a CPU the model's threads use every core, so those two are low priority and run on
+            # the cycles the model leaves idle instead of slowing its threads down (measured: a
+            # normal-priority thread beside the model, efficiency 0.84 -> 0.69 on 2 cores).
+            on_gpu = getattr(getattr(self.scorer, "device", None), "type", "cpu") != "cpu"
+            batches = prefetch(read_batches(), depth=8, low_priority=not on_gpu)
+            after_model = BackgroundConsumer(vectorize_batch, depth=4, name="solarmap-vectorize",
+                                             low_priority=not on_gpu)
+            try:
+                with contextlib.closing(batches):
+                    for read in batches:
+                        probs, maps = np.zeros(0, np.float32), np.zeros((0, 1, 1), np.float32)
+                        if read.live:
+                            t0 = time.perf_counter()
+                            probs, maps = self.scorer(read.pixels)
+                            stats.stage_seconds["model"] += time.perf_counter() - t0
+                        after_model.put((read, probs, maps))
+                after_model.finish()
+            except BaseException:
+                after_model.abort()
+                raise
             finished.extend(merger.finish())
             flush()
         stats.seconds = elapsed_before + time.perf_counter() - started
@@ -381,23 +471,6 @@ class SceneRun:
         tile_part = score_map[c: score_map.shape[0] - c, c: score_map.shape[1] - c] if c else score_map
         peak = float(tile_part.max()) if tile_part.size else 0.0
         return min(self.config.mask_threshold, fraction * peak) if peak > 0 else self.config.mask_threshold
-
-    def _score(self, batch: list[TileImage], stats: DetectStats
-               ) -> list[tuple[TileImage, float | None, np.ndarray | None]]:
-        """Scores for a batch (None for skipped nodata tiles); score maps (full tile size) only for
-        tiles above the score threshold. Counting happens per tile in :meth:`run`, in order."""
-        live = [img for img in batch if not img.is_empty]
-        results: dict[tuple[int, int], tuple[float | None, np.ndarray | None]] = {}
-        if live:
-            t0 = time.perf_counter()
-            probs, maps = self.scorer(np.stack([img.pixels for img in live]))
-            stats.stage_seconds["model"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for img, p, m in zip(live, probs, maps):
-                positive = float(p) >= self.config.score_threshold
-                results[img.tile.key] = (float(p), upsample_scores(m, img.valid.shape) if positive else None)
-            stats.stage_seconds["vectorize"] += time.perf_counter() - t0
-        return [(img, *results.get(img.tile.key, (None, None))) for img in batch]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import rasterio
 import geopandas as gpd
 from conftest import BandOneScorer, rectangle_raster
 from solarmap.errors import OutputError
-from solarmap.pipeline import DetectConfig, detect_to_file, prefetch
+from solarmap.pipeline import BackgroundConsumer, DetectConfig, detect_to_file, prefetch
 
 CONFIG = DetectConfig(tile_size_px=16, overlap_px=4, batch_size=3, min_area_m2=0.0)
 
@@ -127,6 +127,44 @@ def test_closing_chained_stages_stops_every_thread():
     assert len(produced) < 100  # nothing ran on after the consumer left
 
 
+def test_background_consumer_handles_items_in_order_and_its_errors_reach_the_caller():
+    seen = []
+    consumer = BackgroundConsumer(seen.append, depth=2, low_priority=True)
+    for i in range(50):
+        consumer.put(i)
+    consumer.finish()
+    assert seen == list(range(50))
+
+    def fragile(item):
+        if item == 3:
+            raise KeyError("bad item")
+
+    consumer = BackgroundConsumer(fragile, depth=1)
+    with pytest.raises(KeyError, match="bad item"):
+        for i in range(100):  # put() reports the failure once the thread has seen item 3
+            consumer.put(i)
+    with pytest.raises(KeyError, match="bad item"):  # and so does finish()
+        consumer.finish()
+
+
+def test_aborting_a_background_consumer_drops_what_is_waiting():
+    import threading
+
+    handled, release = [], threading.Event()
+
+    def slow(item):
+        release.wait(5)
+        handled.append(item)
+
+    consumer = BackgroundConsumer(slow, depth=10, name="test-consumer")
+    for i in range(5):
+        consumer.put(i)
+    threading.Timer(0.2, release.set).start()  # the item in hand finishes after abort() was called
+    consumer.abort()
+    assert handled == [0] or handled == []  # at most the item in hand when abort was called
+    assert not any(t.name == "test-consumer" for t in threading.enumerate())
+
+
 class _Device:
     def __init__(self, type_):
         self.type = type_
@@ -155,6 +193,9 @@ def test_model_in_line_or_in_its_own_thread_gives_the_same_output_and_errors_rea
     with pytest.raises(RuntimeError, match="model blew up"):
         detect_to_file(scene, broken, scorer=OnDevice(fail_at=3), config=CONFIG)
     assert not broken.exists()
+    import threading
+
+    assert not any(t.name.startswith("solarmap-") for t in threading.enumerate())  # no thread left running
 
 
 def test_python_api_accepts_a_dataarray_with_crs_and_transform(geotiff):
