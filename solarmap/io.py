@@ -15,6 +15,7 @@ comparable):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sqlite3
 import tempfile
@@ -34,9 +35,7 @@ from solarmap.errors import GeoreferenceError, InputError, OptionError, OutputEr
 from solarmap.tiling import Grid, Tile, resampled_grid
 
 DEFAULT_BANDS = (1, 2, 3)
-# GDAL's block cache defaults to 5 % of RAM; row-major tile reads only need about one row of tiles'
-# blocks, so a fixed cache keeps memory flat however large the raster (users may still set their own).
-_DEFAULT_GDAL_CACHEMAX = 256 * 1024 * 1024  # bytes
+_MIN_BLOCK_CACHE = 32 * 2**20  # bytes
 _SCALE_PERCENTILE = 99.8
 _SCALE_SAMPLE_PX = 1024
 
@@ -170,6 +169,21 @@ def _describe(dataset, path: str, bands: tuple[int, ...], gsd_m: float | None,
     )
 
 
+def block_cache_bytes(dataset, *, window_rows: int) -> int:
+    """GDAL block cache for reading ``dataset`` in row-major windows ``window_rows`` source rows high.
+
+    GDAL's default (5 % of RAM) lets the cache, and so memory, grow with the raster's area. Row-major
+    reads only revisit the blocks of the current and the next row of windows: enough for those
+    (every band: pixel-interleaved blocks hold them all) decodes each block once, and memory then
+    depends on the raster's width only. Users can still set ``GDAL_CACHEMAX`` themselves.
+    """
+    block_rows, _ = dataset.block_shapes[0] if dataset.block_shapes else (1, dataset.width)
+    block_rows = max(1, min(int(block_rows), dataset.height))
+    rows = (math.ceil(window_rows / block_rows) + 2) * block_rows
+    item = max(np.dtype(dtype).itemsize for dtype in dataset.dtypes)
+    return max(_MIN_BLOCK_CACHE, rows * dataset.width * dataset.count * item)
+
+
 class SceneReader:
     """Reads tiles of one raster on the working grid (resampled to the target GSD if asked).
 
@@ -177,22 +191,20 @@ class SceneReader:
     """
 
     def __init__(self, path: str | os.PathLike, *, bands: Sequence[int] = DEFAULT_BANDS,
-                 gsd_m: float | None = None, src_crs: str | None = None):
-        self._env = rasterio.Env(**({} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": _DEFAULT_GDAL_CACHEMAX}))
-        self._env.__enter__()
-        try:
-            self._dataset = _open(path)
-        except Exception:
-            self._env.__exit__(None, None, None)
-            raise
+                 gsd_m: float | None = None, src_crs: str | None = None, window_px: int = 512):
+        self._dataset = _open(path)
         try:
             self.info = _describe(self._dataset, str(path), tuple(bands), gsd_m, src_crs)
         except Exception:
-            self.close()
+            self._dataset.close()
             raise
         src, grid = self.info.source_grid, self.info.grid
         self._fx = src.width / grid.width
         self._fy = src.height / grid.height
+        cache = {} if "GDAL_CACHEMAX" in os.environ else {
+            "GDAL_CACHEMAX": block_cache_bytes(self._dataset, window_rows=math.ceil(window_px * self._fy))}
+        self._env = rasterio.Env(**cache)
+        self._env.__enter__()
         self._resampled = (src.width, src.height) != (grid.width, grid.height)
         downsampling = self._fx > 1 or self._fy > 1
         self._resampling = Resampling.average if downsampling else Resampling.bilinear

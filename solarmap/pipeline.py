@@ -340,7 +340,8 @@ class SceneRun:
         """
         config, spec = self.config, self.config.tile_spec
         started = time.perf_counter()
-        with SceneReader(self.path, bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs) as reader:
+        with SceneReader(self.path, bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs,
+                         window_px=spec.window_px) as reader:
             grid = self.grid = reader.info.grid
             n_rows, cols = tile_grid_shape(grid, spec)
             first_row, stop_row = rows if rows is not None else (0, n_rows)
@@ -384,10 +385,12 @@ class SceneRun:
                         break
                     t0 = time.perf_counter()
                     batch.append(reader.read_tile(tile))
-                    if len(batch) == config.batch_size:
-                        yield _ReadBatch.of(batch)
-                        batch = []
+                    full = len(batch) == config.batch_size
+                    ready = _ReadBatch.of(batch) if full else None
                     stats.stage_seconds["read"] += time.perf_counter() - t0
+                    if full:
+                        yield ready  # not timed: waits here while the model is busy
+                        batch = []
                 if batch:
                     yield _ReadBatch.of(batch)
 

@@ -215,3 +215,22 @@ def test_cog_and_vrt_inputs_read_like_geotiff(tmp_path):
             assert reader.info.grid.crs.to_epsg() == 32611
             image = reader.read_tile(first_tile(reader, size=64))
         assert image.pixels[0, 15, 40] == pytest.approx(200 / 255) and image.pixels[0, 0, 0] == 0
+
+
+def test_block_cache_holds_two_rows_of_windows_and_grows_with_width_not_height():
+    from types import SimpleNamespace
+
+    from solarmap.io import block_cache_bytes
+
+    def raster(width, height, block=(512, 512), count=3, dtype="uint8"):
+        return SimpleNamespace(width=width, height=height, count=count, dtypes=[dtype] * count,
+                               block_shapes=[block] * count)
+
+    wide = block_cache_bytes(raster(40_000, 1000), window_rows=181)
+    assert wide == (1 + 2) * 512 * 40_000 * 3  # the window's block row, the next, one spare
+    assert block_cache_bytes(raster(40_000, 400_000), window_rows=181) == wide  # not the raster's height
+    assert block_cache_bytes(raster(80_000, 1000), window_rows=181) == 2 * wide
+    assert block_cache_bytes(raster(40_000, 1000, count=4, dtype="uint16"), window_rows=181) == wide * 4 * 2 // 3
+    striped = block_cache_bytes(raster(40_000, 5000, block=(1, 40_000)), window_rows=600)
+    assert striped == 602 * 40_000 * 3
+    assert block_cache_bytes(raster(500, 500), window_rows=181) == 32 * 2**20  # small rasters: a floor
