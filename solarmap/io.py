@@ -51,6 +51,9 @@ class TileImage:
     @property
     def is_empty(self) -> bool:
         """No valid pixel, or a uniform black/white fill (collars of mosaics without a nodata tag)."""
+        if self.valid.all():  # the usual case: no copy, and most tiles fail at the first pixel
+            first = self.pixels.flat[0]
+            return bool(first in (0.0, 1.0) and not (self.pixels != first).any())
         if not self.valid.any():
             return True
         values = self.pixels[:, self.valid]
@@ -242,8 +245,11 @@ class SceneReader:
             raise InputError(f"{self.info.path} is damaged or truncated: reading tile {tile.key} failed"
                              f"{detail}; re-export or re-download it") from None
         pixels = np.zeros((len(self.info.bands), size_h, size_w), dtype=np.float32)
-        scaled = raw.astype(np.float32) / np.float32(self.info.scale)
-        pixels[(slice(None), *inside)] = np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0)
+        scaled = pixels[(slice(None), *inside)]  # a view: scaled in place, no temporaries
+        np.divide(raw, np.float32(self.info.scale), out=scaled, casting="unsafe")
+        if np.issubdtype(raw.dtype, np.floating):
+            np.nan_to_num(scaled, copy=False, nan=0.0)
+        np.clip(scaled, 0.0, 1.0, out=scaled)
         valid = np.zeros((size_h, size_w), dtype=bool)
         if self.info.has_mask:
             mask = self._dataset.dataset_mask(window=src_window, out_shape=(valid_h, valid_w),

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import queue
@@ -330,13 +331,17 @@ class SceneRun:
                               "(solarmap train --stage colour-prior); run without --refine")
 
     def run(self, sink: Callable, *, heatmap: HeatmapWriter | None = None, state: RunState | None = None,
-            checkpoint: Callable[[RunState], None] | None = None, chunk_polygons: int = 2000,
-            rows: tuple[int, int] | None = None, pieces_only: bool = False) -> DetectStats:
+            checkpoint: Callable[[RunState], None] | None = None, checkpoint_interval_s: float = 10.0,
+            chunk_polygons: int = 2000, rows: tuple[int, int] | None = None,
+            pieces_only: bool = False) -> DetectStats:
         """Run over the raster (or only tile rows ``rows`` = [start, stop)).
 
         ``sink`` gets GeoDataFrames of finished panels; with ``pieces_only`` it gets lists of
         :class:`~solarmap.vectorize.Piece` in grid pixels instead, unfiltered, for a caller that
         merges them with pieces from other row ranges (see :mod:`solarmap.regional`).
+        Finished panels go to ``sink``, and ``checkpoint`` records where the run is, at the first
+        tile-row boundary and then at the first after each ``checkpoint_interval_s`` (every
+        boundary: 0) or once ``chunk_polygons`` are waiting: fewer, larger writes than one per row.
         """
         config, spec = self.config, self.config.tile_spec
         started = time.perf_counter()
@@ -394,26 +399,29 @@ class SceneRun:
                 if batch:
                     yield _ReadBatch.of(batch)
 
-            current_row = start_row
+            current_row, last_checkpoint = start_row, -math.inf  # the first row boundary checkpoints
 
             def vectorize_batch(scored: tuple[_ReadBatch, np.ndarray, np.ndarray]) -> None:
                 """Everything after the model for one batch, in tile order; checkpoints at row ends."""
-                nonlocal current_row
+                nonlocal current_row, last_checkpoint
                 read, probs, maps = scored
                 t0 = time.perf_counter()
                 scores = dict(zip(read.live, zip(probs, maps)))
                 for index, image in enumerate(read.images):
-                    if image.tile.tile_row != current_row:  # a row is complete: checkpoint here
+                    if image.tile.tile_row != current_row:  # a row is complete: a place to checkpoint
                         finished.extend(merger.close_row())
-                        stats.stage_seconds["vectorize"] += time.perf_counter() - t0
-                        flush()
                         current_row = image.tile.tile_row
-                        stats.seconds = elapsed_before + time.perf_counter() - started
-                        if checkpoint is not None:  # the resume journal: counted as writing
-                            t0 = time.perf_counter()
-                            checkpoint(RunState(rows_done=current_row, merger=merger.state(), next_id=next_id,
-                                                stats=stats, frame_rows=next_id - 1))
-                            stats.stage_seconds["write"] += time.perf_counter() - t0
+                        stats.stage_seconds["vectorize"] += time.perf_counter() - t0
+                        due = time.perf_counter() - last_checkpoint >= checkpoint_interval_s
+                        if due or len(finished) >= chunk_polygons:
+                            flush()
+                            stats.seconds = elapsed_before + time.perf_counter() - started
+                            if checkpoint is not None:  # the resume journal: counted as writing
+                                t0 = time.perf_counter()
+                                checkpoint(RunState(rows_done=current_row, merger=merger.state(), next_id=next_id,
+                                                    stats=stats, frame_rows=next_id - 1))
+                                stats.stage_seconds["write"] += time.perf_counter() - t0
+                            last_checkpoint = time.perf_counter()
                         t0 = time.perf_counter()
                     prob, raw_map = scores.get(index, (None, None))
                     positive = prob is not None and float(prob) >= config.score_threshold
@@ -522,12 +530,14 @@ def _run_key(path: str, scorer: Scorer, config: DetectConfig, heatmap: str | Non
 
 def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config: DetectConfig = DetectConfig(),
                    overwrite: bool = False, progress: ProgressCallback | None = None, resume: bool = False,
-                   heatmap: str | Path | None = None, metadata: dict | None = None) -> DetectStats:
+                   heatmap: str | Path | None = None, metadata: dict | None = None,
+                   checkpoint_interval_s: float = 10.0) -> DetectStats:
     """The pipeline streamed into a GeoPackage at ``out`` (and optionally a heatmap GeoTIFF).
 
     Outputs are checked before any work and appear only when complete. Progress is journalled beside
-    the output (``.NAME.partial/``) at every tile-row boundary; ``resume=True`` continues from there
-    (the raster, model and settings must be the same), otherwise a stale journal is discarded.
+    the output (``.NAME.partial/``) at a tile-row boundary every ``checkpoint_interval_s`` (an
+    interrupted run loses at most about that much work); ``resume=True`` continues from there (the
+    raster, model and settings must be the same), otherwise a stale journal is discarded.
     """
     out = check_output_path(out, overwrite=overwrite)
     if heatmap is not None:
@@ -569,7 +579,8 @@ def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config:
             grid = describe_scene(path, bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs).grid
             heat_writer = HeatmapWriter(heatmap, grid, overwrite=overwrite, work_path=journal / "heat.tif",
                                         resume=state is not None)
-        stats = run.run(sink, heatmap=heat_writer, state=state, checkpoint=save_state)
+        stats = run.run(sink, heatmap=heat_writer, state=state, checkpoint=save_state,
+                        checkpoint_interval_s=checkpoint_interval_s)
         t0 = time.perf_counter()
         writer.commit(empty_frame=last_frame[0].iloc[:0], style_qml=panels_qml(),
                       metadata=run_metadata(config=config, model_name=scorer.name, source=str(path), stats=stats,

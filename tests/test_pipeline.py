@@ -38,8 +38,9 @@ def test_interrupted_run_resumes_to_the_same_output(scene, tmp_path):
         if calls["n"] == 6:  # batches of 3 tiles: past the second tile row
             raise Stop
 
-    with pytest.raises(Stop):
-        detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, progress=stop_midway, heatmap=tmp_path / "h.tif")
+    with pytest.raises(Stop):  # journalled at every row boundary
+        detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, progress=stop_midway, heatmap=tmp_path / "h.tif",
+                       checkpoint_interval_s=0)
     assert not out.exists() and not (tmp_path / "h.tif").exists()  # nothing half-written at the outputs
     assert (tmp_path / ".panels.gpkg.partial" / "state.pkl").exists()
     stats = detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, resume=True, heatmap=tmp_path / "h.tif")
@@ -49,6 +50,24 @@ def test_interrupted_run_resumes_to_the_same_output(scene, tmp_path):
     assert a.area_m2.tolist() == pytest.approx(b.area_m2.tolist())
     assert all(x.equals(y) for x, y in zip(a.geometry, b.geometry))
     assert not (tmp_path / ".panels.gpkg.partial").exists()  # journal removed on success
+
+
+def test_checkpoints_at_the_first_row_boundary_then_every_interval(scene):
+    from solarmap.pipeline import SceneRun
+
+    def journal(interval):
+        states, frames = [], []
+        SceneRun(scene, scorer=BandOneScorer(), config=CONFIG).run(
+            frames.append, checkpoint=states.append, checkpoint_interval_s=interval)
+        return [s.rows_done for s in states], frames
+
+    every_row, frames_every_row = journal(0)
+    assert every_row == [1, 2, 3, 4]  # 5 tile rows: a checkpoint at each boundary
+    first_only, frames_first_only = journal(3600)
+    assert first_only == [1]  # then only at the end, in one write
+    assert len(frames_first_only) < len(frames_every_row)
+    ids = lambda frames: [i for f in frames for i in f["id"]]  # noqa: E731
+    assert ids(frames_first_only) == ids(frames_every_row)
 
 
 def test_resume_with_other_settings_is_refused(scene, tmp_path):
