@@ -4,9 +4,9 @@ The scoring step is a plug-in (:class:`Scorer`): anything that maps a batch of t
 probabilities and per-tile score maps. :class:`solarmap.cam.ModelScorer` is the CNN + CAM scorer;
 :class:`SpectralBaseline` (no learning) exists so the geometry can be tested and benchmarked alone.
 
-The model runs in the calling thread. Reading runs in a background thread that keeps a few batches
-ready, so the scorer is not starved; masks, polygons, seam merging and writing run in another (on
-a CPU both are low priority, using the cycles the model leaves idle). Tiles are processed in row-major order; at each tile-row boundary a resumable run records where it
+The model runs in the calling thread; reading runs in a background thread that keeps a batch
+ready, so the scorer is not starved. Masks, polygons, seam merging and writing run between batches
+on a CPU, and in their own thread on a GPU. Tiles are processed in row-major order; at each tile-row boundary a resumable run records where it
 is (rows done, the seam polygons still open, how many features the work file holds), so an
 interrupted run continues there and ends with the same output as an uninterrupted one.
 """
@@ -160,21 +160,17 @@ class _ReaderFailed:
         self.exc = exc
 
 
-def prefetch(items: Iterable, depth: int = 3, *, name: str = "solarmap-reader", low_priority: bool = False) -> Iterator:
+def prefetch(items: Iterable, depth: int = 3, *, name: str = "solarmap-reader") -> Iterator:
     """Iterate ``items`` in a background thread, keeping up to ``depth`` ready (errors re-raised here).
 
     Stages chain: ``prefetch(f(x) for x in prefetch(...))`` runs each stage in its own thread.
     Closing the returned iterator stops the thread and closes ``items`` (and so any stage before it).
-    ``low_priority`` (Linux): the thread yields the CPU to the others, e.g. a reader that should use
-    only the cycles the model leaves idle instead of slowing its threads down.
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
 
     def work() -> None:
-        if low_priority:
-            _lower_this_threads_priority()
         try:
             for item in items:
                 while not stop.is_set():
@@ -212,27 +208,17 @@ def prefetch(items: Iterable, depth: int = 3, *, name: str = "solarmap-reader", 
                 pass
 
 
-def _lower_this_threads_priority() -> None:
-    """Linux: this thread yields the CPU to the others (nice 19, this thread only)."""
-    if hasattr(os, "setpriority"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
-
-
 class BackgroundConsumer:
     """Hands items to ``handle`` in one background thread, in order, at most ``depth`` waiting.
 
     The mirror of :func:`prefetch`: the caller produces, the thread consumes. An error in ``handle``
     is raised again in the caller by the next :meth:`put` or by :meth:`finish`; :meth:`abort` lets
     the item in hand finish and drops the rest, so the caller can clean up (nothing is handled
-    after it returns). ``low_priority`` as in :func:`prefetch`.
+    after it returns).
     """
 
-    def __init__(self, handle: Callable, depth: int = 4, *, name: str = "solarmap-consumer",
-                 low_priority: bool = False):
-        self._handle, self._low_priority = handle, low_priority
+    def __init__(self, handle: Callable, depth: int = 4, *, name: str = "solarmap-consumer"):
+        self._handle = handle
         self._waiting: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -241,8 +227,6 @@ class BackgroundConsumer:
         self._thread.start()
 
     def _work(self) -> None:
-        if self._low_priority:
-            _lower_this_threads_priority()
         while not self._stop.is_set():
             try:
                 item = self._waiting.get(timeout=0.1)
@@ -280,6 +264,22 @@ class BackgroundConsumer:
     def abort(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class InlineConsumer:
+    """:class:`BackgroundConsumer`'s interface, handling each item at once in the caller's thread."""
+
+    def __init__(self, handle: Callable):
+        self._handle = handle
+
+    def put(self, item) -> None:
+        self._handle(item)
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,13 +401,13 @@ class SceneRun:
 
             current_row, last_checkpoint = start_row, -math.inf  # the first row boundary checkpoints
 
-            def vectorize_batch(scored: tuple[_ReadBatch, np.ndarray, np.ndarray]) -> None:
+            def vectorize_batch(scored: tuple[list[TileImage], list[int], np.ndarray, np.ndarray]) -> None:
                 """Everything after the model for one batch, in tile order; checkpoints at row ends."""
                 nonlocal current_row, last_checkpoint
-                read, probs, maps = scored
+                images, live, probs, maps = scored
                 t0 = time.perf_counter()
-                scores = dict(zip(read.live, zip(probs, maps)))
-                for index, image in enumerate(read.images):
+                scores = dict(zip(live, zip(probs, maps)))
+                for index, image in enumerate(images):
                     if image.tile.tile_row != current_row:  # a row is complete: a place to checkpoint
                         finished.extend(merger.close_row())
                         current_row = image.tile.tile_row
@@ -446,14 +446,16 @@ class SceneRun:
                     stats.seconds = elapsed_before + time.perf_counter() - started
                     self.progress(stats)
 
-            # The model runs here; reading and everything after the model run in their own threads.
-            # On a CPU the model's threads use every core, so those two are low priority and run on
-            # the cycles the model leaves idle instead of slowing its threads down (measured: a
-            # normal-priority thread beside the model, efficiency 0.84 -> 0.69 on 2 cores).
+            # The model runs in this thread, reading one batch ahead in another. On a CPU everything
+            # after the model runs here too, between batches: the model's threads use every core, and
+            # measured on 2 cores (4000 px, scripts/bench_detect.py), post-processing in a thread beside
+            # them slowed the model more than it overlapped (end-to-end 38.8 tiles/s at low priority vs
+            # 41.1 in line); a low-priority reader also starves whenever other processes load the CPU.
+            # On a GPU the model mostly waits for the device, so post-processing gets its own thread.
             on_gpu = getattr(getattr(self.scorer, "device", None), "type", "cpu") != "cpu"
-            batches = prefetch(read_batches(), depth=8, low_priority=not on_gpu)
-            after_model = BackgroundConsumer(vectorize_batch, depth=4, name="solarmap-vectorize",
-                                             low_priority=not on_gpu)
+            batches = prefetch(read_batches(), depth=2)
+            after_model = (BackgroundConsumer(vectorize_batch, depth=4, name="solarmap-vectorize") if on_gpu
+                           else InlineConsumer(vectorize_batch))
             try:
                 with contextlib.closing(batches):
                     for read in batches:
@@ -462,7 +464,7 @@ class SceneRun:
                             t0 = time.perf_counter()
                             probs, maps = self.scorer(read.pixels)
                             stats.stage_seconds["model"] += time.perf_counter() - t0
-                        after_model.put((read, probs, maps))
+                        after_model.put((read.images, read.live, probs, maps))  # the stack is done with
                 after_model.finish()
             except BaseException:
                 after_model.abort()

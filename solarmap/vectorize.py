@@ -68,8 +68,11 @@ def mask_pieces(mask: np.ndarray, *, row_off: int, col_off: int, score: float = 
     if not mask.any():
         return []
     labels, count = ndimage.label(mask)  # 4-connected, like shapes(connectivity=4)
-    if cam_map is not None:
-        peaks = ndimage.maximum(cam_map, labels, np.arange(1, count + 1))
+    if cam_map is not None:  # each component's CAM peak (np.maximum.at: no sort, unlike ndimage.maximum)
+        inside = labels > 0
+        peaks = np.full(count + 1, -np.inf)
+        np.maximum.at(peaks, labels[inside], cam_map[inside])
+        peaks = peaks[1:]
     transform = Affine.translation(col_off, row_off)
     pieces = []
     for geojson, label in shapes(labels.astype(np.int32), mask=mask, connectivity=4, transform=transform):

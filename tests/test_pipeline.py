@@ -148,7 +148,7 @@ def test_closing_chained_stages_stops_every_thread():
 
 def test_background_consumer_handles_items_in_order_and_its_errors_reach_the_caller():
     seen = []
-    consumer = BackgroundConsumer(seen.append, depth=2, low_priority=True)
+    consumer = BackgroundConsumer(seen.append, depth=2)
     for i in range(50):
         consumer.put(i)
     consumer.finish()
@@ -189,9 +189,9 @@ class _Device:
         self.type = type_
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])  # "cuda": the model runs in its own thread (no GPU needed)
-def test_model_in_line_or_in_its_own_thread_gives_the_same_output_and_errors_reach_the_caller(scene, tmp_path,
-                                                                                                 device):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # "cuda": post-processing in its own thread (no GPU needed)
+def test_post_processing_in_line_or_in_its_own_thread_gives_the_same_output_and_errors_reach_the_caller(
+        scene, tmp_path, device):
     class OnDevice(BandOneScorer):
         def __init__(self, fail_at=None):
             self.device, self.calls, self.fail_at = _Device(device), 0, fail_at
