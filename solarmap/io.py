@@ -35,7 +35,7 @@ from solarmap.errors import GeoreferenceError, InputError, OptionError, OutputEr
 from solarmap.tiling import Grid, Tile, resampled_grid
 
 DEFAULT_BANDS = (1, 2, 3)
-_MIN_BLOCK_CACHE = 32 * 2**20  # bytes
+_MIN_BLOCK_CACHE = 32 * 2**20  # bytes: the floor of block_cache_bytes (small rasters, VRT sources)
 _SCALE_PERCENTILE = 99.8
 _SCALE_SAMPLE_PX = 1024
 

@@ -6,9 +6,10 @@ probabilities and per-tile score maps. :class:`solarmap.cam.ModelScorer` is the 
 
 The model runs in the calling thread; reading runs in a background thread that keeps a batch
 ready, so the scorer is not starved. Masks, polygons, seam merging and writing run between batches
-on a CPU, and in their own thread on a GPU. Tiles are processed in row-major order; at each tile-row boundary a resumable run records where it
-is (rows done, the seam polygons still open, how many features the work file holds), so an
-interrupted run continues there and ends with the same output as an uninterrupted one.
+on a CPU, and in their own thread on a GPU. Tiles are processed in row-major order; at a tile-row
+boundary (the first, then about every 10 s) a resumable run records where it is (rows done, the
+seam polygons still open, how many features the work file holds), so an interrupted run continues
+there and ends with the same output as an uninterrupted one.
 """
 
 from __future__ import annotations
