@@ -343,6 +343,8 @@ class SceneRun:
         Finished panels go to ``sink``, and ``checkpoint`` records where the run is, at the first
         tile-row boundary and then at the first after each ``checkpoint_interval_s`` (every
         boundary: 0) or once ``chunk_polygons`` are waiting: fewer, larger writes than one per row.
+        ``sink``, ``checkpoint`` and the progress callback are called in order from one thread: this
+        one on a CPU, the post-processing thread on a GPU.
         """
         config, spec = self.config, self.config.tile_spec
         started = time.perf_counter()
