@@ -589,12 +589,21 @@ def sweep_detect_configs(scorer, configs: dict, scenes: Sequence[tuple[str, obje
     return sweep
 
 
-def best_rule(sweep: dict, *, min_tile_recall: float = 0.9):
+def best_rule(sweep: dict, *, min_tile_recall: float = 0.9, area_tie_iou: float | None = None):
     """The key with the best mean pixel IoU among those whose polygons still reach
     ``min_tile_recall`` of the truth's tiles (finding arrays comes before outlining them), or the
-    best pixel IoU if none does."""
+    best pixel IoU if none does.
+
+    With ``area_tie_iou``, rules within that much pixel IoU of the best count as tied, and the tie
+    goes to the smallest |total-area error|: an inventory sums areas, and near the best IoU the
+    rules differ mostly in whether the mixed pixels on an array's edge count as panel, a bias that
+    adds up over every array while the IoU hardly moves."""
     eligible = [k for k, v in sweep.items() if v["tile_recall"] >= min_tile_recall] or list(sweep)
-    return max(eligible, key=lambda k: sweep[k]["pixel_iou"])
+    best = max(eligible, key=lambda k: sweep[k]["pixel_iou"])
+    if area_tie_iou is None:
+        return best
+    tied = [k for k in eligible if sweep[k]["pixel_iou"] >= sweep[best]["pixel_iou"] - area_tie_iou]
+    return min(tied, key=lambda k: (abs(sweep[k]["total_area_error"]), -sweep[k]["pixel_iou"]))
 
 
 def sweep_mask_rules(scorer, model_config: ModelConfig, scenes: Sequence[tuple[str, object]], *,
@@ -629,11 +638,13 @@ def fit_colour_prior(model: SolarNet, samples: Sequence[Sample]) -> dict:
 
 def calibrate_refine_rule(model: SolarNet, scenes: Sequence[tuple[str, object]], *,
                           grows_px: Sequence[int] = (16, 32, 48, 64, 96),
-                          min_log_ratios: Sequence[float] = (0.5, 0.75, 1.0, 1.25),
-                          smooths_px: Sequence[int] = (1, 2), min_tile_recall: float = 0.9) -> dict:
+                          min_log_ratios: Sequence[float] = (0.5, 0.75, 0.9, 1.0, 1.25),
+                          smooths_px: Sequence[int] = (1, 2), min_tile_recall: float = 0.9,
+                          area_tie_iou: float = 0.01) -> dict:
     """Pick the colour refinement rule (solarmap.refine) of the branch CAM's masks on validation
-    scenes, like the mask rules (:func:`best_rule`), store it in ``model.config`` and return the
-    sweep. The model must already carry its colour table (``config.colour_prior``)."""
+    scenes, like the mask rules (:func:`best_rule`) but with near-ties in pixel IoU going to the
+    least area bias, store it in ``model.config`` and return the sweep. The model must already
+    carry its colour table (``config.colour_prior``)."""
     from solarmap.cam import ModelScorer
     from solarmap.pipeline import DetectConfig
     from solarmap.refine import ColourRefine
@@ -645,7 +656,7 @@ def calibrate_refine_rule(model: SolarNet, scenes: Sequence[tuple[str, object]],
     configs = {None: DetectConfig.for_model(model.config, refine=None),
                **{key: DetectConfig.for_model(model.config, refine=rule) for key, rule in rules.items()}}
     sweep = sweep_detect_configs(ModelScorer(model), configs, scenes, tile_size_px=model.config.tile_size_px)
-    key = best_rule(sweep, min_tile_recall=min_tile_recall)
+    key = best_rule(sweep, min_tile_recall=min_tile_recall, area_tie_iou=area_tie_iou)
     model.config = replace(model.config, refine_rule=asdict(rules[key]) if key is not None else {})
     return {"refine_rule": model.config.refine_rule,
             "sweep": {("none" if k is None else "/".join(map(str, k))): v for k, v in sweep.items()}}

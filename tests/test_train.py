@@ -8,7 +8,7 @@ from dataclasses import replace
 from conftest import write_tif
 from solarmap import model as M
 from solarmap.errors import InputError, OptionError
-from solarmap.train import (Sample, TrainConfig, binary_scores, dihedral, fit_tile, load_chips, scene_samples,
+from solarmap.train import (Sample, TrainConfig, best_rule, binary_scores, dihedral, fit_tile, load_chips, scene_samples,
                             split_samples, train_stage)
 
 
@@ -200,3 +200,15 @@ def test_scene_samples_are_labelled_from_truth_polygons(tmp_path):
     assert {s.label for s in samples} <= {0, 1}
     if town.arrays:
         assert any(s.label == 1 for s in samples)
+
+
+def test_best_rule_prefers_recall_then_iou_and_breaks_near_ties_on_area_bias():
+    def row(iou, recall, area):
+        return {"pixel_iou": iou, "tile_recall": recall, "total_area_error": area}
+
+    sweep = {"loose": row(0.865, 1.00, +0.064), "tight": row(0.860, 0.99, +0.014),
+             "tighter": row(0.850, 0.99, -0.013), "misses": row(0.900, 0.80, 0.0)}
+    assert best_rule(sweep) == "loose"  # "misses" has the best IoU but finds too few tiles
+    assert best_rule(sweep, area_tie_iou=0.01) == "tight"  # within 0.01 of the best, least area bias
+    assert best_rule(sweep, area_tie_iou=0.001) == "loose"  # no near tie: IoU decides
+    assert best_rule(sweep, min_tile_recall=0.5) == "misses"
