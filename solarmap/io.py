@@ -211,6 +211,8 @@ class SceneReader:
         self._resampled = (src.width, src.height) != (grid.width, grid.height)
         downsampling = self._fx > 1 or self._fy > 1
         self._resampling = Resampling.average if downsampling else Resampling.bilinear
+        # uint8 pixels scaled by lookup: bit for bit what dividing and clipping give, without either
+        self._uint8_table = np.clip(np.arange(256, dtype=np.float32) / np.float32(self.info.scale), 0.0, 1.0)
 
     def __enter__(self) -> "SceneReader":
         return self
@@ -228,8 +230,12 @@ class SceneReader:
         return Window(valid.col_off * self._fx, valid.row_off * self._fy,
                       valid.width * self._fx, valid.height * self._fy)
 
-    def read_tile(self, tile: Tile) -> TileImage:
-        """The tile window's pixels (padded with zeros past the raster's edges) and validity mask."""
+    def read_tile(self, tile: Tile, out: np.ndarray | None = None) -> TileImage:
+        """The tile window's pixels (padded with zeros past the raster's edges) and validity mask.
+
+        ``out`` (float32, (bands, size, size)), e.g. a slot of a batch array, receives the pixels
+        instead of a new array, so a batch needs no second copy to stack its tiles.
+        """
         size_h, size_w = int(tile.window.height), int(tile.window.width)
         valid_h, valid_w = int(tile.valid.height), int(tile.valid.width)
         r0, c0 = int(tile.valid.row_off - tile.window.row_off), int(tile.valid.col_off - tile.window.col_off)
@@ -244,12 +250,23 @@ class SceneReader:
             detail = "" if not detail or "previous exception" in detail else f" ({detail})"
             raise InputError(f"{self.info.path} is damaged or truncated: reading tile {tile.key} failed"
                              f"{detail}; re-export or re-download it") from None
-        pixels = np.zeros((len(self.info.bands), size_h, size_w), dtype=np.float32)
+        shape = (len(self.info.bands), size_h, size_w)
+        if out is None:
+            pixels = np.zeros(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"read_tile: out must be float32 {shape}, got {out.dtype} {out.shape}")
+        else:
+            pixels = out
+            if (valid_h, valid_w) != (size_h, size_w):
+                pixels[...] = 0.0  # the padding past the raster's edges
         scaled = pixels[(slice(None), *inside)]  # a view: scaled in place, no temporaries
-        np.divide(raw, np.float32(self.info.scale), out=scaled, casting="unsafe")
-        if np.issubdtype(raw.dtype, np.floating):
-            np.nan_to_num(scaled, copy=False, nan=0.0)
-        np.clip(scaled, 0.0, 1.0, out=scaled)
+        if raw.dtype == np.uint8:  # the common case: a 256-entry table, the same values as dividing
+            np.take(self._uint8_table, raw, out=scaled, mode="clip")
+        else:
+            np.divide(raw, np.float32(self.info.scale), out=scaled, casting="unsafe")
+            if np.issubdtype(raw.dtype, np.floating):
+                np.nan_to_num(scaled, copy=False, nan=0.0)
+            np.clip(scaled, 0.0, 1.0, out=scaled)
         valid = np.zeros((size_h, size_w), dtype=bool)
         if self.info.has_mask:
             mask = self._dataset.dataset_mask(window=src_window, out_shape=(valid_h, valid_w),

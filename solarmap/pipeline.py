@@ -296,9 +296,15 @@ class _ReadBatch:
     pixels: np.ndarray | None  # (len(live), 3, size, size), None when every tile is empty
 
     @classmethod
-    def of(cls, images: list[TileImage]) -> "_ReadBatch":
+    def of(cls, images: list[TileImage], block: np.ndarray | None = None) -> "_ReadBatch":
+        """``block``: the array the images were read into, in order (their pixels are its rows);
+        it is the scorer's input as is when every tile holds data, so the batch is never copied."""
         live = [i for i, image in enumerate(images) if not image.is_empty]
-        return cls(images, live, np.stack([images[i].pixels for i in live]) if live else None)
+        if not live:
+            return cls(images, live, None)
+        if block is not None and len(live) == len(block):
+            return cls(images, live, block)
+        return cls(images, live, np.stack([images[i].pixels for i in live]))
 
 
 @dataclass
@@ -386,21 +392,25 @@ class SceneRun:
             def read_batches() -> Iterator[_ReadBatch]:
                 """Tiles in batches, the scorer's input already stacked (off the model's thread)."""
                 batch: list[TileImage] = []
+                block = None  # tiles are read straight into the batch's array (a new one per batch)
                 for tile in iter_tiles(grid, spec):
                     if tile.tile_row < start_row:
                         continue
                     if tile.tile_row >= stop_row:
                         break
                     t0 = time.perf_counter()
-                    batch.append(reader.read_tile(tile))
+                    if block is None:
+                        shape = (len(config.bands), int(tile.window.height), int(tile.window.width))
+                        block = np.empty((config.batch_size, *shape), dtype=np.float32)
+                    batch.append(reader.read_tile(tile, out=block[len(batch)]))
                     full = len(batch) == config.batch_size
-                    ready = _ReadBatch.of(batch) if full else None
+                    ready = _ReadBatch.of(batch, block) if full else None
                     stats.stage_seconds["read"] += time.perf_counter() - t0
                     if full:
                         yield ready  # not timed: waits here while the model is busy
-                        batch = []
+                        batch, block = [], None
                 if batch:
-                    yield _ReadBatch.of(batch)
+                    yield _ReadBatch.of(batch, block[:len(batch)])
 
             current_row, last_checkpoint = start_row, -math.inf  # the first row boundary checkpoints
 

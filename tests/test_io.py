@@ -44,6 +44,24 @@ def test_context_is_read_around_the_tile_and_padded_outside_the_raster(geotiff):
     assert middle.pixels[0] * 255 == pytest.approx(array[11:37, 11:37], abs=1e-3)
 
 
+def test_reading_into_a_given_array_gives_the_same_pixels_bit_for_bit(geotiff):
+    array = (np.arange(3 * 40 * 40, dtype=np.uint32).reshape(3, 40, 40) % 256).astype(np.uint8)
+    with SceneReader(geotiff(array)) as reader:
+        tiles = list(iter_tiles(reader.info.grid, TileSpec(16, 0, context_px=5)))
+        block = np.full((len(tiles), 3, 26, 26), np.nan, dtype=np.float32)  # stale values must go
+        for i, tile in enumerate(tiles):
+            fresh, into = reader.read_tile(tile), reader.read_tile(tile, out=block[i])
+            assert np.shares_memory(into.pixels, block)
+            assert fresh.pixels.tobytes() == block[i].tobytes()  # padding zeroed too
+            assert (fresh.valid == into.valid).all()
+        # the uint8 lookup is what dividing by the scale gives, to the bit
+        expected = np.zeros((3, 26, 26), np.float32)
+        np.divide(array[:, :21, :21], np.float32(reader.info.scale), out=expected[:, 5:, 5:], casting="unsafe")
+        assert block[0].tobytes() == expected.tobytes()
+        with pytest.raises(ValueError, match="out must be float32"):
+            reader.read_tile(tiles[0], out=np.zeros((3, 16, 16), np.float32))
+
+
 def test_nodata_tiles_are_empty_and_partial_nodata_is_masked(geotiff):
     array = np.full((3, 32, 16), 100, dtype=np.uint8)
     array[:, :16, :] = 0  # first tile entirely nodata

@@ -106,6 +106,33 @@ def test_all_nodata_raster_gives_an_empty_geopackage(geotiff, tmp_path):
     assert len(frame) == 0 and frame.crs.to_epsg() == 32611
 
 
+def test_batches_with_nodata_tiles_score_only_the_tiles_with_data(geotiff):
+    from solarmap.io import SceneReader
+    from solarmap.pipeline import SceneRun
+    from solarmap.tiling import iter_tiles
+
+    array = np.full((3, 48, 48), 0.3, np.float32)
+    array[:, :16, :] = np.nan  # the first tile row holds no data
+    array[:, 30:40, 5:12] = 1.0
+    path = geotiff(array, nodata=np.nan)
+    seen = []
+
+    class Recording(BandOneScorer):
+        def __call__(self, pixels):
+            seen.append(pixels.copy())
+            return super().__call__(pixels)
+
+    config = DetectConfig(tile_size_px=16, overlap_px=0, batch_size=4, min_area_m2=0.0)  # 9 tiles: 4, 4, 1
+    frames = []
+    stats = SceneRun(path, scorer=Recording(), config=config).run(frames.append)
+    assert stats.tiles_skipped_nodata == 3 and stats.tiles_positive == 2
+    assert [len(b) for b in seen] == [1, 4, 1]  # empty tiles never reach the scorer
+    with SceneReader(path) as reader:
+        live = [reader.read_tile(t).pixels for t in iter_tiles(reader.info.grid, config.tile_spec)][3:]
+    assert np.array_equal(np.concatenate(seen), np.stack(live))
+    assert sum(len(f) for f in frames) == 1
+
+
 def test_reader_errors_reach_the_caller():
     def broken():
         yield 1
