@@ -39,7 +39,7 @@ from solarmap.io import (DEFAULT_BANDS, GeoPackageWriter, HeatmapWriter, SceneRe
 from solarmap.refine import ColourRefine, refine_mask
 from solarmap.style import panels_qml
 from solarmap.tiling import TileSpec, iter_tiles, tile_grid_shape
-from solarmap.vectorize import SeamMerger, core_pieces, panels_frame, upsample_scores
+from solarmap.vectorize import SeamMerger, batch_core_pieces, panels_frame, upsample_scores
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +419,21 @@ class SceneRun:
                 nonlocal current_row, last_checkpoint
                 images, live, probs, maps = scored
                 t0 = time.perf_counter()
-                scores = dict(zip(live, zip(probs, maps)))
+                positives = []  # (index, tile, mask, score, score map): masks first, then one polygonize
+                for index, prob, raw_map in zip(live, probs, maps):
+                    if float(prob) < config.score_threshold:
+                        continue
+                    image = images[index]
+                    score_map = upsample_scores(raw_map, image.valid.shape)
+                    if heatmap is not None:
+                        heatmap.write(image.tile, score_map)
+                    mask = (score_map >= self._mask_threshold(score_map)) & image.valid
+                    if config.refine is not None:
+                        mask = refine_mask(image.pixels, mask, image.valid, log_ratio=self.colour_table,
+                                           rule=config.refine, region=image.tile.core_slices)
+                    positives.append((index, image.tile, mask, float(prob), score_map))
+                pieces_of = dict(zip([p[0] for p in positives], batch_core_pieces([p[1:] for p in positives])))
+                scored_tiles = set(live)
                 for index, image in enumerate(images):
                     if image.tile.tile_row != current_row:  # a row is complete: a place to checkpoint
                         finished.extend(merger.close_row())
@@ -436,22 +450,10 @@ class SceneRun:
                                 stats.stage_seconds["write"] += time.perf_counter() - t0
                             last_checkpoint = time.perf_counter()
                         t0 = time.perf_counter()
-                    prob, raw_map = scores.get(index, (None, None))
-                    positive = prob is not None and float(prob) >= config.score_threshold
                     stats.tiles_read += 1
-                    stats.tiles_skipped_nodata += prob is None
-                    stats.tiles_positive += positive
-                    pieces = []
-                    if positive:
-                        score_map = upsample_scores(raw_map, image.valid.shape)
-                        if heatmap is not None:
-                            heatmap.write(image.tile, score_map)
-                        mask = (score_map >= self._mask_threshold(score_map)) & image.valid
-                        if config.refine is not None:
-                            mask = refine_mask(image.pixels, mask, image.valid, log_ratio=self.colour_table,
-                                               rule=config.refine, region=image.tile.core_slices)
-                        pieces = core_pieces(image.tile, mask, score=float(prob), cam_map=score_map)
-                    finished.extend(merger.add(image.tile.core, pieces))
+                    stats.tiles_skipped_nodata += index not in scored_tiles
+                    stats.tiles_positive += index in pieces_of
+                    finished.extend(merger.add(image.tile.core, pieces_of.get(index, [])))
                 stats.stage_seconds["vectorize"] += time.perf_counter() - t0
                 if len(finished) >= chunk_polygons:
                     flush()

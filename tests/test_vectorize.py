@@ -12,7 +12,7 @@ from scipy import ndimage
 from conftest import BandOneScorer, UTM_ORIGIN, rectangle_raster, write_tif
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.tiling import Grid, TileSpec, iter_tiles
-from solarmap.vectorize import (Piece, SeamMerger, core_pieces, geodesic_area_m2, mask_pieces, merge_pieces,
+from solarmap.vectorize import (Piece, SeamMerger, batch_core_pieces, core_pieces, geodesic_area_m2, mask_pieces, merge_pieces,
                                 upsample_scores)
 
 WGS84_A = 6_378_137.0
@@ -185,3 +185,23 @@ def test_core_pieces_are_placed_on_the_grid():
     (piece,) = core_pieces(tile, mask)
     assert piece.geometry.bounds == (40, 40, 46, 44)
     assert tile.core == Window(35, 35, 30, 30)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), with_cam=st.booleans())
+def test_batch_core_pieces_equal_core_pieces_tile_by_tile(seed, with_cam):
+    rng = np.random.default_rng(seed)
+    grid = Grid(70, 95, Affine(1, 0, 0, 0, -1, 0), crs=None)  # edge tiles have larger cores
+    spec = TileSpec(24, 6, context_px=4)
+    items = []
+    for tile in list(iter_tiles(grid, spec))[rng.integers(0, 5):][:rng.integers(1, 12)]:
+        size = int(tile.window.height)
+        mask = ndimage.binary_opening(rng.random((size, size)) < rng.uniform(0, 0.7))  # blobs, holes, empties
+        cam = rng.random((size, size)).astype(np.float32) if with_cam else None
+        items.append((tile, mask, float(rng.random()), cam))
+    batched = batch_core_pieces(items)
+    assert len(batched) == len(items)
+    for (tile, mask, score, cam), pieces in zip(items, batched):
+        expected = core_pieces(tile, mask, score=score, cam_map=cam)
+        assert [(p.score, p.cam_peak) for p in pieces] == [(p.score, p.cam_peak) for p in expected]
+        assert all(a.geometry.equals_exact(b.geometry, 0) for a, b in zip(pieces, expected))
