@@ -38,7 +38,7 @@ class ColourRefine:
     """
 
     grow_px: int = 96
-    min_log_ratio: float = 0.75
+    min_log_ratio: float = 0.9
     smooth_px: int = 1
 
     def __post_init__(self) -> None:
