@@ -83,7 +83,8 @@ def mask_pieces(mask: np.ndarray, *, row_off: int, col_off: int, score: float = 
 
 def core_pieces(tile: Tile, mask: np.ndarray, *, score: float = 1.0,
                 cam_map: np.ndarray | None = None) -> list[Piece]:
-    """Pieces of a full-tile mask, cut to the tile's core (the part of the grid it owns)."""
+    """Pieces of a full-tile mask, cut to the tile's core (the part of the grid it owns); the
+    pipeline uses :func:`batch_core_pieces`, the same for many tiles in one pass."""
     rows, cols = tile.core_slices
     core_cam = None if cam_map is None else cam_map[rows, cols]
     return mask_pieces(mask[rows, cols], row_off=int(tile.core.row_off),
