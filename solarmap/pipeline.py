@@ -419,7 +419,7 @@ class SceneRun:
                 nonlocal current_row, last_checkpoint
                 images, live, probs, maps = scored
                 t0 = time.perf_counter()
-                positives = []  # (index, tile, mask, score, score map): masks first, then one polygonize
+                positive_indices, positives = [], []  # masks first, then one polygonizing pass
                 for index, prob, raw_map in zip(live, probs, maps):
                     if float(prob) < config.score_threshold:
                         continue
@@ -431,8 +431,9 @@ class SceneRun:
                     if config.refine is not None:
                         mask = refine_mask(image.pixels, mask, image.valid, log_ratio=self.colour_table,
                                            rule=config.refine, region=image.tile.core_slices)
-                    positives.append((index, image.tile, mask, float(prob), score_map))
-                pieces_of = dict(zip([p[0] for p in positives], batch_core_pieces([p[1:] for p in positives])))
+                    positive_indices.append(index)
+                    positives.append((image.tile, mask, float(prob), score_map))
+                pieces_of = dict(zip(positive_indices, batch_core_pieces(positives)))
                 scored_tiles = set(live)
                 for index, image in enumerate(images):
                     if image.tile.tile_row != current_row:  # a row is complete: a place to checkpoint

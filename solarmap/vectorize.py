@@ -64,75 +64,62 @@ def mask_pieces(mask: np.ndarray, *, row_off: int, col_off: int, score: float = 
     ``row_off``/``col_off`` place the mask's top-left pixel on the grid. ``cam_map`` (same shape)
     gives each piece's CAM peak; without it the peak is the tile score.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return []
-    labels, count = ndimage.label(mask)  # 4-connected, like shapes(connectivity=4)
-    if cam_map is not None:  # each component's CAM peak (np.maximum.at: no sort, unlike ndimage.maximum)
-        inside = labels > 0
-        peaks = np.full(count + 1, -np.inf)
-        np.maximum.at(peaks, labels[inside], cam_map[inside])
-        peaks = peaks[1:]
-    transform = Affine.translation(col_off, row_off)
-    pieces = []
-    for geojson, label in shapes(labels.astype(np.int32), mask=mask, connectivity=4, transform=transform):
-        peak = score if cam_map is None else float(peaks[int(label) - 1])
-        pieces.append(Piece(geometry=shape(geojson), score=float(score), cam_peak=peak))
-    return pieces
+    return masks_pieces([(mask, row_off, col_off, score, cam_map)])[0]
 
 
-def core_pieces(tile: Tile, mask: np.ndarray, *, score: float = 1.0,
-                cam_map: np.ndarray | None = None) -> list[Piece]:
-    """Pieces of a full-tile mask, cut to the tile's core (the part of the grid it owns); the
-    pipeline uses :func:`batch_core_pieces`, the same for many tiles in one pass."""
-    rows, cols = tile.core_slices
-    core_cam = None if cam_map is None else cam_map[rows, cols]
-    return mask_pieces(mask[rows, cols], row_off=int(tile.core.row_off),
-                       col_off=int(tile.core.col_off), score=score, cam_map=core_cam)
+def masks_pieces(windows: Sequence[tuple[np.ndarray, int, int, float, np.ndarray | None]]) -> list[list[Piece]]:
+    """:func:`mask_pieces` of many masks at once: for each (mask, row_off, col_off, score, CAM map
+    or None), its pieces, in the order a call of its own would give them.
 
-
-def batch_core_pieces(masks: Sequence[tuple[Tile, np.ndarray, float, np.ndarray | None]]) -> list[list[Piece]]:
-    """:func:`core_pieces` of many tiles at once: for each (tile, full-tile mask, score, CAM map
-    or None), the same pieces in the same order.
-
-    The core masks are laid side by side in one strip, one empty column between neighbours, and
+    The masks are laid side by side in one strip, one empty column between neighbours, and
     labelled and polygonized in one pass: GDAL's polygonize has a fixed cost of about 0.7 ms per
     call, more than a typical tile's own work, and a batch's positive tiles would pay it each.
     """
-    cores = [(tile, mask[tile.core_slices], score, None if cam is None else cam[tile.core_slices])
-             for tile, mask, score, cam in masks]
-    out: list[list[Piece]] = [[] for _ in cores]
-    cores = [(k, *item) for k, item in enumerate(cores) if item[1].any()]
-    if not cores:
+    out: list[list[Piece]] = [[] for _ in windows]
+    used = [(k, np.asarray(mask, dtype=bool), r, c, score, cam)
+            for k, (mask, r, c, score, cam) in enumerate(windows) if np.any(mask)]
+    if not used:
         return out
-    height = max(core.shape[0] for _, _, core, _, _ in cores)
-    starts = np.cumsum([0] + [core.shape[1] + 1 for _, _, core, _, _ in cores])
+    height = max(mask.shape[0] for _, mask, *_ in used)
+    starts = np.cumsum([0] + [mask.shape[1] + 1 for _, mask, *_ in used])
     strip = np.zeros((height, int(starts[-1])), dtype=bool)
-    peak_source = np.zeros(strip.shape, dtype=np.float64)  # each pixel's CAM value, or its tile's score
-    for (_, _, core, score, cam), c0 in zip(cores, starts):
-        h, w = core.shape
-        strip[:h, c0:c0 + w] = core
+    peak_source = np.zeros(strip.shape, dtype=np.float64)  # each pixel's CAM value, or its mask's score
+    for (_, mask, _, _, score, cam), c0 in zip(used, starts):
+        h, w = mask.shape
+        strip[:h, c0:c0 + w] = mask
         peak_source[:h, c0:c0 + w] = score if cam is None else cam
-    labels, count = ndimage.label(strip)  # 4-connected; the empty columns keep tiles apart
+    labels, count = ndimage.label(strip)  # 4-connected like shapes(); the empty columns keep masks apart
     inside = labels > 0
-    peaks = np.full(count + 1, -np.inf)
+    peaks = np.full(count + 1, -np.inf)  # each component's peak (np.maximum.at: no sort, unlike ndimage.maximum)
     np.maximum.at(peaks, labels[inside], peak_source[inside])
     first_col = np.array([box[1].start for box in ndimage.find_objects(labels)])
-    owner = np.searchsorted(starts, first_col, side="right") - 1  # index into cores, per label - 1
+    owner = np.searchsorted(starts, first_col, side="right") - 1  # index into used, per label - 1
     geoms, values = [], []
     for geojson, value in shapes(labels.astype(np.int32), mask=inside, connectivity=4):
         geoms.append(shape(geojson))
         values.append(int(value))
     values = np.array(values)
     which = owner[values - 1]
-    shifts = np.array([(tile.core.col_off - starts[i], tile.core.row_off) for i, (_, tile, *_) in enumerate(cores)],
-                      dtype=np.float64)
+    shifts = np.array([(c - c0, r) for (_, _, r, c, _, _), c0 in zip(used, starts)], dtype=np.float64)
     moved = shapely.transform(np.array(geoms, dtype=object),
                               lambda xy: xy + np.repeat(shifts[which], shapely.get_num_coordinates(geoms), axis=0))
     for geom, i, value in zip(moved, which, values):
-        k, _, _, score, cam = cores[i]
+        k, score = used[i][0], used[i][4]
         out[k].append(Piece(geometry=geom, score=float(score), cam_peak=float(peaks[value])))
     return out
+
+
+def core_pieces(tile: Tile, mask: np.ndarray, *, score: float = 1.0,
+                cam_map: np.ndarray | None = None) -> list[Piece]:
+    """Pieces of a full-tile mask, cut to the tile's core (the part of the grid it owns)."""
+    return batch_core_pieces([(tile, mask, score, cam_map)])[0]
+
+
+def batch_core_pieces(masks: Sequence[tuple[Tile, np.ndarray, float, np.ndarray | None]]) -> list[list[Piece]]:
+    """:func:`core_pieces` of many tiles (tile, full-tile mask, score, CAM map or None) in one
+    polygonizing pass (:func:`masks_pieces`)."""
+    return masks_pieces([(mask[tile.core_slices], int(tile.core.row_off), int(tile.core.col_off), score,
+                          None if cam is None else cam[tile.core_slices]) for tile, mask, score, cam in masks])
 
 
 # ---------------------------------------------------------------------------------------------
