@@ -28,11 +28,9 @@ from bench_tiling import build_raster, peak_rss_mib
 
 
 def make_scorer(model_path, device):
-    from solarmap import model as model_lib
-    from solarmap.cam import ModelScorer, resolve_device
+    from solarmap.model.scorer import build_scorer
 
-    net = model_lib.load(model_path)
-    return net, ModelScorer(net, device=resolve_device(device))
+    return build_scorer(model_path, device=device)
 
 
 def run_one(raster: str, out: str, model_path, device: str, model_only: bool) -> dict:
@@ -40,12 +38,12 @@ def run_one(raster: str, out: str, model_path, device: str, model_only: bool) ->
 
     from solarmap.pipeline import DetectConfig, detect_to_file
 
-    net, scorer = make_scorer(model_path, device)
+    scorer = make_scorer(model_path, device)
     batch = 64 if scorer.device.type == "cuda" else 16
-    config = DetectConfig.for_model(net.config, batch_size=batch)
+    config = DetectConfig.for_scorer(scorer, batch_size=batch)
     if model_only:  # the scorer alone on the same batches, read into memory beforehand
-        from solarmap.io import SceneReader
-        from solarmap.tiling import iter_tiles
+        from solarmap.geo.raster import SceneReader
+        from solarmap.geo.tiling import iter_tiles
 
         with SceneReader(raster, gsd_m=config.gsd_m) as reader:
             images = [reader.read_tile(t).pixels for t in iter_tiles(reader.info.grid, config.tile_spec)]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from solarmap import model as model_lib
+from solarmap.model.scorer import ScorerSpec
 from solarmap.pipeline import DetectConfig
-from solarmap.regional import ScorerSpec, detect_regional
-from solarmap.synth import SynthConfig, render_town, write_town
+from solarmap.pipeline.regional import detect_regional
+from solarmap.training.data import town_paths
 
 
 def main() -> None:
@@ -28,15 +28,9 @@ def main() -> None:
     parser.add_argument("--rows-per-chunk", type=int, default=2)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    rasters = []
-    for seed in range(900, 900 + args.towns):
-        town_dir = args.workdir / f"town_{seed}"
-        if not (town_dir / "scene.tif").exists():
-            write_town(render_town(SynthConfig(size_px=args.size, seed=seed)), town_dir, overwrite=True)
-        rasters.append(str(town_dir / "scene.tif"))
-    net = model_lib.load()
-    config = DetectConfig.for_model(net.config)
-    spec = ScorerSpec(context_px=config.context_px, decision_threshold=config.score_threshold)
+    rasters = [scene for scene, _ in town_paths(args.workdir, seeds=range(900, 900 + args.towns), size_px=args.size)]
+    spec = ScorerSpec()
+    config = DetectConfig.for_scorer(spec.build())
     rows = []
     reference = None
     for scheduler in args.schedulers:

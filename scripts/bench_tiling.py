@@ -24,7 +24,7 @@ def build_raster(path: Path, size_px: int, town_px: int = 1024) -> None:
     import rasterio
     from rasterio.windows import Window
 
-    from solarmap.synth import SynthConfig, render_town
+    from solarmap.training.synth import SynthConfig, render_town
 
     if path.exists():
         return

@@ -26,14 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
+import geopandas as gpd
+
 from solarmap import model as model_lib
-from solarmap.cam import ModelScorer
 from solarmap.evaluate import evaluate
+from solarmap.model.scorer import ModelScorer
 from solarmap.pipeline import DetectConfig, detect_scene
-from solarmap.synth import SynthConfig, render_town, write_town
-from solarmap.pseudoseg import train_pseudo_seg
-from solarmap.train import (MASK_THRESHOLDS, calibrate_cam_shifts, cam_scales, positive_windows, scene_samples,
-                            stack_samples, sweep_mask_rules)
+from solarmap.training.calibrate import MASK_THRESHOLDS, calibrate_cam_shifts, cam_scales, sweep_mask_rules
+from solarmap.training.data import positive_windows, scene_samples, stack_samples, town_paths
+from solarmap.training.pseudoseg import train_pseudo_seg
 
 VAL_SEEDS = range(101, 105)
 TEST_SEEDS = range(301, 304)
@@ -51,15 +52,7 @@ KEYS = ["tile_precision", "tile_recall", "box_iou", "pixel_iou", "total_area_err
 
 
 def towns(workdir: Path, seeds) -> list[tuple[str, object]]:
-    import geopandas as gpd
-
-    out = []
-    for seed in seeds:
-        town_dir = workdir / f"town_{seed}"
-        if not (town_dir / "truth.gpkg").exists():
-            write_town(render_town(SynthConfig(size_px=1024, seed=seed)), town_dir, overwrite=True)
-        out.append((str(town_dir / "scene.tif"), gpd.read_file(town_dir / "truth.gpkg", layer="panels")))
-    return out
+    return [(scene, gpd.read_file(truth, layer="panels")) for scene, truth in town_paths(workdir, seeds=seeds)]
 
 
 def run(scorer, config: DetectConfig, scenes, tile_px: int) -> tuple[dict, float, int]:
@@ -94,9 +87,7 @@ def main() -> None:
     scales = cam_scales(net, windows, {name: VARIANTS[name] for name in ("gap", "branch1", "branch2")})
     print(f"CAM scales (median peak, positive validation windows): {scales}", flush=True)
     if any(name.startswith("pseudo-seg") for name in args.methods) and net.seg_head is None:
-        train_windows = positive_windows([(Path(args.train_towns) / f"town_{seed}" / "scene.tif",
-                                           Path(args.train_towns) / f"town_{seed}" / "truth.gpkg")
-                                          for seed in TRAIN_SEEDS], model=net.config)
+        train_windows = positive_windows(town_paths(args.train_towns, seeds=TRAIN_SEEDS), model=net.config)
         x_train, _ = stack_samples(train_windows)
         info = train_pseudo_seg(net, x_train, progress=lambda line: print(line, flush=True))
         print(f"pseudo-seg head trained: {info}", flush=True)
@@ -106,9 +97,9 @@ def main() -> None:
     results = {}
     for name in args.methods:
         scorer = ModelScorer(net, **VARIANTS[name], cam_scale=scales.get(name))
-        threshold, fraction, _ = sweep_mask_rules(scorer, net.config, val, thresholds=MASK_THRESHOLDS,
+        threshold, fraction, _ = sweep_mask_rules(scorer, val, thresholds=MASK_THRESHOLDS,
                                                   peak_fractions=(None, 0.5, 0.7))
-        config = DetectConfig.for_model(net.config, mask_threshold=threshold, mask_peak_fraction=fraction)
+        config = DetectConfig.for_scorer(scorer, mask_threshold=threshold, mask_peak_fraction=fraction)
         metrics, seconds, tiles = run(scorer, config, test, net.config.tile_size_px)
         results[name] = {**metrics, "cam_threshold": threshold, "peak_fraction": fraction,
                          "s_per_1000_tiles": 1000 * seconds / max(tiles, 1)}

@@ -1,4 +1,8 @@
-"""solarmap: find solar panels in georeferenced aerial imagery and map them as polygons with areas."""
+"""solarmap: find solar panels in georeferenced aerial imagery and map them as polygons with areas.
+
+Packages, each importing only those before it: ``geo`` (no torch), ``model`` (inference),
+``pipeline`` (runs), ``training`` (on top of everything).
+"""
 
 __version__ = "0.1.0"
 

@@ -25,9 +25,9 @@ import shapely
 from rasterio.features import rasterize
 from scipy import ndimage
 
-from solarmap.io import describe_scene
-from solarmap.tiling import TileSpec, iter_tiles
-from solarmap.vectorize import geodesic_area_m2
+from solarmap.geo.raster import describe_scene
+from solarmap.geo.tiling import TileSpec, iter_tiles
+from solarmap.geo.vectorize import geodesic_area_m2
 
 
 @dataclass(frozen=True)

@@ -62,3 +62,21 @@ class BandOneScorer:
 @pytest.fixture
 def band_one_scorer():
     return BandOneScorer()
+
+
+def tiny_config(**changes):
+    """A model config for fast unit tests: small tiles and a 16-channel branch (the backbone itself
+    is always full size). Any ModelConfig field can be changed."""
+    from solarmap.model import ModelConfig
+
+    return ModelConfig(**{**dict(tile_size_px=96, overlap_px=16, train_tile_px=80, branch_channels=(16, 16)), **changes})
+
+
+def tiny_net(**changes):
+    """A random-init SolarNet on :func:`tiny_config` (seeded, so every call gives the same weights)."""
+    import torch
+
+    from solarmap.model import SolarNet
+
+    torch.manual_seed(0)
+    return SolarNet(tiny_config(**changes)).eval()

@@ -5,18 +5,21 @@ import pytest
 import torch
 from dataclasses import replace
 
+from conftest import tiny_config
 from solarmap import model as M
-from solarmap.cam import CamMethod, ModelScorer, align_to_window, estimate_cam_shift, layer_geometry
+from solarmap.model.align import align_to_window
+from solarmap.model.scorer import ModelScorer
+from solarmap.training.calibrate import estimate_cam_shift
 
 
 @pytest.mark.parametrize("layer", ["Mixed_5d", "Mixed_6e", "Mixed_7c"])
 def test_layer_geometry_matches_the_network(layer):
     """The receptive-field centre of a middle cell (gradient centroid) is where the table says."""
     torch.manual_seed(0)
-    net = M.SolarNet(M.ModelConfig.tiny()).eval()
-    stride, first = layer_geometry(CamMethod.GRADCAM, layer)
+    net = M.SolarNet(tiny_config()).eval()
+    stride, first = net.backbone.layer_geometry(layer)
     captured = {}
-    handle = getattr(net.backbone, layer).register_forward_hook(lambda m, i, o: captured.update(out=o))
+    handle = net.backbone.layer(layer).register_forward_hook(lambda m, i, o: captured.update(out=o))
     x = torch.rand(1, 3, 203, 203, requires_grad=True)
     net(x)
     handle.remove()
@@ -66,7 +69,7 @@ def test_offset_is_measured_from_flips_without_truth():
 
 def test_scorer_classifies_the_tile_and_maps_the_whole_window():
     torch.manual_seed(0)
-    net = M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2, context_px=20,
+    net = M.SolarNet(replace(tiny_config(), branch_levels=2, context_px=20,
                              cam_shifts={"branch": [6.0, 0.0]})).eval()
     window = np.random.default_rng(1).random((2, 3, 136, 136), dtype=np.float32)
     tile_only = window[:, :, 20:-20, 20:-20].copy()
@@ -81,10 +84,10 @@ def test_scorer_classifies_the_tile_and_maps_the_whole_window():
 
 
 def test_feedback_saliency_is_a_pixel_map_and_leaves_the_model_untouched():
-    from solarmap.cam import feedback_saliency
+    from solarmap.model.cam import feedback_saliency
 
     torch.manual_seed(0)
-    net = M.SolarNet(M.ModelConfig.tiny()).eval()
+    net = M.SolarNet(tiny_config()).eval()
     x = torch.rand(2, 3, 96, 96)
     with torch.inference_mode():
         before = net(x)
@@ -101,14 +104,14 @@ def test_feedback_saliency_is_a_pixel_map_and_leaves_the_model_untouched():
 
 def test_branch_levels_choose_the_cam_depth_and_their_own_offset():
     torch.manual_seed(0)
-    net = M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2,
+    net = M.SolarNet(replace(tiny_config(), branch_levels=2,
                              cam_shifts={"branch": [4.0, 0.0], "branch1": [8.0, 0.0]})).eval()
     assert ModelScorer(net).shift_px == (4.0, 0.0)
     assert ModelScorer(net, branch_levels=1).shift_px == (8.0, 0.0)
     x = torch.rand(1, 3, 96, 96)
     with torch.inference_mode():
-        f5d = net.mixed_5d(x)
-        assert torch.allclose(ModelScorer(net, branch_levels=1).raw_maps(x), net.branch_cam(f5d, levels=1))
+        features = net.branch_features(x)
+        assert torch.allclose(ModelScorer(net, branch_levels=1).raw_maps(x), net.branch_cam(features, levels=1))
     from solarmap.errors import OptionError
 
     with pytest.raises(OptionError, match="trained branch level"):
@@ -121,7 +124,7 @@ def replace_levels(net, levels):
 
 
 def test_scorer_defaults_come_from_the_checkpoint():
-    net = M.SolarNet(replace(M.ModelConfig.tiny(), decision_threshold=0.37, context_px=12)).train()
+    net = M.SolarNet(replace(tiny_config(), decision_threshold=0.37, context_px=12)).train()
     scorer = ModelScorer(net, method="gap")
     assert scorer.decision_threshold == 0.37 and scorer.context_px == 12
     assert not scorer.model.training  # inference mode for batch norm and dropout
@@ -132,10 +135,11 @@ def test_scorer_defaults_come_from_the_checkpoint():
 
 
 def test_cam_scales_are_measured_on_windows_as_detection_reads_them():
-    from solarmap.train import Sample, calibrate_cam_scales
+    from solarmap.training.calibrate import calibrate_cam_scales
+    from solarmap.training.data import Sample
 
     torch.manual_seed(0)
-    net = M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2)).eval()
+    net = M.SolarNet(replace(tiny_config(), branch_levels=2)).eval()
     with torch.no_grad():  # positive class weights >= 0: maps of ReLU features are then >= 0, as when trained
         net.branch_heads[1].weight.abs_()
         net.backbone.fc.weight.abs_()
@@ -149,11 +153,11 @@ def test_cam_scales_are_measured_on_windows_as_detection_reads_them():
 
 
 def test_grad_cam_works_on_a_frozen_model():
-    from solarmap.cam import grad_cam
+    from solarmap.model.cam import grad_cam
 
     torch.manual_seed(0)
-    net = M.SolarNet(M.ModelConfig.tiny()).eval()
+    net = M.SolarNet(tiny_config()).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    maps = grad_cam(net, torch.rand(1, 3, 96, 96))
+    maps = grad_cam(net, torch.rand(1, 3, 96, 96), layer="Mixed_6e")
     assert maps.shape == (1, 4, 4) and torch.isfinite(maps).all()  # Mixed_6e at 96 px

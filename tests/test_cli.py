@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import tiny_config
 from solarmap.cli import main
 
 
@@ -72,7 +73,7 @@ def tiny_model_file(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    return str(M.save(M.SolarNet(M.ModelConfig.tiny()), path))
+    return str(M.save(M.SolarNet(tiny_config()), path))
 
 
 def chip_folder(root, n=6, size=40):
@@ -132,15 +133,10 @@ def test_train_cli_runs_a_stage_and_refuses_missing_data(runner, tmp_path, tiny_
     assert again.exit_code == 1 and "--overwrite" in again.output
     nothing = runner.invoke(main, ["train", "--out", str(tmp_path / "x.pt")])
     assert nothing.exit_code == 1 and "no training data" in nothing.output
-    no_model = runner.invoke(main, ["train", "--stage", "classifier-top", "--chips", str(folder),
+    no_model = runner.invoke(main, ["train", "--stage", "colour-prior", "--chips", str(folder),
                                     "--out", str(tmp_path / "y.pt")])
     assert no_model.exit_code == 1 and "give --model" in no_model.output
-    top = runner.invoke(main, ["train", "--stage", "classifier-top", "--chips", str(folder), "--model", str(out),
-                               "--epochs", "1", "--batch-size", "4", "--workdir", str(tmp_path / "work"),
-                               "--out", str(tmp_path / "top.pt")])
-    assert top.exit_code == 0, top.output
-    assert "classifier-top: best epoch 1" in top.output and M.load(tmp_path / "top.pt").config.branch_levels == 1
-    assert "colour prior" in top.output  # learnt, or said why not (6 chips may leave one label in training)
+    assert "colour prior" in result.output  # learnt, or said why not (6 chips may leave one label in training)
     many = chip_folder(tmp_path / "many", n=20)
     colours = runner.invoke(main, ["train", "--stage", "colour-prior", "--chips", str(many), "--model", tiny_model_file,
                                    "--out", str(tmp_path / "colours.pt")])
@@ -164,7 +160,7 @@ def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, t
                                   "--score-threshold", "0", "--gsd", "0.5", "--heatmap", str(heat), "--quiet"])
     assert result.exit_code == 0, result.output
     assert out.exists() and heat.exists()
-    from solarmap.io import read_layer_metadata
+    from solarmap.geo.output import read_layer_metadata
 
     meta = read_layer_metadata(out)
     assert meta["cam_method"] == "gap" and meta["config_tile_size_px"] == "96"
@@ -176,7 +172,7 @@ def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, t
     (["--device", "cuda:7"], "no CUDA GPU"),
     (["--cam-method", "branch"], "no trained CAM branch"),
     (["--score-threshold", "1.5"], "between 0 and 1"),
-    (["--overlap", "200"], "smaller than the tile size"),
+    (["--overlap", "200", "--cam-method", "gap"], "smaller than the tile size"),
     (["--batch-size", "0"], "must be positive"),
     (["--branch-levels", "3"], "--branch-levels"),
     (["--cam-method", "gap", "--refine"], "no colour prior"),
@@ -197,7 +193,7 @@ def test_detect_option_errors(runner, tmp_path, tiny_model_file, geotiff, args, 
 def test_evaluate_prints_a_table_and_json(runner, tmp_path, geotiff):
     import json
 
-    from solarmap.synth import SynthConfig, render_town, write_town
+    from solarmap.training.synth import SynthConfig, render_town, write_town
 
     scene, truth = write_town(render_town(SynthConfig(size_px=200, seed=2, supersample=2)), tmp_path / "t")
     result = runner.invoke(main, ["evaluate", truth, "--truth", truth, "--scene", scene, "--tile-size", "64"])
@@ -212,7 +208,7 @@ def test_evaluate_prints_a_table_and_json(runner, tmp_path, geotiff):
 @pytest.mark.parametrize("method", ["feedback", "gradcam"])
 def test_detect_runs_every_localization_method(runner, tmp_path, tiny_model_file, geotiff, method):
     from conftest import rectangle_raster
-    from solarmap.io import read_layer_metadata
+    from solarmap.geo.output import read_layer_metadata
 
     raster = geotiff((rectangle_raster(96, 96, (30, 30, 50, 70)) * 200).astype(np.uint8))  # one whole tile
     out = tmp_path / "panels.gpkg"
@@ -233,15 +229,16 @@ def test_pseudo_seg_stage_trains_a_head_that_detect_uses(runner, tmp_path):
     import torch
 
     from solarmap import model as M
-    from solarmap.io import read_layer_metadata
-    from solarmap.synth import SynthConfig, render_town, write_town
+    from solarmap.geo.output import read_layer_metadata
+    from solarmap.training.synth import SynthConfig, render_town, write_town
 
     torch.manual_seed(0)
-    base = M.save(M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2)), tmp_path / "base.pt")
+    base = M.save(M.SolarNet(replace(tiny_config(), branch_levels=2)), tmp_path / "base.pt")
     scene, truth = write_town(render_town(SynthConfig(size_px=240, seed=5, panel_house_fraction=1.0)), tmp_path / "t")
     out = tmp_path / "seg.pt"
     result = runner.invoke(main, ["train", "--stage", "pseudo-seg", "--model", str(base), "--scene", scene,
-                                  "--truth", truth, "--epochs", "1", "--out", str(out)])
+                                  "--truth", truth, "--epochs", "1", "--workdir", str(tmp_path / "work"),
+                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert M.load(out).config.pseudo_seg
     panels = tmp_path / "p.gpkg"

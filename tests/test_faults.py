@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import rectangle_raster, write_tif
+from conftest import rectangle_raster, tiny_config, write_tif
 from solarmap.cli import main
 
 
@@ -21,7 +21,7 @@ def tiny_model(tmp_path_factory):
     from solarmap import model as M
 
     torch.manual_seed(0)
-    return str(M.save(M.SolarNet(M.ModelConfig.tiny()), tmp_path_factory.mktemp("m") / "tiny.pt"))
+    return str(M.save(M.SolarNet(tiny_config()), tmp_path_factory.mktemp("m") / "tiny.pt"))
 
 
 def run_detect(raster, out, *args):
@@ -192,12 +192,12 @@ def test_a_signal_leaves_no_output_and_resume_completes(tmp_path, tiny_model, si
 def test_unwritable_output_directory_is_refused_before_any_work(tmp_path, tiny_model, monkeypatch):
     """Root can write anywhere, so the permission answer is simulated (test_io checks the real
     thing where the tests do not run as root)."""
-    import solarmap.io
+    import solarmap.geo.output
 
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(solarmap.io.os, "access",
+    monkeypatch.setattr(solarmap.geo.output.os, "access",
                         lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
     out = locked / "p.gpkg"
     assert_clean_failure(run_detect(_raster(tmp_path, "ok"), out, "--model", tiny_model), out,
@@ -211,7 +211,7 @@ def test_disk_full_during_export_keeps_the_previous_output(tmp_path, tiny_model,
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("solarmap.io.add_layer_style", disk_full)  # while the file is being finished
+    monkeypatch.setattr("solarmap.geo.output.add_layer_style", disk_full)  # while the file is being finished
     result = run_detect(_raster(tmp_path, "ok"), out, "--model", tiny_model, "--cam-method", "gap", "--overwrite",
                         "--quiet")
     assert result.exit_code == 1 and "No space left on device" in result.output, result.output

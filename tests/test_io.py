@@ -10,10 +10,10 @@ from affine import Affine
 
 from conftest import UTM_ORIGIN
 from solarmap.errors import GeoreferenceError, InputError, OutputError
-from solarmap.io import (SceneReader, check_output_path, describe_scene, parse_bands, read_layer_metadata,
-                         write_geopackage)
-from solarmap.style import panels_qml
-from solarmap.tiling import TileSpec, iter_tiles
+from solarmap.geo.output import check_output_path, read_layer_metadata, write_geopackage
+from solarmap.geo.raster import SceneReader, describe_scene, parse_bands
+from solarmap.geo.style import panels_qml
+from solarmap.geo.tiling import TileSpec, iter_tiles
 
 
 def first_tile(reader, size=16, overlap=0):
@@ -188,7 +188,7 @@ def test_failed_write_leaves_previous_output_intact(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     # the features are written, then the disk fills up while the style is added
-    monkeypatch.setattr("solarmap.io.add_layer_style", disk_full)
+    monkeypatch.setattr("solarmap.geo.output.add_layer_style", disk_full)
     with pytest.raises(OutputError, match="No space left"):
         write_geopackage(panels(2), out, overwrite=True, style_qml=panels_qml())
     assert out.read_bytes() == before
@@ -238,7 +238,7 @@ def test_cog_and_vrt_inputs_read_like_geotiff(tmp_path):
 def test_block_cache_holds_two_rows_of_windows_and_grows_with_width_not_height():
     from types import SimpleNamespace
 
-    from solarmap.io import block_cache_bytes
+    from solarmap.geo.raster import block_cache_bytes
 
     def raster(width, height, block=(512, 512), count=3, dtype="uint8"):
         return SimpleNamespace(width=width, height=height, count=count, dtypes=[dtype] * count,

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
+from conftest import tiny_config
 from solarmap import model as M
 from solarmap.errors import ModelError
+from solarmap.training.stages import init_from_imagenet
 
 
 @pytest.fixture(scope="module")
@@ -11,7 +13,7 @@ def tiny():
     torch.manual_seed(0)
     from dataclasses import replace
 
-    return M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2)).eval()
+    return M.SolarNet(replace(tiny_config(), branch_levels=2)).eval()
 
 
 def test_exposes_backbone_and_branch_in_order(tiny):
@@ -30,29 +32,29 @@ def test_full_size_branch_matches_the_design():
 def test_cam_is_35x35_at_299_px_and_on_the_classifier_scale(tiny):
     x = torch.rand(2, 3, 299, 299)
     with torch.inference_mode():
-        f5d = tiny.mixed_5d(x)
-        assert f5d.shape == (2, 288, 35, 35)
-        cam = tiny.branch_cam(f5d)
+        features = tiny.branch_features(x)
+        assert features.shape == (2, 288, 35, 35)
+        cam = tiny.branch_cam(features)
         assert cam.shape == (2, 35, 35)
         # raw scale: averaging the CAM and adding the bias gives the branch head's positive logit
-        logits = tiny.branch_logits(f5d, 2)
+        logits = tiny.branch_logits(features, 2)
         head = tiny.branch_heads[1]
         assert cam.mean(dim=(1, 2)) + head.bias[1] == pytest.approx(logits[:, 1], abs=1e-4)
-        level1 = tiny.branch_cam(f5d, levels=1)
+        level1 = tiny.branch_cam(features, levels=1)
         assert level1.shape == (2, 35, 35)
-        gap = tiny.gap_cam(tiny.mixed_7c(f5d))
+        gap = tiny.gap_cam(tiny.top_features(features))
         assert gap.shape == (2, 8, 8)
 
 
 def test_cam_is_not_normalised_per_tile(tiny):
     x = torch.rand(1, 3, 96, 96)
     with torch.inference_mode():
-        f5d = tiny.mixed_5d(x)
+        features = tiny.branch_features(x)
         # scaling the last layer's positive weights scales the CAM: no hidden min-max step
         head = tiny.branch_heads[1]
-        before = tiny.branch_cam(f5d).clone()
+        before = tiny.branch_cam(features).clone()
         head.weight[1] *= 3
-        after = tiny.branch_cam(f5d)
+        after = tiny.branch_cam(features)
         head.weight[1] /= 3
     assert torch.allclose(after, 3 * before, atol=1e-5)
 
@@ -113,7 +115,7 @@ def test_mismatched_weights_are_refused(tmp_path, tiny):
 def test_imagenet_init_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(ModelError, match="--init-weights"):
-        M.init_from_imagenet(M.SolarNet(M.ModelConfig.tiny()))
+        init_from_imagenet(M.SolarNet(tiny_config()))
 
 
 def test_imagenet_init_from_a_local_file(tmp_path):
@@ -123,6 +125,6 @@ def test_imagenet_init_from_a_local_file(tmp_path):
     reference = inception_v3(weights=None, aux_logits=True, init_weights=False)  # ImageNet layout, 1000 classes
     weights = tmp_path / "inception_v3_google-0cc3c7bd.pth"
     torch.save(reference.state_dict(), weights)
-    net = M.init_from_imagenet(M.SolarNet(M.ModelConfig.tiny()), weights)
+    net = init_from_imagenet(M.SolarNet(tiny_config()), weights)
     assert torch.equal(net.backbone.Mixed_5d.branch1x1.conv.weight, reference.Mixed_5d.branch1x1.conv.weight)
     assert net.backbone.fc.out_features == 2

@@ -3,9 +3,10 @@ import pytest
 import rasterio
 
 import geopandas as gpd
-from conftest import BandOneScorer, rectangle_raster
+from conftest import BandOneScorer, rectangle_raster, tiny_config
 from solarmap.errors import OutputError
-from solarmap.pipeline import BackgroundConsumer, DetectConfig, detect_to_file, prefetch
+from solarmap.pipeline import DetectConfig, detect_to_file
+from solarmap.pipeline.threads import BackgroundConsumer, prefetch
 
 CONFIG = DetectConfig(tile_size_px=16, overlap_px=4, batch_size=3, min_area_m2=0.0)
 
@@ -107,9 +108,9 @@ def test_all_nodata_raster_gives_an_empty_geopackage(geotiff, tmp_path):
 
 
 def test_batches_with_nodata_tiles_score_only_the_tiles_with_data(geotiff):
-    from solarmap.io import SceneReader
+    from solarmap.geo.raster import SceneReader
     from solarmap.pipeline import SceneRun
-    from solarmap.tiling import iter_tiles
+    from solarmap.geo.tiling import iter_tiles
 
     array = np.full((3, 48, 48), 0.3, np.float32)
     array[:, :16, :] = np.nan  # the first tile row holds no data
@@ -289,13 +290,61 @@ def test_each_cam_method_gets_its_own_calibrated_mask_rule(tmp_path):
     from dataclasses import replace
 
     from solarmap import model as M
+    from solarmap.model.scorer import ModelScorer
 
-    config = replace(M.ModelConfig.tiny(), cam_threshold=0.8, cam_peak_fraction=0.5,
+    config = replace(tiny_config(), branch_levels=1, cam_threshold=0.8, cam_peak_fraction=0.5,
                      mask_rules={"feedback": [0.4, None], "gap": [0.9, 0.7]})
-    config = M.load(M.save(M.SolarNet(config), tmp_path / "m.pt")).config  # the rules survive a checkpoint
-    rule = lambda c: (c.mask_threshold, c.mask_peak_fraction)  # noqa: E731
-    assert rule(DetectConfig.for_model(config)) == (0.8, 0.5)
-    assert rule(DetectConfig.for_model(config, method="feedback")) == (0.4, None)
-    assert rule(DetectConfig.for_model(config, method="gap")) == (0.9, 0.7)
-    assert rule(DetectConfig.for_model(config, method="gradcam")) == (0.8, 0.5)  # no rule of its own
-    assert rule(DetectConfig.for_model(config, method="feedback", mask_threshold=0.6)) == (0.6, None)
+    net = M.load(M.save(M.SolarNet(config), tmp_path / "m.pt"))  # the rules survive a checkpoint
+
+    def rule(method="branch", **overrides):
+        settings = DetectConfig.for_scorer(ModelScorer(net, method=method), **overrides)
+        return settings.mask_threshold, settings.mask_peak_fraction
+
+    assert rule() == (0.8, 0.5)
+    assert rule("feedback") == (0.4, None)
+    assert rule("gap") == (0.9, 0.7)
+    assert rule("gradcam") == (0.8, 0.5)  # no rule of its own
+    assert rule("feedback", mask_threshold=0.6) == (0.6, None)
+
+
+@pytest.fixture(scope="module")
+def every_method_model(tmp_path_factory):
+    """A tiny random model that can run every CAM method: two branch levels, a segmentation head, a
+    colour prior with a refinement rule, and a mask rule of its own for some methods."""
+    from solarmap import model as M
+
+    rng = np.random.default_rng(0)
+    config = tiny_config(branch_levels=2, pseudo_seg=True, decision_threshold=0.0, cam_threshold=1.0,
+                         cam_scale=0.03, gap_cam_scale=5.9e-8,  # about the peaks of these random weights
+                         colour_prior=tuple(float(v) for v in rng.normal(0, 1, 16 ** 3)),
+                         refine_rule={"grow_px": 24, "min_log_ratio": 0.0, "smooth_px": 1},
+                         mask_rules={"gap": [1.0, None], "gradcam": [0.5, 0.5], "feedback": [0.4, None],
+                                     "pseudo-seg": [0.99, 0.95]})
+    path = tmp_path_factory.mktemp("model") / "every.pt"
+    import torch
+
+    torch.manual_seed(3)
+    return str(M.save(M.SolarNet(config), path))
+
+
+@pytest.mark.parametrize("method", ["branch", "gap", "gradcam", "feedback", "pseudo-seg"])
+def test_python_api_gives_what_the_cli_gives_for_every_method(method, tmp_path, geotiff, every_method_model):
+    """pipeline.detect(..., method=m) and `solarmap detect --cam-method m` build the scorer and the
+    settings the same way (the method's own mask rule, refinement only where it is the default)."""
+    from click.testing import CliRunner
+
+    from solarmap.cli import main
+    from solarmap.pipeline import detect
+
+    pixels = np.random.default_rng(1).integers(0, 255, (3, 180, 180)).astype(np.uint8)
+    raster = geotiff(pixels, transform=rasterio.Affine(0.3, 0, 500_000, 0, -0.3, 4_000_000))
+    out = tmp_path / "cli.gpkg"
+    result = CliRunner().invoke(main, ["detect", raster, "--out", str(out), "--model", every_method_model,
+                                       "--cam-method", method, "--quiet"])
+    assert result.exit_code == 0, result.output
+    from_cli = read(out)
+    from_api = detect(raster, model=every_method_model, method=method).sort_values("id").reset_index(drop=True)
+    assert len(from_cli) > 0 and len(from_api) == len(from_cli)
+    assert all(a.equals_exact(b, 0) for a, b in zip(from_api.geometry, from_cli.geometry))
+    columns = ["id", "area_m2", "score", "cam_peak"]
+    assert from_api[columns].to_numpy() == pytest.approx(from_cli[columns].to_numpy())

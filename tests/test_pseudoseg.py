@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_config
 from solarmap import model as M
-from solarmap.pseudoseg import (IGNORE, background_labels, erasing_saliency, pseudo_masks, segment,
-                               train_pseudo_seg)
+from solarmap.model.seg import segment
+from solarmap.training.pseudoseg import IGNORE, erasing_saliency, pseudo_masks, train_pseudo_seg
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2, cam_scale=1.0)).eval()
+    return M.SolarNet(replace(tiny_config(), branch_levels=2, cam_scale=1.0)).eval()
 
 
 def test_pseudo_masks_use_two_thresholds_and_ignore_the_unsure_middle():
@@ -48,44 +49,11 @@ def test_head_trains_only_itself_round_trips_and_segments(tmp_path, tiny):
     assert again.config.pseudo_seg and torch.allclose(segment(again, x[:2], scales=(0.75, 1.0)), prob, atol=1e-5)
 
 
-def test_background_labels_mark_only_the_middle_tile():
-    labels = background_labels(torch.zeros(2, 3, 10, 10), context_px=3)
-    assert labels.shape == (2, 10, 10)
-    assert (labels[:, 3:7, 3:7] == 0).all()
-    ring = torch.ones(10, 10, dtype=torch.bool)
-    ring[3:7, 3:7] = False
-    assert (labels[:, ring] == IGNORE).all()  # the context may hold a neighbour's panels
-
-
-def test_negative_windows_teach_the_head_background(tiny):
-    """Trained with panel-free windows of a confuser colour, the head scores that colour lower than
-    when it never saw them (same seed, same positives)."""
-    panel, confuser = torch.tensor([0.05, 0.07, 0.2]), torch.tensor([0.6, 0.3, 0.2])
-    x = torch.rand(6, 3, 96, 96) * 0.3 + 0.5
-    x[:, :, 30:50, 30:70] = panel[:, None, None]
-    negatives = confuser[None, :, None, None].expand(6, 3, 96, 96).clone()
-    probe = negatives[:1]
-
-    def confuser_score(neg):
-        net = M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2, cam_scale=1.0)).eval()
-        net.load_state_dict(tiny.state_dict(), strict=False)
-        info = train_pseudo_seg(net, x, negatives=neg, context_px=8, epochs=3, batch_size=4, seed=1)
-        with torch.no_grad():
-            from solarmap.pseudoseg import stem_features
-
-            return float(torch.sigmoid(net.seg_head(probe, stem_features(net, probe))).mean()), info
-
-    without, _ = confuser_score(None)
-    with_negatives, info = confuser_score(negatives)
-    assert info["negative_windows"] == 6 and info["windows"] == 12
-    assert with_negatives < without
-
-
 def test_pseudo_seg_without_a_head_is_a_clear_error():
-    from solarmap.cam import ModelScorer
+    from solarmap.model.scorer import ModelScorer
     from solarmap.errors import ModelError
 
-    net = M.SolarNet(replace(M.ModelConfig.tiny(), branch_levels=2))
+    net = M.SolarNet(replace(tiny_config(), branch_levels=2))
     with pytest.raises(ModelError, match="no pseudo-seg head"):
         ModelScorer(net, method="pseudo-seg")
 
@@ -93,8 +61,6 @@ def test_pseudo_seg_without_a_head_is_a_clear_error():
 def test_pseudo_masks_given_by_the_caller_are_what_the_head_learns(tiny):
     """Masks from elsewhere (e.g. colour-refined CAM masks) replace CAM x saliency: the head learns
     to score the labelled rectangle above the background."""
-    from solarmap.pseudoseg import stem_features
-
     x = torch.rand(6, 3, 96, 96) * 0.3 + 0.5
     x[:, :, 30:50, 10:40] = torch.tensor([0.05, 0.07, 0.2])[:, None, None]
     masks = torch.zeros(6, 96, 96, dtype=torch.uint8)
@@ -102,5 +68,5 @@ def test_pseudo_masks_given_by_the_caller_are_what_the_head_learns(tiny):
     info = train_pseudo_seg(tiny, x, masks=masks, epochs=3, batch_size=3, seed=2)
     assert info["pseudo_label_fractions"]["panel"] == pytest.approx(20 * 30 / 96 ** 2)
     with torch.no_grad():
-        logits = tiny.seg_head(x[:1], stem_features(tiny, x[:1]))[0]
+        logits = tiny.seg_head(x[:1], tiny.stem_features(x[:1]))[0]
     assert float(logits[34:46, 14:36].mean()) > float(logits[60:90, 50:90].mean()) + 1.0

@@ -32,7 +32,7 @@ os._exit(0)  # QGIS can crash while tearing down at interpreter exit; the answer
 
 
 def test_qgis_opens_the_panels_layer_styled(tmp_path):
-    from solarmap.synth import SynthConfig, render_town, write_town
+    from solarmap.training.synth import SynthConfig, render_town, write_town
 
     town = render_town(SynthConfig(size_px=256, seed=5, supersample=2))
     _, truth = write_town(town, tmp_path)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from conftest import rectangle_raster
-from solarmap.refine import ColourRefine, colour_codes, colour_histograms, colour_log_ratio, grow, refine_mask
+from conftest import rectangle_raster, tiny_config
+from solarmap.geo.refine import ColourRefine, colour_codes, colour_histograms, colour_log_ratio, grow, refine_mask
 
 ROOF = (0.75, 0.55, 0.45)
 PANEL = (0.10, 0.15, 0.35)
@@ -137,17 +137,26 @@ def test_refinement_is_the_branch_default_only_when_the_checkpoint_has_a_prior_a
     from dataclasses import replace
 
     from solarmap import model as M
+    from solarmap.errors import ModelError
+    from solarmap.model.scorer import ModelScorer
     from solarmap.pipeline import DetectConfig
 
-    plain = M.ModelConfig.tiny()
-    assert DetectConfig.for_model(plain).refine is None
+    def refine(config, method="branch", **options):
+        return DetectConfig.for_scorer(ModelScorer(M.SolarNet(config), method=method, **options)).refine
+
+    plain = tiny_config(branch_levels=1)
+    assert refine(plain) is None
+    with pytest.raises(ModelError, match="no colour prior"):
+        refine(plain, refine=True)
     config = replace(plain, colour_prior=tuple(float(v) for v in panel_table()),
                      refine_rule={"grow_px": 20, "min_log_ratio": 1.5, "smooth_px": 2})
     config = M.load(M.save(M.SolarNet(config), tmp_path / "m.pt")).config  # both survive a checkpoint
     assert len(config.colour_prior) == 16 ** 3
-    assert DetectConfig.for_model(config).refine == ColourRefine(grow_px=20, min_log_ratio=1.5, smooth_px=2)
-    assert DetectConfig.for_model(config, method="feedback").refine is None  # calibrated on branch masks only
-    assert DetectConfig.for_model(replace(config, refine_rule={})).refine is None
+    assert refine(config) == ColourRefine(grow_px=20, min_log_ratio=1.5, smooth_px=2)
+    assert refine(config, "feedback") is None  # calibrated on branch masks only
+    assert refine(config, "feedback", refine=True) == ColourRefine(grow_px=20, min_log_ratio=1.5, smooth_px=2)
+    assert refine(config, refine=False) is None
+    assert refine(replace(config, refine_rule={})) is None
 
 
 def test_a_region_gives_the_whole_window_result_there_and_nothing_outside():

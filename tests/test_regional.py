@@ -12,10 +12,11 @@ import pytest
 import shapely
 from affine import Affine
 
-from conftest import UTM_ORIGIN, write_tif
+from conftest import UTM_ORIGIN, tiny_config, write_tif
 from solarmap.errors import InputError
 from solarmap.pipeline import DetectConfig, SpectralBaseline, detect_scene
-from solarmap.regional import detect_regional, expand_inputs
+from solarmap.geo.raster import expand_inputs
+from solarmap.pipeline.regional import detect_regional
 
 CONFIG = DetectConfig(tile_size_px=64, overlap_px=8, batch_size=4, min_area_m2=0.0)
 
@@ -86,7 +87,7 @@ def test_adjacent_rasters_merge_into_one_output_in_any_crs(tmp_path):
 
 
 def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
-    import solarmap.regional as regional
+    import solarmap.pipeline.regional as regional
 
     raster = write_tif(tmp_path / "scene.tif", town_like(seed=5))
     out = tmp_path / "r.gpkg"
@@ -176,7 +177,7 @@ def test_cli_takes_a_directory_of_rasters_into_one_geopackage(tmp_path):
     from solarmap import model as M
 
     torch.manual_seed(0)
-    model = M.save(M.SolarNet(M.ModelConfig.tiny()), tmp_path / "tiny.pt")
+    model = M.save(M.SolarNet(tiny_config()), tmp_path / "tiny.pt")
     tiles = tmp_path / "tiles"
     tiles.mkdir()
     for i in range(2):
@@ -186,7 +187,7 @@ def test_cli_takes_a_directory_of_rasters_into_one_geopackage(tmp_path):
                                        "--cam-method", "gap", "--score-threshold", "0", "--gsd", "0.5"])
     assert result.exit_code == 0, result.output
     assert "rasters: 2" in result.output and out.exists()
-    from solarmap.io import read_layer_metadata
+    from solarmap.geo.output import read_layer_metadata
 
     assert read_layer_metadata(out)["rasters"] == "2"
     with_heatmap = CliRunner().invoke(main, ["detect", str(tiles), "--out", str(tmp_path / "h.gpkg"), "--model",

@@ -4,7 +4,7 @@ import pytest
 import rasterio
 from rasterio.features import rasterize
 
-from solarmap.synth import SynthConfig, render_town, write_town
+from solarmap.training.synth import SynthConfig, render_town, write_town
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from rasterio.crs import CRS
 
 from solarmap.errors import GeoreferenceError, OptionError
-from solarmap.tiling import (Grid, TileSpec, axis_cores, axis_offsets, ground_resolution_m, iter_tiles,
+from solarmap.geo.tiling import (Grid, TileSpec, axis_cores, axis_offsets, ground_resolution_m, iter_tiles,
                              resampled_grid, tile_grid_shape)
 
 UTM = CRS.from_epsg(32611)

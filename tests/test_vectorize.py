@@ -11,8 +11,8 @@ from scipy import ndimage
 
 from conftest import BandOneScorer, UTM_ORIGIN, rectangle_raster, write_tif
 from solarmap.pipeline import DetectConfig, detect_scene
-from solarmap.tiling import Grid, TileSpec, iter_tiles
-from solarmap.vectorize import (Piece, SeamMerger, batch_core_pieces, core_pieces, geodesic_area_m2, mask_pieces, merge_pieces,
+from solarmap.geo.tiling import Grid, TileSpec, iter_tiles
+from solarmap.geo.vectorize import (Piece, SeamMerger, batch_core_pieces, core_pieces, geodesic_area_m2, mask_pieces, merge_pieces,
                                 upsample_scores)
 
 WGS84_A = 6_378_137.0

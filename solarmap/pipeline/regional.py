@@ -1,113 +1,75 @@
 """Regional runs: many rasters, cut into chunks of tile rows, on dask.distributed or in one process.
 
 The work is a list of :class:`Chunk` s — plain values (a raster path, a range of tile rows, the
-detection settings) — and a :class:`ScorerSpec` that a worker turns into a scorer once and keeps.
+detection settings, the raster's grid) — and a scorer spec (:class:`solarmap.model.scorer.ScorerSpec`)
+that a worker turns into a scorer once and keeps.
 A chunk returns its panel pieces in the raster's grid pixels, unfiltered. Pieces that touch a
 boundary between two chunks of the same raster are merged on the client exactly as the seam merger
 merges them within one run (shared integer edges), so a regional result equals a single-process
 one. Pieces that touch the edge of a raster are merged, in the output CRS, with pieces of other
 rasters that touch them (mosaics whose files meet edge to edge).
 
-Each finished chunk is written to a part file in the journal beside the output
-(``.NAME.gpkg.partial/``); ``--resume`` skips chunks whose part exists, and a worker that dies
-only loses the chunk it was running (dask reschedules it).
+Each finished chunk is recorded in the journal beside the output (:mod:`solarmap.pipeline.journal`);
+``--resume`` skips chunks recorded there, and a worker that dies only loses the chunk it was
+running (dask reschedules it).
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
-import pickle
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import geopandas as gpd
 import numpy as np
+import pandas as pd
 import shapely
+from affine import Affine
+from pyproj import CRS as ProjCRS
+from rasterio.crs import CRS
 
-from solarmap.errors import InputError, OptionError
-from solarmap.pipeline import DetectConfig, SceneRun
-from solarmap.tiling import TileSpec, axis_cores, axis_offsets, tile_grid_shape
-from solarmap.vectorize import Piece, connected_groups, merge_pieces, panels_frame
+from solarmap.errors import OptionError
+from solarmap.geo.output import check_output_path, write_geopackage
+from solarmap.geo.raster import describe_scene, expand_inputs, parse_crs
+from solarmap.geo.style import panels_qml
+from solarmap.geo.tiling import (
+    axis_cores,
+    axis_offsets,
+    ground_resolution_m,
+    tile_grid_shape,
+)
+from solarmap.geo.vectorize import (
+    Piece,
+    centroids_lonlat,
+    connected_groups,
+    geodesic_area_m2,
+    merge_pieces,
+    panels_frame,
+)
+from solarmap.pipeline.api import run_metadata
+from solarmap.pipeline.config import DetectConfig
+from solarmap.pipeline.journal import Journal, run_key
+from solarmap.pipeline.scene import SceneRun
 
 log = logging.getLogger(__name__)
 
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Rasters named by paths, directories (their rasters, sorted), globs, URLs or text files that
-    list one raster per line (``#`` comments allowed). Order is kept; duplicates are dropped."""
-    found: list[str] = []
-    for item in inputs:
-        text = str(item)
-        path = Path(text)
-        if "://" in text or text.startswith("/vsi"):
-            found.append(text)  # GDAL opens it (or says why not)
-        elif path.is_dir():
-            rasters = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in RASTER_SUFFIXES)
-            if not rasters:
-                raise InputError(f"no rasters ({', '.join(RASTER_SUFFIXES)}) in directory {text}")
-            found.extend(rasters)
-        elif path.suffix.lower() == ".txt" and path.is_file():
-            lines = [ln.strip() for ln in path.read_text().splitlines()]
-            listed = [ln for ln in lines if ln and not ln.startswith("#")]
-            if not listed:
-                raise InputError(f"raster list {text} names no rasters")
-            base = path.parent
-            found.extend(ln if ("://" in ln or ln.startswith("/vsi") or os.path.isabs(ln)) else str(base / ln)
-                         for ln in listed)
-        elif any(ch in text for ch in "*?["):
-            matches = sorted(glob.glob(text))
-            if not matches:
-                raise InputError(f"no files match {text}")
-            found.extend(matches)
-        elif path.exists():
-            found.append(text)
-        else:
-            raise InputError(f"input raster not found: {text}")
-    return list(dict.fromkeys(found))
-
-
 # ---------------------------------------------------------------------------------------------
 # Plain-value work units
-
-
-@dataclass(frozen=True)
-class ScorerSpec:
-    """How a worker builds its scorer: a model file (None = bundled), CAM method, device."""
-
-    model_path: str | None = None
-    method: str = "branch"
-    device: str = "auto"
-    context_px: int | None = None
-    decision_threshold: float | None = None
-    branch_levels: int | None = None
-
-    def build(self):
-        from solarmap import model as model_lib
-        from solarmap.cam import ModelScorer, resolve_device
-
-        net = model_lib.load(self.model_path)
-        return ModelScorer(net, method=self.method, device=resolve_device(self.device), context_px=self.context_px,
-                           decision_threshold=self.decision_threshold, branch_levels=self.branch_levels, name="bundled" if self.model_path is None else self.model_path)
 
 
 _SCORERS: dict = {}  # per worker process: spec -> scorer, so each worker loads its model once
 
 
 def _scorer_for(spec):
-    if not isinstance(spec, ScorerSpec):
-        return spec  # an already-built, picklable scorer (tests, baselines)
+    """The worker's scorer for ``spec``: a value with ``build()`` (solarmap.model.scorer.ScorerSpec)
+    is built once per worker; anything else is an already-built, picklable scorer (baselines, tests)."""
+    if not hasattr(spec, "build"):
+        return spec
     if spec not in _SCORERS:
         _SCORERS[spec] = spec.build()
     return _SCORERS[spec]
@@ -115,7 +77,8 @@ def _scorer_for(spec):
 
 @dataclass(frozen=True)
 class Chunk:
-    """Tile rows [row_start, row_stop) of one raster; boundary rows are grid pixel rows."""
+    """Tile rows [row_start, row_stop) of one raster, with what its results are placed by: the
+    raster's working grid and the grid pixel rows of the chunk's top and bottom core edges."""
 
     raster: str
     raster_index: int
@@ -123,6 +86,10 @@ class Chunk:
     row_stop: int
     tiles: int
     config: DetectConfig
+    grid_transform: Affine
+    crs_wkt: str
+    grid_shape: tuple[int, int]
+    seam_rows: tuple[int | None, int | None]  # None: the raster's edge
 
     @property
     def key(self) -> str:
@@ -133,28 +100,27 @@ class Chunk:
 @dataclass
 class ChunkResult:
     chunk: Chunk
-    pieces: list[Piece]
-    grid_transform: object
-    crs_wkt: str
-    grid_shape: tuple[int, int]
-    seam_rows: tuple[int, int | None]  # grid pixel rows of the chunk's top and bottom core edges (None: raster edge)
+    pieces: list[Piece]  # in grid pixels, not yet filtered
     tiles_positive: int
     seconds: float
 
 
 def plan_chunks(rasters: Sequence[str], config: DetectConfig, *, rows_per_chunk: int = 8) -> list[Chunk]:
     """Cut every raster into chunks of ``rows_per_chunk`` tile rows (checks each raster first)."""
-    from solarmap.io import describe_scene
-
     if rows_per_chunk < 1:
         raise OptionError(f"rows per chunk must be positive, got {rows_per_chunk}")
     chunks = []
     for index, raster in enumerate(rasters):
         grid = describe_scene(raster, bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs).grid
         n_rows, n_cols = tile_grid_shape(grid, config.tile_spec)
+        cores = axis_cores(axis_offsets(grid.height, config.tile_spec), grid.height, config.tile_spec)
         for start in range(0, n_rows, rows_per_chunk):
             stop = min(n_rows, start + rows_per_chunk)
-            chunks.append(Chunk(raster, index, start, stop, (stop - start) * n_cols, config))
+            top, bottom = cores[start][0], cores[stop - 1][1]
+            chunks.append(Chunk(raster, index, start, stop, (stop - start) * n_cols, config,
+                                grid_transform=grid.transform, crs_wkt=grid.crs.to_wkt(),
+                                grid_shape=(grid.height, grid.width),
+                                seam_rows=(top if top > 0 else None, bottom if bottom < grid.height else None)))
     return chunks
 
 
@@ -165,15 +131,8 @@ def run_chunk(chunk: Chunk, scorer_spec) -> ChunkResult:
     pieces: list[Piece] = []
     run = SceneRun(chunk.raster, scorer=scorer, config=chunk.config)
     stats = run.run(pieces.extend, rows=(chunk.row_start, chunk.row_stop), pieces_only=True)
-    grid = run.grid
-    spec: TileSpec = chunk.config.tile_spec
-    cores = axis_cores(axis_offsets(grid.height, spec), grid.height, spec)
-    top = cores[chunk.row_start][0]
-    bottom = cores[chunk.row_stop - 1][1]
-    return ChunkResult(chunk=chunk, pieces=pieces, grid_transform=grid.transform, crs_wkt=grid.crs.to_wkt(),
-                       grid_shape=(grid.height, grid.width),
-                       seam_rows=(top if top > 0 else None, bottom if bottom < grid.height else None),
-                       tiles_positive=stats.tiles_positive, seconds=time.perf_counter() - started)
+    return ChunkResult(chunk=chunk, pieces=pieces, tiles_positive=stats.tiles_positive,
+                       seconds=time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +141,7 @@ def run_chunk(chunk: Chunk, scorer_spec) -> ChunkResult:
 
 def merge_raster_chunks(results: Sequence[ChunkResult]) -> list[Piece]:
     """One raster's pieces with those that meet across chunk boundaries unioned (as SeamMerger does)."""
-    seams = {r for res in results for r in res.seam_rows if r is not None}
+    seams = {r for res in results for r in res.chunk.seam_rows if r is not None}
     inner, on_seam = [], []
     for res in results:
         for piece in res.pieces:
@@ -193,15 +152,11 @@ def merge_raster_chunks(results: Sequence[ChunkResult]) -> list[Piece]:
 
 def raster_frame(results: Sequence[ChunkResult], config: DetectConfig):
     """GeoDataFrame of one raster's panels (its CRS), after chunk merging, area filter, simplification."""
-    from rasterio.crs import CRS
-
-    from solarmap.tiling import ground_resolution_m
-
-    first = results[0]
+    first = results[0].chunk
     crs = CRS.from_wkt(first.crs_wkt)
     pieces = merge_raster_chunks(results)
     gx, gy = ground_resolution_m(first.grid_transform, crs, *first.grid_shape)
-    frame = panels_frame(pieces, grid_transform=first.grid_transform, crs=crs, source=Path(first.chunk.raster).name,
+    frame = panels_frame(pieces, grid_transform=first.grid_transform, crs=crs, source=Path(first.raster).name,
                          min_area_m2=0.0, simplify_px=0.0)
     height, width = first.grid_shape
     bounds = np.array([p.geometry.bounds for p in pieces]).reshape(-1, 4)
@@ -213,11 +168,6 @@ def raster_frame(results: Sequence[ChunkResult], config: DetectConfig):
 
 def merge_rasters(frames: Sequence, out_crs, config: DetectConfig):
     """All rasters' panels in ``out_crs``; pieces on raster edges that meet another raster's are unioned."""
-    import geopandas as gpd
-    import pandas as pd
-
-    from solarmap.vectorize import centroids_lonlat, geodesic_area_m2
-
     frames = [f.to_crs(out_crs) for f in frames if len(f)]
     if not frames:
         return None
@@ -240,8 +190,6 @@ def merge_rasters(frames: Sequence, out_crs, config: DetectConfig):
 
 
 def _metres_per_unit(crs, frame) -> float:
-    from pyproj import CRS as ProjCRS
-
     pcrs = ProjCRS.from_user_input(crs)
     if pcrs.is_geographic:
         _, miny, _, maxy = frame.total_bounds
@@ -251,9 +199,6 @@ def _metres_per_unit(crs, frame) -> float:
 
 def _merge_across_rasters(frame, out_crs):
     """Union edge pieces of different rasters that touch (within half a pixel after reprojection)."""
-    import geopandas as gpd
-    import pandas as pd
-
     edge = frame[frame["_on_edge"]]
     if len(edge) < 2:
         return frame
@@ -324,34 +269,27 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
                     overwrite: bool = False, resume: bool = False, metadata: dict | None = None,
                     progress: Callable[[RegionalStats], None] | None = None):
     """Detect over many rasters into one GeoPackage; returns (GeoDataFrame, RegionalStats)."""
-    from solarmap.io import check_output_path, parse_crs, write_geopackage
-    from solarmap.pipeline import run_metadata
-    from solarmap.style import panels_qml
-
     out = check_output_path(out, overwrite=overwrite)
     rasters = expand_inputs(inputs)
     chunks = plan_chunks(rasters, config, rows_per_chunk=rows_per_chunk)
     stats = RegionalStats(rasters=len(rasters), chunks_total=len(chunks), tiles_total=sum(c.tiles for c in chunks))
-    journal = out.with_name(f".{out.name}.partial")
-    if journal.exists() and not resume:
-        shutil.rmtree(journal)
-    journal.mkdir(exist_ok=True)
+    journal = Journal(out)
+    scorer_name = repr(scorer_spec) if is_dataclass(scorer_spec) else type(scorer_spec).__name__  # no addresses
+    key = run_key(rasters, scorer_name=scorer_name, config=config, rows_per_chunk=rows_per_chunk)
+    resuming = journal.open(key, resume=resume)
     started = time.perf_counter()
     results: dict[str, ChunkResult] = {}
-    for chunk in chunks:
-        part = journal / f"chunk-{chunk.key}.pkl"
-        if resume and part.exists():
-            results[chunk.key] = pickle.loads(part.read_bytes())
+    for chunk in chunks if resuming else ():
+        part = journal.read(f"chunk-{chunk.key}.pkl")
+        if part is not None:
+            results[chunk.key] = part
             stats.chunks_done += 1
             stats.chunks_resumed += 1
             stats.tiles_done += chunk.tiles
     todo = [c for c in chunks if c.key not in results]
 
     def finished(result: ChunkResult) -> None:
-        part = journal / f"chunk-{result.chunk.key}.pkl"
-        tmp = part.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps(result))
-        os.replace(tmp, part)
+        journal.record(f"chunk-{result.chunk.key}.pkl", result)
         results[result.chunk.key] = result
         stats.chunks_done += 1
         stats.tiles_done += result.chunk.tiles
@@ -395,7 +333,7 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
                         source=";".join(rasters), extra={**(metadata or {}), "rasters": len(rasters),
                                                           "chunks": len(chunks), "scheduler": scheduler or "none"})
     write_geopackage(frame, out, overwrite=overwrite, style_qml=panels_qml(), metadata=meta)
-    shutil.rmtree(journal, ignore_errors=True)
+    journal.discard()
     stats.seconds = time.perf_counter() - started
     return frame, stats
 

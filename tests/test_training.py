@@ -5,11 +5,12 @@ import pytest
 import torch
 from dataclasses import replace
 
-from conftest import write_tif
+from conftest import tiny_config, write_tif
 from solarmap import model as M
 from solarmap.errors import InputError, OptionError
-from solarmap.train import (Sample, TrainConfig, best_rule, binary_scores, dihedral, fit_tile, load_chips, scene_samples,
-                            split_samples, train_stage)
+from solarmap.training.calibrate import best_rule
+from solarmap.training.data import Sample, fit_tile, load_chips, scene_samples, split_samples
+from solarmap.training.stages import TrainConfig, binary_scores, dihedral, train_stage
 
 
 def toy_samples(n, size=80, seed=0):
@@ -39,7 +40,7 @@ def assert_identical(before, module):
 @pytest.fixture
 def net():
     torch.manual_seed(0)
-    return M.SolarNet(M.ModelConfig.tiny())
+    return M.SolarNet(tiny_config())
 
 
 def test_branch_stages_leave_everything_else_bit_identical(net, tmp_path):
@@ -65,29 +66,6 @@ def test_branch_stages_leave_everything_else_bit_identical(net, tmp_path):
     assert not torch.equal(before_level2["weight"], changed["weight"])  # the new level did learn
 
 
-def test_classifier_top_stage_changes_only_the_layers_above_mixed_5d(net, tmp_path):
-    train, val = toy_samples(12), toy_samples(6, seed=1)
-    cfg = dict(epochs=1, batch_size=6, augmentations=2)
-    for stage in ("classifier", "branch1"):
-        train_stage(net, train, val, TrainConfig(stage=stage, **cfg), workdir=tmp_path, progress=lambda s: None)
-    b = net.backbone
-    below = {name: snapshot(getattr(b, name)) for name in ("Conv2d_1a_3x3", "Conv2d_4a_3x3", "Mixed_5b", "Mixed_5d")}
-    branch, heads, fc = snapshot(net.branch), snapshot(net.branch_heads), snapshot(b.fc)
-    x = torch.from_numpy(np.stack([s.pixels for s in val]))
-    with torch.no_grad():
-        cam_before = net.branch_cam(net.mixed_5d(x))
-    train_stage(net, train, val, TrainConfig(stage="classifier-top", lr=1e-2, **cfg), workdir=tmp_path,
-                progress=lambda s: None)
-    for name, state in below.items():
-        assert_identical(state, getattr(b, name))
-    assert_identical(branch, net.branch)
-    assert_identical(heads, net.branch_heads)
-    assert net.config.branch_levels == 1
-    assert not torch.equal(fc["weight"], b.fc.weight)  # the top did learn
-    with torch.no_grad():
-        assert torch.equal(cam_before, net.branch_cam(net.mixed_5d(x)))  # the CAM is untouched
-
-
 def test_branch2_needs_branch1(net, tmp_path):
     with pytest.raises(OptionError, match="branch level 1 trained first"):
         train_stage(net, toy_samples(4), [], TrainConfig(stage="branch2", epochs=1), workdir=tmp_path)
@@ -103,7 +81,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
 
     def fresh():
         torch.manual_seed(0)
-        return M.SolarNet(M.ModelConfig.tiny())
+        return M.SolarNet(tiny_config())
 
     straight = fresh()
     train_stage(straight, train, val, cfg, workdir=tmp_path / "a", progress=lambda s: None)
@@ -130,7 +108,7 @@ def test_a_named_run_of_a_finished_stage_trains_again_under_its_own_checkpoints(
     cycle's finished state, nor overwrite its checkpoints."""
     train, val = toy_samples(8), toy_samples(4, seed=1)
     torch.manual_seed(0)
-    net = M.SolarNet(M.ModelConfig.tiny())
+    net = M.SolarNet(tiny_config())
     first = TrainConfig(stage="branch1", epochs=2, batch_size=4, augmentations=2, lr=1e-2)
     train_stage(net, train, val, first, workdir=tmp_path, progress=lambda s: None)
     first_best = (tmp_path / "branch1.best.pt").read_bytes()
@@ -180,7 +158,7 @@ def test_load_chips_from_folder_resamples_to_model_gsd(tmp_path):
     for i in range(3):
         write_tif(tmp_path / "chips" / f"{i}.tif", np.full((3, 50, 50), 100, np.uint8), crs=None)
     (tmp_path / "labels.csv").write_text("id,label\n0,1\n1,0\n2,1\n")
-    cfg = replace(M.ModelConfig.tiny(), gsd_m=0.3, train_tile_px=80)
+    cfg = replace(tiny_config(), gsd_m=0.3, train_tile_px=80)
     samples = load_chips(tmp_path, chip_gsd_m=0.6, model=cfg)  # 50 px at 0.6 m -> 100 px at 0.3 m -> crop 80
     assert [s.label for s in samples] == [1, 0, 1]
     assert samples[0].pixels.shape == (3, 80, 80)
@@ -190,11 +168,11 @@ def test_load_chips_from_folder_resamples_to_model_gsd(tmp_path):
 
 
 def test_scene_samples_are_labelled_from_truth_polygons(tmp_path):
-    from solarmap.synth import SynthConfig, render_town, write_town
+    from solarmap.training.synth import SynthConfig, render_town, write_town
 
     town = render_town(SynthConfig(size_px=240, seed=3, supersample=2, panel_house_fraction=1.0))
     scene, truth = write_town(town, tmp_path)
-    cfg = replace(M.ModelConfig.tiny(), train_tile_px=80)
+    cfg = replace(tiny_config(), train_tile_px=80)
     samples = scene_samples(scene, truth, model=cfg)
     assert 0 < len(samples) <= 9
     assert {s.label for s in samples} <= {0, 1}

@@ -24,7 +24,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 from shapely.geometry import Polygon, shape
 
-from solarmap.tiling import Tile
+from solarmap.geo.tiling import Tile
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,10 @@ def mask_pieces(mask: np.ndarray, *, row_off: int, col_off: int, score: float = 
     ``row_off``/``col_off`` place the mask's top-left pixel on the grid. ``cam_map`` (same shape)
     gives each piece's CAM peak; without it the peak is the tile score.
     """
-    return masks_pieces([(mask, row_off, col_off, score, cam_map)])[0]
+    return polygonize_masks([(mask, row_off, col_off, score, cam_map)])[0]
 
 
-def masks_pieces(windows: Sequence[tuple[np.ndarray, int, int, float, np.ndarray | None]]) -> list[list[Piece]]:
+def polygonize_masks(windows: Sequence[tuple[np.ndarray, int, int, float, np.ndarray | None]]) -> list[list[Piece]]:
     """:func:`mask_pieces` of many masks at once: for each (mask, row_off, col_off, score, CAM map
     or None), its pieces, in the order a call of its own would give them.
 
@@ -117,8 +117,8 @@ def core_pieces(tile: Tile, mask: np.ndarray, *, score: float = 1.0,
 
 def batch_core_pieces(masks: Sequence[tuple[Tile, np.ndarray, float, np.ndarray | None]]) -> list[list[Piece]]:
     """:func:`core_pieces` of many tiles (tile, full-tile mask, score, CAM map or None) in one
-    polygonizing pass (:func:`masks_pieces`)."""
-    return masks_pieces([(mask[tile.core_slices], int(tile.core.row_off), int(tile.core.col_off), score,
+    polygonizing pass (:func:`polygonize_masks`)."""
+    return polygonize_masks([(mask[tile.core_slices], int(tile.core.row_off), int(tile.core.col_off), score,
                           None if cam is None else cam[tile.core_slices]) for tile, mask, score, cam in masks])
 
 

@@ -1,0 +1,168 @@
+"""``solarmap detect``: the main job, over one raster or many, with progress on stderr."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from solarmap.cli.options import positive, unit_interval
+
+
+class _Progress:
+    """Progress on stderr: tiles done / total, tiles per second, ETA, panels found."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, stats) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.quiet or (now - self.last < (0.5 if self.tty else 10.0) and stats.tiles_read < stats.tiles_total):
+            return
+        self.last = now
+        rate = stats.tiles_read / stats.seconds if stats.seconds else 0.0
+        eta = (stats.tiles_total - stats.tiles_read) / rate if rate else float("nan")
+        line = (f"tiles {stats.tiles_read}/{stats.tiles_total} ({100 * stats.tiles_read / max(stats.tiles_total, 1):.0f} %), "
+                f"{rate:.1f} tiles/s, ETA {eta:.0f} s, panels {stats.polygons}")
+        click.echo(("\r" + line + "   ") if self.tty else line, err=True, nl=not self.tty)
+
+    def done(self) -> None:
+        if self.tty and not self.quiet:
+            click.echo("", err=True)
+
+
+def _sigterm_as_interrupt() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class _RegionalProgress:
+    """Progress of a regional run: chunks and tiles done across the cluster."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.last, self.shown_dashboard = quiet, 0.0, False
+
+    def __call__(self, stats) -> None:
+        import time
+
+        if self.quiet:
+            return
+        if stats.dashboard and not self.shown_dashboard:
+            click.echo(f"dask dashboard: {stats.dashboard}", err=True)
+            self.shown_dashboard = True
+        now = time.monotonic()
+        if now - self.last < 2.0 and stats.chunks_done < stats.chunks_total:
+            return
+        self.last = now
+        rate = stats.tiles_done / stats.seconds if stats.seconds else 0.0
+        click.echo(f"chunks {stats.chunks_done}/{stats.chunks_total}, tiles {stats.tiles_done}/{stats.tiles_total}, "
+                   f"{rate:.1f} tiles/s", err=True)
+
+
+@click.command()
+@click.argument("rasters", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="GeoPackage to write.")
+@click.option("--scheduler", default=None,
+              help="Run on dask: tcp://HOST:8786 (an existing cluster) or local[:N] (N local worker processes).")
+@click.option("--out-crs", default=None, help="CRS of the output for several rasters (default: the first raster's).")
+@click.option("--rows-per-chunk", default=8, show_default=True, type=int, callback=positive,
+              help="Tile rows per task in regional runs.")
+@click.option("--model", "model_path", type=click.Path(), default=None, help="Checkpoint (default: bundled model).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=None, callback=positive, help="Tiles per batch (default 16 CPU, 64 GPU).")
+@click.option("--tile-size", "tile_size_px", type=int, default=None, help="Tile size in px (default: the model's).")
+@click.option("--overlap", "overlap_px", type=int, default=None, help="Tile overlap in px (default: the model's).")
+@click.option("--gsd", "gsd_m", type=float, default=None, help="Resample to this GSD in metres (default: the model's).")
+@click.option("--bands", default=None, help="Bands to use as R,G,B (1-based), e.g. 1,2,3.")
+@click.option("--src-crs", default=None, help="CRS of a raster that carries none, e.g. EPSG:32611.")
+@click.option("--branch-levels", type=click.IntRange(1, 2), default=None,
+              help="Branch CAM from this many branch levels (default: all the model has).")
+@click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam", "feedback", "pseudo-seg"]),
+              default="branch",
+              show_default=True,
+              help="Localization: greedy branch CAM, the classifier's GAP CAM, Grad-CAM, feedback saliency, or "
+                   "the pseudo-seg head (a model trained with --stage pseudo-seg).")
+@click.option("--cam-threshold", type=float, default=None, callback=unit_interval,
+              help="Mask threshold on the normalised CAM (CAM / the model's calibrated scale; Grad-CAM, feedback: / tile max). "
+                   "Default: the model's calibrated rule for the --cam-method.")
+@click.option("--refine/--no-refine", default=None,
+              help="Outline masks by the model's learnt panel colours near the CAM (default: on for the branch "
+                   "CAM when the model has a colour prior, as the bundled one does).")
+@click.option("--score-threshold", type=float, default=None, callback=unit_interval,
+              help="Tile probability above which a tile is positive (default: the model's calibrated one).")
+@click.option("--min-area", "min_area_m2", type=float, default=1.0, show_default=True, help="Drop polygons below this many m².")
+@click.option("--simplify", "simplify_m", type=float, default=0.0, show_default=True,
+              help="Simplify outlines with this tolerance in metres (0: keep pixel outlines).")
+@click.option("--heatmap", type=click.Path(dir_okay=False), default=None, help="Also write the stitched CAM as a GeoTIFF.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same inputs and settings.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, src_crs, branch_levels, cam_method,
+           cam_threshold, refine, score_threshold, min_area_m2, simplify_m, heatmap, resume, overwrite, quiet) -> None:
+    """Find solar panels in RASTERS and write their polygons (with areas in m²) to one GeoPackage.
+
+    RASTERS: raster files, directories, globs, URLs GDAL opens, or .txt files listing rasters. Several
+    rasters (or --scheduler) make a regional run, chunked over dask when --scheduler is given.
+    """
+    from solarmap.geo.output import check_output_path
+    from solarmap.geo.raster import describe_scene, expand_inputs, parse_bands
+
+    check_output_path(out_path, overwrite=overwrite)
+    expanded = expand_inputs(rasters)
+    single = scheduler is None and list(rasters) == expanded  # one raster named as itself
+    if heatmap and not single:
+        raise click.UsageError("--heatmap works with a single raster")
+    raster = expanded[0]
+    if heatmap:
+        check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
+    band_tuple = parse_bands(bands)
+    describe_scene(raster, bands=band_tuple, src_crs=src_crs)  # fail fast on a bad raster, before loading the model
+
+    from solarmap.errors import OptionError
+    from solarmap.model.scorer import ScorerSpec
+    from solarmap.pipeline import DetectConfig, detect_to_file
+
+    spec = ScorerSpec(model_path=model_path, method=cam_method, device=device, decision_threshold=score_threshold,
+                      branch_levels=branch_levels, refine=refine)
+    scorer = spec.build()
+    given = dict(tile_size_px=tile_size_px, overlap_px=overlap_px, gsd_m=gsd_m, mask_threshold=cam_threshold)
+    config = DetectConfig.for_scorer(
+        scorer, bands=band_tuple, src_crs=src_crs, batch_size=batch_size or (64 if scorer.device.type == "cuda" else 16),
+        min_area_m2=min_area_m2, simplify_m=simplify_m, **{k: v for k, v in given.items() if v is not None})
+    if config.tile_size_px < scorer.model.min_input_px:
+        raise OptionError(f"tile size {config.tile_size_px} px is too small for {scorer.model.backbone.display_name} "
+                          f"(needs at least {scorer.model.min_input_px} px)")
+    _sigterm_as_interrupt()
+    if not single:
+        from solarmap.pipeline.regional import detect_regional
+
+        _, rstats = detect_regional(expanded, out_path, scorer_spec=spec, config=config, scheduler=scheduler,
+                                    out_crs=out_crs, rows_per_chunk=rows_per_chunk, overwrite=overwrite, resume=resume,
+                                    metadata={"cam_method": cam_method}, progress=_RegionalProgress(quiet))
+        if not quiet:
+            click.echo(f"rasters: {rstats.rasters}, chunks: {rstats.chunks_done} ({rstats.chunks_resumed} resumed), "
+                       f"tiles: {rstats.tiles_total}", err=True)
+            click.echo(f"panels: {rstats.polygons} polygons, {rstats.area_m2:.1f} m² in total; "
+                       f"time {rstats.seconds:.1f} s", err=True)
+        click.echo(f"wrote {out_path}")
+        return
+    progress = _Progress(quiet)
+    stats = detect_to_file(raster, out_path, scorer=scorer, config=config, overwrite=overwrite, resume=resume,
+                           heatmap=heatmap, progress=progress, metadata=scorer.metadata())
+    progress.done()
+    if not quiet:
+        st = stats.stage_seconds
+        click.echo(f"tiles: {stats.tiles_read} read, {stats.tiles_skipped_nodata} skipped as nodata, "
+                   f"{stats.tiles_positive} positive", err=True)
+        click.echo(f"panels: {stats.polygons} polygons, {stats.area_m2:.1f} m² in total", err=True)
+        click.echo(f"time: {stats.seconds:.1f} s (read {st['read']:.1f}, model {st['model']:.1f}, "
+                   f"vectorize {st['vectorize']:.1f}, write {st['write']:.1f})", err=True)
+    click.echo(f"wrote {out_path}" + (f" and {heatmap}" if heatmap else ""))

@@ -1,0 +1,17 @@
+"""Option callbacks shared by the commands."""
+
+from __future__ import annotations
+
+import click
+
+
+def positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter("must be positive")
+    return value
+
+
+def unit_interval(ctx, param, value):
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise click.BadParameter("must be between 0 and 1")
+    return value

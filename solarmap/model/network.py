@@ -1,0 +1,215 @@
+"""The network: a tile classifier behind one backbone seam, a greedily trained CAM branch, an
+optional segmentation head.
+
+The backbone is split where the branch attaches: :meth:`SolarNet.branch_features` (Inception-v3:
+``Mixed_5d``, 288 channels, 35 x 35 for a 299 px tile), :meth:`SolarNet.top_features` (``Mixed_7c``)
+and :meth:`SolarNet.classify`. A backbone class says how to split it, which layer names the
+gradient-based CAM methods may hook, and where the cells of its feature maps sit on the input; a
+second architecture is one more class in :data:`BACKBONES`.
+
+The branch has up to two levels, each a 3x3 convolution + ReLU. While a level is trained it ends in
+global average pooling and its own 2-class linear layer; everything else is frozen (see
+:mod:`solarmap.training.stages`). The class activation map is the positive-class weights of the
+deepest trained level's linear layer applied to that level's feature maps, on the raw
+(unnormalised) scale. The main classifier is untouched by the branch, so classification quality
+does not depend on the localization branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.inception import Inception3
+
+from solarmap.errors import ModelError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a checkpoint needs to be used correctly; stored inside it."""
+
+    backbone: str = "inception-v3"  # a key of BACKBONES
+    tile_size_px: int = 299  # inference tile size (a model runs best at the size it was trained at)
+    overlap_px: int = 32  # inference tile overlap
+    context_px: int = 0  # pixels around each tile the CAM sees (the classifier sees the tile only)
+    train_tile_px: int = 101  # tile size the weights were trained at
+    gsd_m: float = 0.3  # ground sample distance the model was trained at
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    branch_channels: tuple[int, int] = (512, 512)
+    branch_levels: int = 0  # how many branch levels are trained (0, 1 or 2)
+    decision_threshold: float = 0.5  # on the tile probability
+    cam_threshold: float = 0.5  # on the CAM divided by cam_scale
+    cam_peak_fraction: float | None = None  # tiles whose CAM stays below cam_threshold: fraction of their peak
+    cam_scale: float = 1.0  # raw branch-CAM value that maps to 1.0 (median peak on positive validation tiles)
+    gap_cam_scale: float = 1.0  # the same for the main classifier's GAP CAM
+    cam_shifts: dict = field(default_factory=dict)  # method -> (rows, cols) px to move its maps by
+    pseudo_seg: bool = False  # has a segmentation head (solarmap.model.seg)
+    mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
+    colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.geo.refine), bins³ entries
+    refine_rule: dict = field(default_factory=dict)  # solarmap.geo.refine.ColourRefine fields, calibrated
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+class InceptionV3(Inception3):
+    """torchvision's Inception-v3 (2 classes, no auxiliary head), split at ``Mixed_5d``.
+
+    A subclass rather than a wrapper, so checkpoint keys stay ``backbone.Mixed_5d...``.
+    """
+
+    name = "inception-v3"
+    display_name = "Inception-v3"
+    min_input_px = 75  # the unpadded stem and the reductions need at least this
+    branch_channels_in = 288  # Mixed_5d
+    stem_channels = 64  # Conv2d_2b_3x3, stride 2
+    default_gradcam_layer = "Mixed_6e"
+    # Feedback gates: the hidden ReLU outputs of these blocks (concatenations of ReLU outputs)
+    feedback_layers = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                       "Mixed_6e")
+    # (stride, first cell centre) in input pixels, by layer name prefix: the stem is unpadded, so
+    # cell k of Mixed_5d is centred on pixel 8k + 13, not on 8k + 3.5
+    _geometry = {"Mixed_5": (8, 13), "Mixed_6": (16, 21), "Mixed_7": (32, 37)}
+    branch_layer, top_layer = "Mixed_5d", "Mixed_7c"
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=2, aux_logits=False, transform_input=False, init_weights=False)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+
+    def branch_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool1(self.stem(x))
+        x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
+        return self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
+
+    def top_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
+        return self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+    @property
+    def classifier_weights(self) -> torch.Tensor:
+        return self.fc.weight
+
+    def layer(self, name: str) -> nn.Module | None:
+        return getattr(self, name, None) if name.startswith(("Conv2d", "Mixed")) else None
+
+    def layer_geometry(self, name: str) -> tuple[int, int] | None:
+        return next((g for prefix, g in self._geometry.items() if name.startswith(prefix)), None)
+
+
+BACKBONES: dict[str, type[nn.Module]] = {InceptionV3.name: InceptionV3}
+
+
+class SegHead(nn.Module):
+    """Per-pixel panel logit from RGB and the backbone's stem features."""
+
+    def __init__(self, stem_channels: int, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3 + stem_channels, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 1, 1),
+        )
+
+    def forward(self, pixels: torch.Tensor, stem: torch.Tensor) -> torch.Tensor:
+        size = pixels.shape[-2:]
+        stem = F.interpolate(stem, size=size, mode="bilinear", align_corners=False)
+        return self.net(torch.cat([pixels, stem], dim=1))[:, 0]
+
+
+class SolarNet(nn.Module):
+    """A backbone (``.backbone``) + greedy CAM branch (``.branch``: the conv layers, in order) +
+    optional segmentation head (``.seg_head``)."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        if config.backbone not in BACKBONES:
+            raise ModelError(f"unknown backbone {config.backbone!r} (this solarmap knows {', '.join(BACKBONES)})")
+        self.config = config
+        self.backbone = BACKBONES[config.backbone]()
+        c1, c2 = config.branch_channels
+        self.branch = nn.ModuleList([nn.Conv2d(self.backbone.branch_channels_in, c1, 3, padding=1),
+                                     nn.Conv2d(c1, c2, 3, padding=1)])
+        self.branch_heads = nn.ModuleList([nn.Linear(c1, 2), nn.Linear(c2, 2)])
+        self.seg_head = None
+        if config.pseudo_seg:
+            self.seg_head = SegHead(self.backbone.stem_channels)
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def min_input_px(self) -> int:
+        return self.backbone.min_input_px
+
+    # -- the backbone, in the parts the branch and the CAM methods need ---------------------------
+
+    def standardise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB -> the input scale the weights were trained with."""
+        return (pixels - self.mean) / self.std
+
+    def stem_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Early features (stride 2) from [0, 1] RGB: what the segmentation head sees beside RGB."""
+        return self.backbone.stem(self.standardise(pixels))
+
+    def branch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Features where the branch attaches, from [0, 1] RGB tiles."""
+        return self.backbone.branch_features(self.standardise(pixels))
+
+    def top_features(self, branch_features: torch.Tensor) -> torch.Tensor:
+        """The classifier's last feature maps, from :meth:`branch_features`."""
+        return self.backbone.top_features(branch_features)
+
+    def classify(self, top_features: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, 2) from :meth:`top_features`."""
+        return self.backbone.classify(top_features)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Main classifier logits (batch, 2)."""
+        return self.classify(self.top_features(self.branch_features(pixels)))
+
+    # -- the branch --------------------------------------------------------------------------------
+
+    def branch_maps(self, features: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """Feature maps after ``levels`` branch convolutions (each + ReLU)."""
+        levels = self.config.branch_levels if levels is None else levels
+        x = features
+        for conv in self.branch[:levels]:
+            x = F.relu(conv(x))
+        return x
+
+    def branch_logits(self, features: torch.Tensor, level: int) -> torch.Tensor:
+        """GAP + the level's own linear layer: what trains branch level ``level`` (1-based)."""
+        maps = self.branch_maps(features, level)
+        return self.branch_heads[level - 1](maps.mean(dim=(2, 3)))
+
+    def branch_cam(self, features: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """Raw class activation map of the positive class at the deepest branch level (batch, h, w)."""
+        levels = self.config.branch_levels if levels is None else levels
+        if levels < 1:
+            raise ModelError("this model has no trained CAM branch level (train stage branch1 first)")
+        maps = self.branch_maps(features, levels)
+        weights = self.branch_heads[levels - 1].weight[1]
+        return torch.einsum("bchw,c->bhw", maps, weights)
+
+    def gap_cam(self, top_features: torch.Tensor) -> torch.Tensor:
+        """Zhou et al.'s CAM of the main classifier on its last feature maps, raw scale."""
+        return torch.einsum("bchw,c->bhw", top_features, self.backbone.classifier_weights[1])
+
+    @torch.inference_mode()
+    def predict(self, pixels: torch.Tensor, *, with_cam: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tile probabilities (batch,) and raw branch CAMs (batch, h, w) in one pass."""
+        features = self.branch_features(pixels)
+        probs = torch.softmax(self.classify(self.top_features(features)).float(), dim=1)[:, 1]
+        cam = self.branch_cam(features) if with_cam and self.config.branch_levels > 0 else None
+        return probs, cam

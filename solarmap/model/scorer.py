@@ -1,0 +1,199 @@
+"""The model as the pipeline's scorer, and :func:`build_scorer`: the one way the CLI, the Python
+API and regional workers turn a checkpoint and options into a scorer.
+
+A scorer maps a batch of windows (tiles with ``context_px`` of surroundings) to tile probabilities
+and score maps; it also says which detection settings its checkpoint was calibrated for
+(:meth:`ModelScorer.detect_settings`), so every entry point detects with the same rule for the
+same ``--cam-method``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from solarmap.errors import ModelError, OptionError
+from solarmap.geo.refine import ColourRefine
+from solarmap.model.align import align_to_window
+from solarmap.model.cam import METHODS, CamMethod, autocast_for
+from solarmap.model.checkpoint import load
+from solarmap.model.network import SolarNet
+
+__all__ = ["ModelScorer", "ScorerSpec", "build_scorer", "classify_images", "resample", "resolve_device"]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> first GPU if present else CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"--device {name} asked for, but no CUDA GPU is available (use --device auto or cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise OptionError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+
+
+@dataclass
+class ModelScorer:
+    """The pipeline's scorer: tile probabilities from the classifier, maps for positive tiles only.
+
+    Input windows are tiles with ``context_px`` of surroundings on each side: the classifier sees
+    the tile in the middle, the map method the whole window. Maps come back at the window's pixel
+    size, aligned, shifted and normalised (see :mod:`solarmap.model.cam`) so the pipeline's mask
+    threshold applies. On a GPU it runs in bf16 autocast with channels-last tensors; on the CPU in
+    fp32, channels-last.
+    """
+
+    model: SolarNet
+    method: CamMethod = CamMethod.BRANCH
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    decision_threshold: float | None = None  # None: the checkpoint's
+    gradcam_layer: str | None = None  # None: the backbone's default
+    name: str = "solarmap"
+    context_px: int | None = None  # None: the model's
+    branch_levels: int | None = None  # None: all the model's trained levels
+    feedback_steps: int = 10
+    seg_scales: tuple[float, ...] = (1.0,)  # pseudo-seg: e.g. (0.5, 0.75, 1.0), fused by maximum
+    cam_scale: float | None = None  # None: the checkpoint's scale for the method
+    refine: bool | None = None  # colour refinement: None = the method's default
+
+    def __post_init__(self) -> None:
+        self.method = CamMethod(self.method)
+        self.impl = METHODS[self.method]
+        config = self.model.config
+        if self.context_px is None:
+            self.context_px = config.context_px
+        if self.branch_levels is not None and not 1 <= self.branch_levels <= max(config.branch_levels, 0):
+            raise OptionError(f"--branch-levels {self.branch_levels}: this model has {config.branch_levels} "
+                              f"trained branch level(s)")
+        if self.refine and config.colour_prior is None:
+            raise ModelError("--refine: this model has no colour prior (solarmap train --stage colour-prior adds one)")
+        self.impl.check(self.model)
+        if self.gradcam_layer is None:
+            self.gradcam_layer = self.model.backbone.default_gradcam_layer
+        self.geometry = self.impl.geometry(self)
+        self.shift_px = tuple(config.cam_shifts.get(self.shift_key, config.cam_shifts.get(self.method.value,
+                                                                                          (0.0, 0.0))))
+        self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
+        if self.decision_threshold is None:
+            self.decision_threshold = config.decision_threshold
+
+    @property
+    def colour_prior(self) -> np.ndarray | None:
+        """The model's panel-colour table for mask refinement (solarmap.geo.refine), if it has one."""
+        table = self.model.config.colour_prior
+        return None if table is None else np.asarray(table, dtype=np.float32)
+
+    @property
+    def refine_rule(self) -> ColourRefine | None:
+        """The colour refinement this scorer's masks get: the checkpoint's calibrated rule, on by
+        default for the method it was calibrated on, off without a colour prior or when refused."""
+        config = self.model.config
+        wanted = self.impl.refines_by_default and bool(config.refine_rule) if self.refine is None else self.refine
+        if not wanted or config.colour_prior is None:
+            return None
+        return ColourRefine(**config.refine_rule)
+
+    @property
+    def shift_key(self) -> str:
+        """Which measured offset applies: per method, and per branch depth when not the deepest."""
+        if self.method is CamMethod.BRANCH and self.branch_levels not in (None, self.model.config.branch_levels):
+            return f"branch{self.branch_levels}"
+        return self.method.value
+
+    def detect_settings(self) -> dict:
+        """The detection settings the checkpoint was calibrated for with this method (solarmap.pipeline's
+        ``DetectConfig`` fields): tile size, overlap, context, GSD, thresholds, refinement."""
+        config = self.model.config
+        threshold, fraction = self.impl.mask_rule(config)
+        return dict(tile_size_px=config.tile_size_px, overlap_px=config.overlap_px, context_px=self.context_px,
+                    gsd_m=config.gsd_m, score_threshold=self.decision_threshold, mask_threshold=threshold,
+                    mask_peak_fraction=fraction, refine=self.refine_rule)
+
+    def metadata(self) -> dict:
+        """What a GeoPackage records about how its maps were made."""
+        return {"cam_method": self.method.value, "device": str(self.device), "model_gsd_m": self.model.config.gsd_m,
+                "model_backbone": self.model.config.backbone, "cam_threshold_basis": self.impl.threshold_basis,
+                "branch_levels": self.branch_levels or self.model.config.branch_levels}
+
+    def autocast(self):
+        return autocast_for(self.device)
+
+    def raw_maps(self, x: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """The method's raw maps (batch, h, w) for whole windows (``features``: their branch features)."""
+        return self.impl.raw_maps(self, x, features)
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(pixels).to(self.device).contiguous(memory_format=torch.channels_last)
+        c = self.context_px
+        tiles = x[:, :, c: x.shape[2] - c, c: x.shape[3] - c] if c else x
+        with torch.inference_mode(), self.autocast():
+            features = self.model.branch_features(tiles)
+            logits = self.model.classify(self.model.top_features(features))
+            probs = torch.softmax(logits.float(), dim=1)[:, 1]
+        maps = np.zeros((len(pixels), *pixels.shape[2:]), dtype=np.float32)
+        positive = (probs >= self.decision_threshold).nonzero().flatten()
+        if len(positive):
+            raw = self.raw_maps(x[positive], None if c else features[positive])
+            aligned = align_to_window(raw, tuple(pixels.shape[2:]), self.geometry, self.shift_px)
+            normalised = self.impl.normalise(aligned, self.model.config, self.cam_scale)
+            maps[positive.cpu().numpy()] = normalised.cpu().numpy()
+        return probs.cpu().numpy(), maps
+
+
+def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | CamMethod = CamMethod.BRANCH,
+                 device: str = "auto", decision_threshold: float | None = None, branch_levels: int | None = None,
+                 refine: bool | None = None) -> ModelScorer:
+    """A scorer from a checkpoint path (None: the bundled model) or a loaded network, named for
+    the run metadata. Every option left at None takes the checkpoint's calibrated value."""
+    net = model if isinstance(model, SolarNet) else load(model)
+    name = "bundled" if model is None else str(model) if not isinstance(model, SolarNet) else "solarmap"
+    return ModelScorer(net, method=CamMethod(method), device=resolve_device(str(device)),
+                       decision_threshold=decision_threshold, branch_levels=branch_levels, refine=refine, name=name)
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """:func:`build_scorer`'s arguments as a plain value: what a dask worker gets, to build its
+    scorer once (a model is never sent over the wire)."""
+
+    model_path: str | None = None
+    method: str = "branch"
+    device: str = "auto"
+    decision_threshold: float | None = None
+    branch_levels: int | None = None
+    refine: bool | None = None
+
+    def build(self) -> ModelScorer:
+        options = asdict(self)
+        return build_scorer(options.pop("model_path"), **options)
+
+
+def resample(pixels: np.ndarray, factor: float) -> np.ndarray:
+    """Resize (3, h, w) by ``factor`` (area average when shrinking, bilinear when enlarging)."""
+    if abs(factor - 1.0) < 1e-6:
+        return pixels
+    t = torch.from_numpy(pixels)[None]
+    size = (max(1, round(pixels.shape[1] * factor)), max(1, round(pixels.shape[2] * factor)))
+    mode = "area" if factor < 1 else "bilinear"
+    out = F.interpolate(t, size=size, mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    return out[0].numpy()
+
+
+def classify_images(model: SolarNet, images, *, gsd_m: float) -> list[float]:
+    """Tile probability of each (3, h, w) image in [0, 1] taken at ``gsd_m``: resampled to the
+    model's GSD, edge-padded up to the backbone's smallest input."""
+    probabilities = []
+    for pixels in images:
+        pixels = resample(pixels, gsd_m / model.config.gsd_m)
+        pad_h, pad_w = max(0, model.min_input_px - pixels.shape[1]), max(0, model.min_input_px - pixels.shape[2])
+        if pad_h or pad_w:
+            pixels = np.pad(pixels, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
+        prob, _ = model.predict(torch.from_numpy(np.ascontiguousarray(pixels))[None], with_cam=False)
+        probabilities.append(float(prob[0]))
+    return probabilities

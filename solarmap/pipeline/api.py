@@ -1,0 +1,141 @@
+"""The entry points over one raster: in memory (:func:`detect_scene`, :func:`detect`) or streamed
+into a GeoPackage with a resume journal (:func:`detect_to_file`)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from solarmap import __version__
+from solarmap.geo.output import (
+    GeoPackageWriter,
+    HeatmapWriter,
+    check_output_path,
+    write_geopackage,
+)
+from solarmap.geo.raster import describe_scene
+from solarmap.geo.style import panels_qml
+from solarmap.pipeline.config import DetectConfig, DetectStats, ProgressCallback, Scorer
+from solarmap.pipeline.journal import Journal, run_key
+from solarmap.pipeline.scene import SceneRun
+
+__all__ = ["detect", "detect_scene", "detect_to_file", "run_metadata"]
+
+log = logging.getLogger(__name__)
+
+
+def detect_scene(path: str | Path, *, scorer: Scorer, config: DetectConfig = DetectConfig(),
+                 progress: ProgressCallback | None = None):
+    """Run the pipeline over one raster in memory; return (GeoDataFrame of panels, DetectStats)."""
+    import pandas as pd
+
+    frames: list = []
+    stats = SceneRun(path, scorer=scorer, config=config, progress=progress).run(frames.append)
+    non_empty = [f for f in frames if len(f)] or frames[-1:]
+    frame = non_empty[0] if len(non_empty) == 1 else pd.concat(non_empty, ignore_index=True)
+    return frame, stats
+
+
+def run_metadata(*, config: DetectConfig, model_name: str, source: str, stats: DetectStats | None = None,
+                 extra: dict | None = None) -> dict:
+    """Key/value metadata stored in the GeoPackage so a result can be traced to how it was made."""
+    meta = {
+        "solarmap_version": __version__,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model_name,
+        "source": source,
+        **{f"config_{k}": v for k, v in asdict(config).items()},
+        **(extra or {}),
+    }
+    if stats is not None:
+        meta.update({f"stats_{k}": v for k, v in stats.as_dict().items() if k != "stage_seconds"})
+    return {k: str(v) for k, v in meta.items()}
+
+
+def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config: DetectConfig = DetectConfig(),
+                   overwrite: bool = False, progress: ProgressCallback | None = None, resume: bool = False,
+                   heatmap: str | Path | None = None, metadata: dict | None = None,
+                   checkpoint_interval_s: float = 10.0) -> DetectStats:
+    """The pipeline streamed into a GeoPackage at ``out`` (and optionally a heatmap GeoTIFF).
+
+    Outputs are checked before any work and appear only when complete. Progress is journalled beside
+    the output (:class:`~solarmap.pipeline.journal.Journal`) at a tile-row boundary every
+    ``checkpoint_interval_s`` (an interrupted run loses at most about that much work); ``resume=True``
+    continues from there (the raster, model and settings must be the same), otherwise a stale
+    journal is discarded.
+    """
+    out = check_output_path(out, overwrite=overwrite)
+    if heatmap is not None:
+        check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
+    journal = Journal(out)
+    resuming = journal.open(run_key([str(path)], scorer_name=scorer.name, config=config, heatmap=bool(heatmap)),
+                            resume=resume)
+    state = journal.read("state.pkl") if resuming else None
+
+    run = SceneRun(path, scorer=scorer, config=config, progress=progress)
+    writer = GeoPackageWriter(out, overwrite=overwrite, work_path=journal.file("panels.gpkg"),
+                              resume_rows=state.frame_rows if state else None)
+    heat_writer = None
+    last_frame: list = []
+
+    def sink(frame) -> None:
+        if len(frame):
+            writer.append(frame)
+        last_frame[:] = [frame]
+
+    try:
+        if heatmap is not None:
+            grid = describe_scene(path, bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs).grid
+            heat_writer = HeatmapWriter(heatmap, grid, overwrite=overwrite, work_path=journal.file("heat.tif"),
+                                        resume=state is not None)
+        stats = run.run(sink, heatmap=heat_writer, state=state, checkpoint=lambda s: journal.record("state.pkl", s),
+                        checkpoint_interval_s=checkpoint_interval_s)
+        t0 = time.perf_counter()
+        writer.commit(empty_frame=last_frame[0].iloc[:0], style_qml=panels_qml(),
+                      metadata=run_metadata(config=config, model_name=scorer.name, source=str(path), stats=stats,
+                                            extra=metadata))
+        if heat_writer is not None:
+            heat_writer.finish()
+        stats.stage_seconds["write"] += time.perf_counter() - t0
+    finally:
+        if heat_writer is not None:
+            heat_writer.close()
+    journal.discard()
+    return stats
+
+
+def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None = None, out: str | Path | None = None,
+           overwrite: bool = False, progress: ProgressCallback | None = None, model: str | Path | None = None,
+           method: str = "branch", device: str = "auto", **overrides):
+    """Detect panels in ``source`` (a raster path, or an xarray DataArray with ``.rio`` CRS/transform).
+
+    Returns a GeoDataFrame of panel polygons in the source's CRS; with ``out`` also writes the
+    GeoPackage. Without ``scorer``, the checkpoint ``model`` (default: the bundled one) scores with
+    CAM ``method`` on ``device``, exactly as ``solarmap detect --cam-method METHOD`` does. Without
+    ``config`` the scorer's calibrated settings are used, with ``overrides`` (DetectConfig fields,
+    e.g. ``min_area_m2=0``) on top.
+    """
+    if scorer is None:
+        from solarmap.model.scorer import build_scorer
+
+        scorer = build_scorer(model, method=method, device=device)
+    if config is None:
+        config = DetectConfig.for_scorer(scorer, **overrides)
+    with tempfile.TemporaryDirectory(prefix="solarmap-") as tmp:
+        path = source
+        if hasattr(source, "rio"):  # xarray + rioxarray: spill to a GeoTIFF the tiler can window
+            path = str(Path(tmp) / "input.tif")
+            large = min(source.rio.height, source.rio.width) >= 512
+            source.rio.to_raster(path, compress="deflate",
+                                 **({"tiled": True, "blockxsize": 256, "blockysize": 256} if large else {}))
+        frame, stats = detect_scene(path, scorer=scorer, config=config, progress=progress)
+        if out is not None:
+            write_geopackage(frame, out, overwrite=overwrite, style_qml=panels_qml(),
+                             metadata=run_metadata(config=config, model_name=scorer.name, source=str(path),
+                                                   stats=stats))
+    return frame
+

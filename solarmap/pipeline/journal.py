@@ -1,0 +1,88 @@
+"""The resume journal: ``.NAME.gpkg.partial/`` beside an output, shared by single and regional runs.
+
+It holds a key that names the run (inputs, model, settings), the run's work files and its records:
+a single raster's :class:`~solarmap.pipeline.scene.RunState` at a tile-row boundary, or one part per
+finished chunk of a regional run. Records are written to a temporary file and renamed, so a kill at
+any moment leaves either the old record or the new one. ``--resume`` continues from what is there,
+only when the key matches; without it a stale journal is discarded. A run that completes removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from solarmap.errors import OutputError
+
+__all__ = ["Journal", "run_key"]
+
+log = logging.getLogger(__name__)
+
+
+def run_key(sources: Sequence[str], *, scorer_name: str, config, **extra) -> str:
+    """A short digest of what decides a run's output: the sources (path, size, modification time),
+    the scorer, the settings and anything in ``extra``."""
+    identity = {"sources": [_file_identity(str(s)) for s in sources], "scorer": scorer_name,
+                "config": asdict(config) if is_dataclass(config) else config, **extra}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_identity(path: str) -> list:
+    stat = os.stat(path) if os.path.exists(path) else None
+    return [os.path.abspath(path), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+
+
+class Journal:
+    """The journal of the output at ``out``."""
+
+    def __init__(self, out: str | os.PathLike):
+        out = Path(out)
+        self.path = out.with_name(f".{out.name}.partial")
+
+    def open(self, key: str, *, resume: bool) -> bool:
+        """Make the journal ready for the run named ``key``; True if it continues an earlier one.
+
+        With ``resume`` an existing journal must be of the same run (else OutputError, and it is
+        kept); without, an existing journal is discarded."""
+        resuming = False
+        if self.path.exists():
+            if resume:
+                key_file = self.path / "key"
+                if not key_file.exists() or key_file.read_text() != key:
+                    raise OutputError(f"cannot resume: the interrupted run in {self.path} used other inputs, "
+                                      f"model or settings (run without --resume to start over)")
+                resuming = True
+            else:
+                log.info("discarding the journal of an earlier interrupted run: %s", self.path)
+                shutil.rmtree(self.path)
+        elif resume:
+            log.info("nothing to resume at %s; starting a new run", self.path)
+        self.path.mkdir(exist_ok=True)
+        (self.path / "key").write_text(key)
+        return resuming
+
+    def file(self, name: str) -> Path:
+        """A work file kept in the journal (e.g. the GeoPackage being written)."""
+        return self.path / name
+
+    def record(self, name: str, value: Any) -> None:
+        """Store ``value`` under ``name``, atomically."""
+        target = self.path / name
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(pickle.dumps(value))
+        os.replace(tmp, target)
+
+    def read(self, name: str, default: Any = None) -> Any:
+        target = self.path / name
+        return pickle.loads(target.read_bytes()) if target.exists() else default
+
+    def discard(self) -> None:
+        """Remove the journal: the run is complete."""
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,162 @@
+"""Training data: labelled tiles at the model's GSD, from chips, georeferenced scenes with truth
+polygons, and synthetic towns; deterministic splits.
+
+Image-level labels only. Chips (not georeferenced) come with their GSD and are resampled to the
+model's, as detection resamples rasters; a scene tile is positive when it holds at least
+``min_panel_m2`` of panel, negative when it holds none, and left out in between.
+"""
+
+from __future__ import annotations
+
+import csv
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import geopandas as gpd
+import numpy as np
+import torch
+from affine import Affine
+from rasterio.features import rasterize
+
+from solarmap.errors import InputError
+from solarmap.geo.raster import SceneReader, read_image
+from solarmap.geo.tiling import TileSpec, iter_tiles
+from solarmap.model.network import ModelConfig
+from solarmap.model.scorer import resample
+from solarmap.training.synth import SynthConfig, render_town, write_town
+
+__all__ = ["Sample", "fit_tile", "load_chips", "positive_windows", "scene_samples", "split_samples",
+           "stack_samples", "synthetic_samples", "town_paths"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training tile: float32 (3, size, size) in [0, 1], its label and where it came from."""
+
+    pixels: np.ndarray
+    label: int
+    source: str
+    key: str
+
+
+def fit_tile(pixels: np.ndarray, size_px: int) -> np.ndarray:
+    """Centre-crop or reflect-pad (3, h, w) to (3, size, size)."""
+    _, h, w = pixels.shape
+    if h > size_px:
+        top = (h - size_px) // 2
+        pixels = pixels[:, top: top + size_px]
+    if w > size_px:
+        left = (w - size_px) // 2
+        pixels = pixels[:, :, left: left + size_px]
+    _, h, w = pixels.shape
+    if h < size_px or w < size_px:
+        ph, pw = size_px - h, size_px - w
+        mode = "reflect" if ph < h and pw < w else "edge"
+        pixels = np.pad(pixels, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode=mode)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def load_chips(source: str | Path, *, chip_gsd_m: float, model: ModelConfig) -> list[Sample]:
+    """Labelled chips: a folder with ``labels.csv`` (id,label) and ``chips/ID.tif``, or a CSV of path,label."""
+    source = Path(source)
+    rows: list[tuple[Path, int, str]] = []
+    if source.is_dir():
+        table = source / "labels.csv"
+        if not table.exists():
+            raise InputError(f"{source} has no labels.csv (expected columns id,label and chips/ID.tif)")
+        with open(table, newline="") as fh:
+            for row in csv.DictReader(fh):
+                rows.append((source / "chips" / f"{row['id']}.tif", int(row["label"]), row["id"]))
+    elif source.suffix.lower() == ".csv":
+        with open(source, newline="") as fh:
+            for row in csv.DictReader(fh):
+                path = Path(row["path"])
+                rows.append((path if path.is_absolute() else source.parent / path, int(row["label"]), row["path"]))
+    else:
+        raise InputError(f"chip source must be a folder with labels.csv or a CSV file: {source}")
+    factor = chip_gsd_m / model.gsd_m
+    samples = []
+    for path, label, key in rows:
+        pixels = fit_tile(resample(read_image(path), factor), model.train_tile_px)
+        samples.append(Sample(pixels=pixels, label=int(label > 0), source=source.name, key=f"{source.name}:{key}"))
+    return samples
+
+
+def scene_samples(scene: str | Path, truth: str | Path, *, model: ModelConfig, min_panel_m2: float = 2.0,
+                  stride_px: int | None = None, context_px: int = 0) -> list[Sample]:
+    """Tiles of a georeferenced scene at the model's GSD, labelled from truth polygons.
+
+    With ``context_px`` each sample is the tile's window (tile + context on every side); the label
+    still says whether the tile in the middle holds panels.
+    """
+    size = model.train_tile_px
+    spec = TileSpec(size, size - (stride_px or size), context_px)
+    truth_frame = gpd.read_file(truth, layer="panels")
+    samples = []
+    with SceneReader(scene, gsd_m=model.gsd_m) as reader:
+        grid = reader.info.grid
+        if truth_frame.crs is not None and not truth_frame.crs.equals(grid.crs.to_wkt()):
+            truth_frame = truth_frame.to_crs(grid.crs.to_wkt())
+        gx, gy = grid.ground_resolution_m()
+        pixel_m2 = gx * gy
+        shapes = [(g, 1) for g in truth_frame.geometry if g is not None]
+        for tile in iter_tiles(grid, spec):
+            if tile.valid.width < spec.window_px or tile.valid.height < spec.window_px:
+                continue  # only whole windows for training
+            image = reader.read_tile(tile)
+            if image.is_empty:
+                continue
+            centre = tile.transform @ Affine.translation(context_px, context_px)
+            panel_px = rasterize(shapes, out_shape=(size, size), transform=centre).sum() if shapes else 0
+            panel_m2 = panel_px * pixel_m2
+            if 0 < panel_m2 < min_panel_m2:
+                continue  # ambiguous: a sliver of an array
+            samples.append(Sample(pixels=image.pixels, label=int(panel_m2 > 0), source=Path(scene).parent.name,
+                                  key=f"{Path(scene).parent.name}:{tile.tile_row}:{tile.tile_col}"))
+    return samples
+
+
+def positive_windows(pairs: Sequence[tuple[str | Path, str | Path]], *, model: ModelConfig) -> list[Sample]:
+    """The windows (tile + the model's context) of (scene, truth) pairs whose tile holds panels:
+    what the pseudo-seg head and the CAM calibrations learn or measure on."""
+    return [w for scene, truth in pairs
+            for w in scene_samples(scene, truth, model=model, context_px=model.context_px) if w.label]
+
+
+def town_paths(out_dir: str | Path, *, seeds: Sequence[int], size_px: int = 1024,
+               gsd_m: float = 0.3) -> list[tuple[str, str]]:
+    """(scene.tif, truth.gpkg) of synthetic towns ``out_dir/town_SEED``, rendered where missing."""
+    pairs = []
+    for seed in seeds:
+        town_dir = Path(out_dir) / f"town_{seed}"
+        if not (town_dir / "truth.gpkg").exists():
+            write_town(render_town(SynthConfig(size_px=size_px, gsd_m=gsd_m, seed=seed)), town_dir, overwrite=True)
+        pairs.append((str(town_dir / "scene.tif"), str(town_dir / "truth.gpkg")))
+    return pairs
+
+
+def synthetic_samples(out_dir: str | Path, *, seeds: Sequence[int], size_px: int, model: ModelConfig,
+                      min_panel_m2: float = 2.0) -> list[Sample]:
+    """Render (or reuse) synthetic towns under ``out_dir`` and cut them into labelled tiles."""
+    return [sample for scene, truth in town_paths(out_dir, seeds=seeds, size_px=size_px, gsd_m=model.gsd_m)
+            for sample in scene_samples(scene, truth, model=model, min_panel_m2=min_panel_m2)]
+
+
+def split_samples(samples: Sequence[Sample], *, val_fraction: float, test_fraction: float
+                  ) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Deterministic train/val/test split by a hash of each sample's key (stable as data grow)."""
+    train, val, test = [], [], []
+    for s in samples:
+        u = (zlib.crc32(s.key.encode()) % 10_000) / 10_000
+        (test if u < test_fraction else val if u < test_fraction + val_fraction else train).append(s)
+    return train, val, test
+
+
+def stack_samples(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels (n, 3, size, size) and labels (n,) as tensors."""
+    if not samples:
+        return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
+    return (torch.from_numpy(np.stack([s.pixels for s in samples])),
+            torch.tensor([s.label for s in samples], dtype=torch.long))
