@@ -80,3 +80,11 @@ def tiny_net(**changes):
 
     torch.manual_seed(0)
     return SolarNet(tiny_config(**changes)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory):
+    """A saved random-init model on :func:`tiny_config` (no trained branch), shared by the CLI tests."""
+    from solarmap.model import save
+
+    return str(save(tiny_net(), tmp_path_factory.mktemp("model") / "tiny.pt"))

@@ -65,17 +65,6 @@ def test_demo_generates_a_town(runner, tmp_path):
     assert (tmp_path / "demo" / "scene.tif").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory):
-    import torch
-
-    from solarmap import model as M
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    return str(M.save(M.SolarNet(tiny_config()), path))
-
-
 def chip_folder(root, n=6, size=40):
     from conftest import write_tif
 
@@ -249,3 +238,12 @@ def test_pseudo_seg_stage_trains_a_head_that_detect_uses(runner, tmp_path):
     refused = runner.invoke(main, ["detect", scene, "--out", str(tmp_path / "q.gpkg"), "--model", str(base),
                                    "--cam-method", "pseudo-seg"])
     assert refused.exit_code == 1 and "no pseudo-seg head" in refused.output
+
+
+def test_cam_method_choices_are_the_method_table():
+    """The option lists its choices literally (so --help needs no torch); they must be the table's."""
+    from solarmap.cli.detect import detect
+    from solarmap.model.cam import METHODS
+
+    choices = next(p.type.choices for p in detect.params if p.name == "cam_method")
+    assert list(choices) == [method.value for method in METHODS]

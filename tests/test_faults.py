@@ -10,18 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import rectangle_raster, tiny_config, write_tif
+from conftest import rectangle_raster, write_tif
 from solarmap.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    import torch
-
-    from solarmap import model as M
-
-    torch.manual_seed(0)
-    return str(M.save(M.SolarNet(tiny_config()), tmp_path_factory.mktemp("m") / "tiny.pt"))
 
 
 def run_detect(raster, out, *args):
@@ -36,29 +26,29 @@ def assert_clean_failure(result, out, message):
     assert not os.path.exists(out)
 
 
-def test_truncated_geotiff(tmp_path, tiny_model):
+def test_truncated_geotiff(tmp_path, tiny_model_file):
     good = write_tif(tmp_path / "good.tif", np.random.default_rng(0).integers(0, 255, (3, 300, 300), dtype=np.uint8),
                      compress="deflate", tiled=True, blockxsize=64, blockysize=64)
     data = open(good, "rb").read()
     broken = tmp_path / "broken.tif"
     broken.write_bytes(data[: len(data) // 2])
     out = tmp_path / "p.gpkg"
-    result = run_detect(broken, out, "--model", tiny_model, "--cam-method", "gap")
+    result = run_detect(broken, out, "--model", tiny_model_file, "--cam-method", "gap")
     assert_clean_failure(result, out, "broken.tif")
 
 
 @pytest.mark.parametrize("content", [b"", b"hello, not a raster\n"])
-def test_empty_or_text_file(tmp_path, tiny_model, content):
+def test_empty_or_text_file(tmp_path, tiny_model_file, content):
     bad = tmp_path / "bad.tif"
     bad.write_bytes(content)
     out = tmp_path / "p.gpkg"
-    assert_clean_failure(run_detect(bad, out, "--model", tiny_model), out, "cannot read")
+    assert_clean_failure(run_detect(bad, out, "--model", tiny_model_file), out, "cannot read")
 
 
-def test_directory_without_rasters(tmp_path, tiny_model):
+def test_directory_without_rasters(tmp_path, tiny_model_file):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "p.gpkg"
-    assert_clean_failure(run_detect(tmp_path / "empty", out, "--model", tiny_model), out, "no rasters")
+    assert_clean_failure(run_detect(tmp_path / "empty", out, "--model", tiny_model_file), out, "no rasters")
 
 
 def _raster(tmp_path, kind):
@@ -92,7 +82,7 @@ def _raster(tmp_path, kind):
     ("ok", ["--device", "tpu"], "unknown device"),
     ("ok", ["--heatmap", "{tmp}/heat.png"], "must end in .tif or .tiff (solarmap writes the heatmap GeoTIFF there)"),
 ])
-def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, tiny_model, kind, args, message):
+def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, tiny_model_file, kind, args, message):
     import torch
 
     (tmp_path / "corrupt.pt").write_bytes(b"\x00" * 512)
@@ -100,7 +90,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, tiny_model, kind, 
     raster = tmp_path / "missing.tif" if kind == "missing" else _raster(tmp_path, kind)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--model" not in args:
-        args += ["--model", tiny_model, "--cam-method", "gap"]
+        args += ["--model", tiny_model_file, "--cam-method", "gap"]
     out = tmp_path / "p.gpkg"
     assert_clean_failure(run_detect(raster, out, *args), out, message)
 
@@ -109,32 +99,32 @@ def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, tiny_model, kind, 
     ("nodir/p.gpkg", "output directory does not exist"),
     ("p.shp", "must end in .gpkg"),
 ])
-def test_bad_output_paths_through_the_cli(tmp_path, tiny_model, out_name, message):
+def test_bad_output_paths_through_the_cli(tmp_path, tiny_model_file, out_name, message):
     raster = _raster(tmp_path, "ok")
-    assert_clean_failure(run_detect(raster, tmp_path / out_name, "--model", tiny_model), tmp_path / out_name, message)
+    assert_clean_failure(run_detect(raster, tmp_path / out_name, "--model", tiny_model_file), tmp_path / out_name, message)
 
 
-def test_existing_output_is_kept_without_overwrite(tmp_path, tiny_model):
+def test_existing_output_is_kept_without_overwrite(tmp_path, tiny_model_file):
     out = tmp_path / "p.gpkg"
     out.write_bytes(b"previous result")
-    result = run_detect(_raster(tmp_path, "ok"), out, "--model", tiny_model)
+    result = run_detect(_raster(tmp_path, "ok"), out, "--model", tiny_model_file)
     assert result.exit_code == 1 and "use --overwrite" in result.output and "Traceback" not in result.output
     assert out.read_bytes() == b"previous result"
 
 
-def test_src_crs_georeferences_a_raster_without_one(tmp_path, tiny_model):
+def test_src_crs_georeferences_a_raster_without_one(tmp_path, tiny_model_file):
     import geopandas as gpd
 
     raster = write_tif(tmp_path / "nocrs.tif", (rectangle_raster(120, 120, (30, 30, 60, 70)) * 200).astype(np.uint8),
                        crs=None)
     out = tmp_path / "p.gpkg"
-    result = run_detect(raster, out, "--model", tiny_model, "--cam-method", "gap", "--score-threshold", "0",
+    result = run_detect(raster, out, "--model", tiny_model_file, "--cam-method", "gap", "--score-threshold", "0",
                         "--src-crs", "EPSG:32611", "--quiet")
     assert result.exit_code == 0, result.output
     assert gpd.read_file(out).crs.to_epsg() == 32611
 
 
-def test_16_bit_and_float_rasters_run_and_all_nodata_gives_an_empty_geopackage(tmp_path, tiny_model):
+def test_16_bit_and_float_rasters_run_and_all_nodata_gives_an_empty_geopackage(tmp_path, tiny_model_file):
     """Scaling itself is checked pixel by pixel in test_io; here: the CLI accepts them end to end."""
     import geopandas as gpd
 
@@ -144,7 +134,7 @@ def test_16_bit_and_float_rasters_run_and_all_nodata_gives_an_empty_geopackage(t
     frames = {}
     for name, array in versions.items():
         out = tmp_path / f"{name}.gpkg"
-        result = run_detect(write_tif(tmp_path / f"{name}.tif", array), out, "--model", tiny_model,
+        result = run_detect(write_tif(tmp_path / f"{name}.tif", array), out, "--model", tiny_model_file,
                             "--cam-method", "gap", "--score-threshold", "0", "--cam-threshold", "0.2", "--quiet")
         assert result.exit_code == 0, result.output
         frames[name] = gpd.read_file(out)
@@ -152,23 +142,23 @@ def test_16_bit_and_float_rasters_run_and_all_nodata_gives_an_empty_geopackage(t
         assert len(frames[name]) == len(frames["u8"])
     out = tmp_path / "nodata.gpkg"
     result = run_detect(write_tif(tmp_path / "nodata.tif", np.zeros((3, 120, 120), np.uint8), nodata=0), out,
-                        "--model", tiny_model, "--cam-method", "gap", "--quiet")
+                        "--model", tiny_model_file, "--cam-method", "gap", "--quiet")
     assert result.exit_code == 0, result.output
     assert len(gpd.read_file(out)) == 0
 
 
-def test_tile_size_below_inception_minimum(tmp_path, tiny_model):
+def test_tile_size_below_inception_minimum(tmp_path, tiny_model_file):
     raster = write_tif(tmp_path / "r.tif", np.full((3, 100, 100), 90, np.uint8))
     out = tmp_path / "p.gpkg"
-    result = run_detect(raster, out, "--model", tiny_model, "--tile-size", "50", "--overlap", "0", "--cam-method", "gap")
+    result = run_detect(raster, out, "--model", tiny_model_file, "--tile-size", "50", "--overlap", "0", "--cam-method", "gap")
     assert_clean_failure(result, out, "too small for Inception-v3")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_leaves_no_output_and_resume_completes(tmp_path, tiny_model, sig):
+def test_a_signal_leaves_no_output_and_resume_completes(tmp_path, tiny_model_file, sig):
     raster = write_tif(tmp_path / "big.tif", (rectangle_raster(900, 900, (100, 100, 300, 300)) * 200).astype(np.uint8))
     out = tmp_path / "p.gpkg"
-    args = [sys.executable, "-m", "solarmap.cli", "detect", raster, "--out", str(out), "--model", tiny_model,
+    args = [sys.executable, "-m", "solarmap.cli", "detect", raster, "--out", str(out), "--model", tiny_model_file,
             "--cam-method", "gap", "--score-threshold", "0", "--gsd", "0.5", "--batch-size", "4", "--quiet"]
     # a shell that backgrounds the test run (nohup, CI runners) may leave SIGINT ignored; a user's
     # terminal does not, so the child starts with the default disposition (Python then installs its own)
@@ -189,7 +179,7 @@ def test_a_signal_leaves_no_output_and_resume_completes(tmp_path, tiny_model, si
     assert out.exists() and not (tmp_path / ".p.gpkg.partial").exists()
 
 
-def test_unwritable_output_directory_is_refused_before_any_work(tmp_path, tiny_model, monkeypatch):
+def test_unwritable_output_directory_is_refused_before_any_work(tmp_path, tiny_model_file, monkeypatch):
     """Root can write anywhere, so the permission answer is simulated (test_io checks the real
     thing where the tests do not run as root)."""
     import solarmap.geo.output
@@ -200,11 +190,11 @@ def test_unwritable_output_directory_is_refused_before_any_work(tmp_path, tiny_m
     monkeypatch.setattr(solarmap.geo.output.os, "access",
                         lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
     out = locked / "p.gpkg"
-    assert_clean_failure(run_detect(_raster(tmp_path, "ok"), out, "--model", tiny_model), out,
+    assert_clean_failure(run_detect(_raster(tmp_path, "ok"), out, "--model", tiny_model_file), out,
                          "output directory is not writable")
 
 
-def test_disk_full_during_export_keeps_the_previous_output(tmp_path, tiny_model, monkeypatch):
+def test_disk_full_during_export_keeps_the_previous_output(tmp_path, tiny_model_file, monkeypatch):
     out = tmp_path / "p.gpkg"
     out.write_bytes(b"previous result")
 
@@ -212,7 +202,7 @@ def test_disk_full_during_export_keeps_the_previous_output(tmp_path, tiny_model,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("solarmap.geo.output.add_layer_style", disk_full)  # while the file is being finished
-    result = run_detect(_raster(tmp_path, "ok"), out, "--model", tiny_model, "--cam-method", "gap", "--overwrite",
+    result = run_detect(_raster(tmp_path, "ok"), out, "--model", tiny_model_file, "--cam-method", "gap", "--overwrite",
                         "--quiet")
     assert result.exit_code == 1 and "No space left on device" in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

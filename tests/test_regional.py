@@ -12,7 +12,7 @@ import pytest
 import shapely
 from affine import Affine
 
-from conftest import UTM_ORIGIN, tiny_config, write_tif
+from conftest import UTM_ORIGIN, write_tif
 from solarmap.errors import InputError
 from solarmap.pipeline import DetectConfig, SpectralBaseline, detect_scene
 from solarmap.geo.raster import expand_inputs
@@ -171,13 +171,10 @@ def test_cli_takes_a_directory_of_rasters_into_one_geopackage(tmp_path):
 
     from solarmap.cli import main
 
-    pytest.importorskip("torch")
-    import torch
-
+    from conftest import tiny_net
     from solarmap import model as M
 
-    torch.manual_seed(0)
-    model = M.save(M.SolarNet(tiny_config()), tmp_path / "tiny.pt")
+    model = M.save(tiny_net(), tmp_path / "tiny.pt")
     tiles = tmp_path / "tiles"
     tiles.mkdir()
     for i in range(2):
