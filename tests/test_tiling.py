@@ -72,18 +72,22 @@ def test_resampled_grid_keeps_extent_and_reaches_target_gsd():
     r = resampled_grid(g, 0.3)
     assert (r.height, r.width) == (500, 400)
     assert r.bounds == pytest.approx(g.bounds)
-    assert r.ground_resolution_m() == pytest.approx((0.3, 0.3))
+    assert r.ground_resolution_m() == pytest.approx((0.3, 0.3), rel=1e-3)  # UTM's scale factor: 0.04 % here
     assert resampled_grid(g, None) is g
 
 
 def test_ground_resolution_of_geographic_grid_uses_local_degree_size():
+    from pyproj import Geod
+
     lat = 36.75
     deg = 1e-5
     g = Grid(height=100, width=100, transform=Affine(deg, 0, -119.8, 0, -deg, lat + 50 * deg),
              crs=CRS.from_epsg(4326))
     gx, gy = g.ground_resolution_m()
-    assert gx == pytest.approx(deg * 111_320 * math.cos(math.radians(lat)), rel=1e-3)
-    assert gy == pytest.approx(deg * 110_574, rel=1e-3)
+    geod = Geod(ellps="WGS84")  # the lengths of 100 degrees' worth of pixels along a parallel and a meridian
+    assert gx == pytest.approx(geod.line_length([-119.8, -119.8 + 100 * deg], [lat, lat]) / 100, rel=1e-4)
+    assert gy == pytest.approx(geod.line_length([-119.8, -119.8], [lat - 50 * deg, lat + 50 * deg]) / 100, rel=1e-4)
+    assert gx == pytest.approx(deg * 111_320 * math.cos(math.radians(lat)), rel=5e-3)  # the textbook sizes
 
 
 def test_missing_crs_is_a_georeference_error():

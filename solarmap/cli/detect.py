@@ -114,6 +114,7 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     """
     from solarmap.geo.output import check_output_path
     from solarmap.geo.raster import describe_scene, expand_inputs, parse_bands
+    from solarmap.geo.tiling import GSD_VARIATION_WARNING, ground_variation_note
 
     check_output_path(out_path, overwrite=overwrite)
     expanded = expand_inputs(rasters)
@@ -124,7 +125,10 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     if heatmap:
         check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
     band_tuple = parse_bands(bands)
-    describe_scene(raster, bands=band_tuple, src_crs=src_crs)  # fail fast on a bad raster, before loading the model
+    scene = describe_scene(raster, bands=band_tuple, src_crs=src_crs)  # fail fast, before loading the model
+    ground = scene.source_grid.ground_resolution()
+    if single and ground.variation > GSD_VARIATION_WARNING:
+        click.echo(f"solarmap: warning: {raster}: {ground_variation_note(ground)}", err=True)
 
     from solarmap.errors import OptionError
     from solarmap.model.scorer import ScorerSpec

@@ -87,20 +87,27 @@ def info(raster: str, tile_size_px: int, overlap_px: int, gsd_m: float | None, b
          src_crs: str | None) -> None:
     """Describe how solarmap would read RASTER: grid, GSD, value scale and tiling."""
     from solarmap.geo.raster import describe_scene, parse_bands
-    from solarmap.geo.tiling import TileSpec, tile_grid_shape
+    from solarmap.geo.tiling import (
+        GSD_VARIATION_WARNING,
+        TileSpec,
+        ground_variation_note,
+        tile_grid_shape,
+    )
 
     spec = TileSpec(tile_size_px, overlap_px)
     scene = describe_scene(raster, bands=parse_bands(bands), gsd_m=gsd_m, src_crs=src_crs)
     src, grid = scene.source_grid, scene.grid
     rows, cols = tile_grid_shape(grid, spec)
-    gx, gy = src.ground_resolution_m()
+    ground = src.ground_resolution()
     click.echo(f"raster: {raster}")
     click.echo(f"crs: {src.crs.to_string()}")
-    click.echo(f"size: {src.width} x {src.height} px, pixel {gx:.3f} x {gy:.3f} m, dtype {scene.dtype}, "
+    click.echo(f"size: {src.width} x {src.height} px, {ground.describe()}, dtype {scene.dtype}, "
                f"values / {scene.scale:g} -> [0, 1]")
+    if ground.variation > GSD_VARIATION_WARNING:
+        click.echo(f"note: {ground_variation_note(ground)}")
     if grid != src:
         wx, wy = grid.ground_resolution_m()
-        click.echo(f"working grid: {grid.width} x {grid.height} px at {wx:.3f} x {wy:.3f} m")
+        click.echo(f"working grid: {grid.width} x {grid.height} px at {wx:.3f} x {wy:.3f} m on the ground")
     click.echo(f"tiles: {rows} x {cols} = {rows * cols} of {tile_size_px} px (overlap {overlap_px} px); "
                f"nodata mask: {'yes' if scene.has_mask else 'no'}")
 

@@ -18,15 +18,11 @@ from typing import Iterator
 
 from affine import Affine
 from pyproj import CRS as ProjCRS
+from pyproj import Geod, Transformer
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from solarmap.errors import GeoreferenceError, OptionError
-
-# Mean radius of the WGS84 ellipsoid's meridian degree and equator degree, in metres; only used to
-# choose a resampling factor for geographic rasters (areas are computed geodesically elsewhere).
-_M_PER_DEG_LAT = 110_574.0
-_M_PER_DEG_LON_EQUATOR = 111_320.0
 
 
 @dataclass(frozen=True)
@@ -53,8 +49,11 @@ class Grid:
         return min(xs), min(ys), max(xs), max(ys)
 
     def ground_resolution_m(self) -> tuple[float, float]:
-        """Pixel size on the ground in metres (x, y); approximate at the grid's centre if geographic."""
+        """Pixel size on the ground in metres (x, y) at the grid's centre, for any CRS."""
         return ground_resolution_m(self.transform, self.crs, self.height, self.width)
+
+    def ground_resolution(self) -> "GroundResolution":
+        return ground_resolution(self.transform, self.crs, self.height, self.width)
 
 
 @dataclass(frozen=True)
@@ -179,28 +178,88 @@ def iter_tiles(grid: Grid, spec: TileSpec) -> Iterator[Tile]:
             )
 
 
-def ground_resolution_m(transform: Affine, crs: CRS | None, height: int, width: int) -> tuple[float, float]:
-    """Ground size of one pixel in metres along x and y.
+@dataclass(frozen=True)
+class GroundResolution:
+    """The size of a grid's pixels on the ground, and how it was found.
 
-    Projected CRSs use their linear unit; geographic CRSs use the local size of a degree at the
-    grid's centre latitude (good to a fraction of a percent over a scene, which is all that
-    choosing a resampling factor needs).
+    ``x_m``, ``y_m``: metres on the ground at the grid's centre, measured geodesically on the CRS's
+    ellipsoid, so they are right for any CRS: projections whose scale varies (web mercator: one unit
+    is cos(latitude) metres), geographic CRSs and linear units other than metres alike.
+    ``x_units``, ``y_units``: the same pixel in CRS units. ``variation``: the largest relative
+    difference between the ground pixel size on the top and the bottom row (resampling a scene to
+    one GSD is approximate where it is large).
     """
+
+    x_m: float
+    y_m: float
+    x_units: float
+    y_units: float
+    unit: str
+    centre_lat: float
+    variation: float
+
+    @property
+    def differs_from_units(self) -> bool:
+        """Whether a CRS unit is not a metre on the ground here (beyond 0.1 %)."""
+        return abs(self.x_m / self.x_units - 1) > 1e-3 or abs(self.y_m / self.y_units - 1) > 1e-3
+
+    def describe(self) -> str:
+        """E.g. 'pixel 0.2986 x 0.2986 metre = 0.258 x 0.258 m on the ground at 30.30° N'."""
+        hemisphere = "N" if self.centre_lat >= 0 else "S"
+        ground = f"{self.x_m:.3f} x {self.y_m:.3f} m on the ground at {abs(self.centre_lat):.2f}° {hemisphere}"
+        if not self.differs_from_units:
+            return f"pixel {ground}"
+        return f"pixel {self.x_units:.4g} x {self.y_units:.4g} {self.unit} = {ground}"
+
+
+def ground_resolution(transform: Affine, crs: CRS | None, height: int, width: int) -> GroundResolution:
+    """Ground size of the pixels of a grid (see :class:`GroundResolution`)."""
     if crs is None:
         raise GeoreferenceError("the raster has no CRS; georeference it first (e.g. gdal_edit.py -a_srs EPSG:xxxx)")
-    col_step = math.hypot(transform.a, transform.d)
-    row_step = math.hypot(transform.b, transform.e)
     pcrs = ProjCRS.from_user_input(crs.to_wkt())
-    if pcrs.is_geographic:
-        _, centre_lat = transform @ (width / 2, height / 2)
-        lon_m = _M_PER_DEG_LON_EQUATOR * math.cos(math.radians(centre_lat))
-        return col_step * lon_m, row_step * _M_PER_DEG_LAT
-    unit_m = pcrs.axis_info[0].unit_conversion_factor if pcrs.axis_info else 1.0
-    return col_step * unit_m, row_step * unit_m
+    to_lonlat = Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True)
+    geod = pcrs.get_geod() or Geod(ellps="WGS84")
+
+    def metres(col: float, row: float) -> tuple[float, float]:
+        """Ground size of one pixel around (col, row), from a step of up to 64 pixels."""
+        step_c, step_r = min(64.0, max(width, 1)), min(64.0, max(height, 1))
+        points = [transform @ (col - step_c / 2, row), transform @ (col + step_c / 2, row),
+                  transform @ (col, row - step_r / 2), transform @ (col, row + step_r / 2)]
+        lon, lat = to_lonlat.transform([p[0] for p in points], [p[1] for p in points])
+        _, _, along_x = geod.inv(lon[0], lat[0], lon[1], lat[1])
+        _, _, along_y = geod.inv(lon[2], lat[2], lon[3], lat[3])
+        return along_x / step_c, along_y / step_r
+
+    x_m, y_m = metres(width / 2, height / 2)
+    top, bottom = metres(width / 2, 0.5), metres(width / 2, height - 0.5)
+    variation = max(abs(t - b) / c for t, b, c in zip(top, bottom, (x_m, y_m)))
+    _, centre_lat = to_lonlat.transform(*(transform @ (width / 2, height / 2)))
+    unit = pcrs.axis_info[0].unit_name if pcrs.axis_info else "unit"
+    return GroundResolution(x_m=x_m, y_m=y_m, x_units=math.hypot(transform.a, transform.d),
+                            y_units=math.hypot(transform.b, transform.e), unit=unit, centre_lat=float(centre_lat),
+                            variation=variation)
+
+
+GSD_VARIATION_WARNING = 0.03  # above this, one GSD per scene is said to be approximate
+
+
+def ground_variation_note(ground: GroundResolution) -> str:
+    """Why one GSD per scene is approximate for a raster whose ground pixel size varies."""
+    return (f"the ground pixel size changes by {100 * ground.variation:.1f} % from the top to the bottom of this "
+            f"raster (a large range of latitudes); it is resampled to one GSD, right at its centre, so tiles far "
+            f"from the centre are seen at a scale up to that much off (split the raster into bands of rows to "
+            f"avoid it)")
+
+
+def ground_resolution_m(transform: Affine, crs: CRS | None, height: int, width: int) -> tuple[float, float]:
+    """Ground size of one pixel in metres along x and y, at the grid's centre."""
+    ground = ground_resolution(transform, crs, height, width)
+    return ground.x_m, ground.y_m
 
 
 def resampled_grid(grid: Grid, gsd_m: float | None) -> Grid:
-    """The grid covering the same extent with pixels of ``gsd_m`` metres (``None``: unchanged).
+    """The grid covering the same extent with pixels of ``gsd_m`` metres on the ground at its centre
+    (``None``: unchanged), whatever the CRS's units and scale there.
 
     The extent is kept exactly; the pixel size is rounded so a whole number of pixels fits, so the
     realised GSD differs from ``gsd_m`` by less than one pixel over the whole raster.

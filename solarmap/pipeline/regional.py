@@ -38,9 +38,11 @@ from solarmap.geo.output import check_output_path, write_geopackage
 from solarmap.geo.raster import describe_scene, expand_inputs, parse_crs
 from solarmap.geo.style import panels_qml
 from solarmap.geo.tiling import (
+    GSD_VARIATION_WARNING,
     axis_cores,
     axis_offsets,
     ground_resolution_m,
+    ground_variation_note,
     tile_grid_shape,
 )
 from solarmap.geo.vectorize import (
@@ -111,7 +113,10 @@ def plan_chunks(rasters: Sequence[str], config: DetectConfig, *, rows_per_chunk:
         raise OptionError(f"rows per chunk must be positive, got {rows_per_chunk}")
     chunks = []
     for index, raster in enumerate(rasters):
-        grid = describe_scene(raster, bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs).grid
+        scene = describe_scene(raster, bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs)
+        grid, ground = scene.grid, scene.source_grid.ground_resolution()
+        if ground.variation > GSD_VARIATION_WARNING:
+            log.warning("%s: %s", raster, ground_variation_note(ground))
         n_rows, n_cols = tile_grid_shape(grid, config.tile_spec)
         cores = axis_cores(axis_offsets(grid.height, config.tile_spec), grid.height, config.tile_spec)
         for start in range(0, n_rows, rows_per_chunk):

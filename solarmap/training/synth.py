@@ -26,12 +26,14 @@ import shapely
 from affine import Affine
 from pyproj import CRS as ProjCRS
 from pyproj import Transformer
+from rasterio.crs import CRS
 from rasterio.features import rasterize
 from scipy import ndimage
 from shapely.geometry import Polygon, box
 
 from solarmap.geo.output import write_geopackage, write_geotiff
 from solarmap.geo.style import panels_qml
+from solarmap.geo.tiling import ground_resolution
 from solarmap.geo.vectorize import geodesic_area_m2
 from solarmap.training.town_layout import layout_town, sun, tree_polygon
 
@@ -224,13 +226,19 @@ def _paint_modules(canvas: _Canvas, modules: list) -> None:
 
 
 def _georeference(cfg: SynthConfig) -> tuple[Affine, str]:
+    """The town's transform: pixels of ``gsd_m`` metres on the ground at the town's centre. Where the
+    CRS unit is within 0.1 % of a ground metre (UTM), a pixel is exactly ``gsd_m`` units."""
     epsg = cfg.epsg or _utm_epsg(cfg.lon, cfg.lat)
     crs = ProjCRS.from_epsg(epsg)
     to_crs = Transformer.from_crs(ProjCRS.from_epsg(4326), crs, always_xy=True)
     x, y = to_crs.transform(cfg.lon, cfg.lat)
-    x0 = math.floor(x / cfg.gsd_m) * cfg.gsd_m
-    y0 = math.floor(y / cfg.gsd_m) * cfg.gsd_m
-    return Affine(cfg.gsd_m, 0.0, x0, 0.0, -cfg.gsd_m, y0), f"EPSG:{epsg}"
+    ground = ground_resolution(Affine(cfg.gsd_m, 0.0, x, 0.0, -cfg.gsd_m, y), CRS.from_epsg(epsg), 1, 1)
+    step_x, step_y = cfg.gsd_m, cfg.gsd_m
+    if ground.differs_from_units:
+        step_x, step_y = cfg.gsd_m * cfg.gsd_m / ground.x_m, cfg.gsd_m * cfg.gsd_m / ground.y_m
+    x0 = math.floor(x / step_x) * step_x
+    y0 = math.floor(y / step_y) * step_y
+    return Affine(step_x, 0.0, x0, 0.0, -step_y, y0), f"EPSG:{epsg}"
 
 
 def _utm_epsg(lon: float, lat: float) -> int:
