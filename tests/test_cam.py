@@ -1,11 +1,12 @@
 """CAM alignment: where map cells sit on the input, and measuring a CAM's offset from images alone."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
-from dataclasses import replace
-
 from conftest import tiny_config
+
 from solarmap import model as M
 from solarmap.model.align import align_to_window
 from solarmap.model.scorer import ModelScorer
@@ -30,6 +31,28 @@ def test_layer_geometry_matches_the_network(layer):
     rows = weight.sum(dim=1)
     centroid = float((rows * torch.arange(203)).sum() / rows.sum())
     assert centroid == pytest.approx(stride * k + first, abs=1.5)
+
+
+def test_efficientnet_geometry_is_the_middle_of_each_cells_receptive_field():
+    """With "same" padding a cell's receptive field is an interval of input pixels whose middle is the
+    cell's centre; on a 1024 px input the middle cell's field fits inside the image, so it is exact."""
+    torch.manual_seed(0)
+    net = M.SolarNet(tiny_config(backbone="efficientnet-lite0")).eval()
+    layers = ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5", "conv_head"]
+    captured = {}
+    handles = [net.backbone.layer(name).register_forward_hook(lambda m, i, o, name=name: captured.update({name: o}))
+               for name in layers]
+    x = torch.rand(1, 3, 1024, 1024, requires_grad=True)
+    net(x)
+    for handle in handles:
+        handle.remove()
+    for name in layers:
+        stride, first = net.backbone.layer_geometry(name)
+        k = captured[name].shape[-1] // 2
+        (grad,) = torch.autograd.grad(captured[name][0, :, k, k].sum(), x, retain_graph=True)
+        rows = grad.abs().sum(dim=(0, 1, 3)).nonzero().flatten()
+        assert 0 < int(rows.min()) and int(rows.max()) < 1023, name  # not clipped by the image
+        assert (int(rows.min()) + int(rows.max())) / 2 == stride * k + first, name
 
 
 def test_alignment_puts_cell_centres_on_their_pixels_and_shifts():
@@ -161,3 +184,18 @@ def test_grad_cam_works_on_a_frozen_model():
         p.requires_grad_(False)
     maps = grad_cam(net, torch.rand(1, 3, 96, 96), layer="Mixed_6e")
     assert maps.shape == (1, 4, 4) and torch.isfinite(maps).all()  # Mixed_6e at 96 px
+
+
+@pytest.mark.parametrize("method", ["branch", "gap", "gradcam", "feedback", "pseudo-seg"])
+def test_every_method_runs_on_the_efficientnet_backbone(method):
+    """The backbone seam: each CAM method makes window-sized, finite maps on EfficientNet-Lite0 too."""
+    from solarmap.model.network import ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig.for_backbone("efficientnet-lite0", branch_levels=2, pseudo_seg=True, context_px=32,
+                                      decision_threshold=0.0, cam_scale=1e-6)  # pseudo-seg: attention open
+    net = M.SolarNet(config).eval()
+    windows = np.random.default_rng(0).random((2, 3, 160, 160), dtype=np.float32)
+    probs, maps = ModelScorer(net, method=method, feedback_steps=2)(windows)
+    assert probs.shape == (2,) and maps.shape == (2, 160, 160)
+    assert np.isfinite(maps).all() and maps.any()

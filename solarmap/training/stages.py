@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from solarmap.errors import InputError, ModelError, OptionError
+from solarmap.errors import InputError, OptionError
 from solarmap.model.network import SolarNet
 from solarmap.training.data import Sample, stack_samples
 
 __all__ = ["STAGES", "Scores", "StageResult", "TrainConfig", "augment", "binary_scores", "dihedral",
-           "init_from_imagenet", "predict_probabilities", "score_samples", "train_stage"]
+           "predict_probabilities", "score_samples", "train_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -280,28 +280,3 @@ def score_samples(model: SolarNet, samples: Sequence[Sample], *, threshold: floa
     x, y = stack_samples(samples)
     cut = model.config.decision_threshold if threshold is None else threshold
     return binary_scores(y.numpy(), predict_probabilities(model, x) >= cut)
-
-
-def init_from_imagenet(model: SolarNet, weights_file: str | Path | None = None) -> SolarNet:
-    """Copy torchvision's ImageNet Inception-v3 weights (all but the classifier) into ``model``.
-
-    Nothing is downloaded: the weights must be in the torch hub cache or given as a file.
-    """
-    if weights_file is None:
-        hub = Path(torch.hub.get_dir()) / "checkpoints"
-        candidates = sorted(hub.glob("inception_v3_google-*.pth"))
-        if not candidates:
-            raise ModelError(
-                f"ImageNet weights for Inception-v3 not found in {hub}; download "
-                "inception_v3_google-0cc3c7bd.pth on a connected machine and pass it with --init-weights FILE"
-            )
-        weights_file = candidates[0]
-    try:
-        state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ModelError(f"cannot read ImageNet weights {weights_file} ({type(exc).__name__})") from None
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))}
-    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if not m.startswith("fc.")]:
-        raise ModelError(f"{weights_file} is not an Inception-v3 state dict")
-    return model
