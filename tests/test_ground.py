@@ -14,7 +14,7 @@ from pyproj import CRS, Geod, Proj, Transformer
 
 from conftest import BandOneScorer, write_tif
 from solarmap.geo.raster import describe_scene
-from solarmap.geo.tiling import Grid, TileSpec, ground_resolution, resampled_grid, tile_grid_shape
+from solarmap.geo.tiling import Grid, ground_resolution, resampled_grid, tile_grid_shape
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.training.synth import SynthConfig, render_town
 

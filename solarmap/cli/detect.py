@@ -86,10 +86,9 @@ class _RegionalProgress:
 @click.option("--branch-levels", type=click.IntRange(1, 2), default=None,
               help="Branch CAM from this many branch levels (default: all the model has).")
 @click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam", "feedback", "pseudo-seg"]),
-              default="branch",
-              show_default=True,
+              default=None,
               help="Localization: greedy branch CAM, the classifier's GAP CAM, Grad-CAM, feedback saliency, or "
-                   "the pseudo-seg head (a model trained with --stage pseudo-seg).")
+                   "the segmentation head (pseudo-seg). Default: the model's, chosen on its validation data.")
 @click.option("--cam-threshold", type=float, default=None, callback=unit_interval,
               help="Mask threshold on the normalised CAM (CAM / the model's calibrated scale; Grad-CAM, feedback: / tile max). "
                    "Default: the model's calibrated rule for the --cam-method.")
@@ -150,7 +149,7 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
 
         _, rstats = detect_regional(expanded, out_path, scorer_spec=spec, config=config, scheduler=scheduler,
                                     out_crs=out_crs, rows_per_chunk=rows_per_chunk, overwrite=overwrite, resume=resume,
-                                    metadata={"cam_method": cam_method}, progress=_RegionalProgress(quiet))
+                                    metadata={"cam_method": scorer.method.value}, progress=_RegionalProgress(quiet))
         if not quiet:
             click.echo(f"rasters: {rstats.rasters}, chunks: {rstats.chunks_done} ({rstats.chunks_resumed} resumed), "
                        f"tiles: {rstats.tiles_total}", err=True)

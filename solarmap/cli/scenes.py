@@ -68,7 +68,7 @@ def demo(out_dir: str, seed: int, model_path: str | None) -> None:
     ctx = click.get_current_context()
     ctx.invoke(detect, rasters=(scene,), out_path=str(out / "panels.gpkg"), model_path=model_path,
                heatmap=str(out / "heat.tif"), overwrite=True, quiet=False, device="auto", batch_size=None,
-               tile_size_px=None, overlap_px=None, gsd_m=None, bands=None, cam_method="branch", cam_threshold=None,
+               tile_size_px=None, overlap_px=None, gsd_m=None, bands=None, cam_method=None, cam_threshold=None,
                refine=None, score_threshold=None, min_area_m2=1.0, simplify_m=0.0, resume=False)
     click.echo("")
     ctx.invoke(evaluate, predicted=str(out / "panels.gpkg"), truth=truth, scene=scene, tile_size_px=299,

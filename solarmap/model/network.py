@@ -52,6 +52,7 @@ class ModelConfig:
     gap_cam_scale: float = 1.0  # the same for the main classifier's GAP CAM
     cam_shifts: dict = field(default_factory=dict)  # method -> (rows, cols) px to move its maps by
     pseudo_seg: bool = False  # has a segmentation head (solarmap.model.seg)
+    default_cam_method: str = "branch"  # the outline method `detect` uses unless told (chosen on validation)
     mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
     colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.geo.refine), bins³ entries
     refine_rule: dict = field(default_factory=dict)  # solarmap.geo.refine.ColourRefine fields, calibrated
@@ -86,6 +87,8 @@ class InceptionV3(Inception3):
     _geometry = {"Mixed_5": (8, 13), "Mixed_6": (16, 21), "Mixed_7": (32, 37)}
     branch_layer, top_layer = "Mixed_5d", "Mixed_7c"
     config_defaults: dict = {}
+    # at inference: the CAM sees 40 px around each tile (its responses sat ~35 px off the panels)
+    inference_geometry = dict(overlap_px=24, context_px=40)
 
     def __init__(self, config: "ModelConfig") -> None:
         super().__init__(num_classes=2, aux_logits=False, transform_input=False, init_weights=False)
@@ -137,7 +140,8 @@ class EfficientNetLite0(nn.Module):
     top_layer = "conv_head"
     # inputs in [-1, 1]; 96 px tiles (+ 32 px of context: 160 px windows, a multiple of 32); a narrow branch
     config_defaults = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), train_tile_px=96, tile_size_px=96,
-                           overlap_px=16, branch_channels=(128, 128))
+                           overlap_px=16, context_px=32, branch_channels=(128, 128))
+    inference_geometry = dict(overlap_px=16, context_px=32)
     _branch_points = {"blocks.2": 40, "blocks.4": 112}  # layer -> channels
     # (stride, first cell centre) in input pixels for inputs whose size is a multiple of 32: "same"
     # padding pads the bottom and right more, so every stride-2 layer centres output k on input 2k + 1,

@@ -146,14 +146,16 @@ class ModelScorer:
         return probs.cpu().numpy(), maps
 
 
-def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | CamMethod = CamMethod.BRANCH,
+def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | CamMethod | None = None,
                  device: str = "auto", decision_threshold: float | None = None, branch_levels: int | None = None,
                  refine: bool | None = None) -> ModelScorer:
     """A scorer from a checkpoint path (None: the bundled model) or a loaded network, named for
-    the run metadata. Every option left at None takes the checkpoint's calibrated value."""
+    the run metadata. Every option left at None takes the checkpoint's calibrated value (``method``:
+    the checkpoint's default outline method)."""
     net = model if isinstance(model, SolarNet) else load(model)
     name = "bundled" if model is None else str(model) if not isinstance(model, SolarNet) else "solarmap"
-    return ModelScorer(net, method=CamMethod(method), device=resolve_device(str(device)),
+    method = CamMethod(method or net.config.default_cam_method)
+    return ModelScorer(net, method=method, device=resolve_device(str(device)),
                        decision_threshold=decision_threshold, branch_levels=branch_levels, refine=refine, name=name)
 
 
@@ -163,7 +165,7 @@ class ScorerSpec:
     scorer once (a model is never sent over the wire)."""
 
     model_path: str | None = None
-    method: str = "branch"
+    method: str | None = None  # None: the checkpoint's default
     device: str = "auto"
     decision_threshold: float | None = None
     branch_levels: int | None = None
@@ -187,13 +189,20 @@ def resample(pixels: np.ndarray, factor: float) -> np.ndarray:
 
 def classify_images(model: SolarNet, images, *, gsd_m: float) -> list[float]:
     """Tile probability of each (3, h, w) image in [0, 1] taken at ``gsd_m``: resampled to the
-    model's GSD, edge-padded up to the backbone's smallest input."""
+    model's GSD, then centre-cropped or reflect-padded to the model's tile, the input detection gives
+    it (a backbone with "same" padding answers differently at other sizes)."""
+    size = model.config.tile_size_px
     probabilities = []
     for pixels in images:
         pixels = resample(pixels, gsd_m / model.config.gsd_m)
-        pad_h, pad_w = max(0, model.min_input_px - pixels.shape[1]), max(0, model.min_input_px - pixels.shape[2])
+        _, h, w = pixels.shape
+        top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+        pixels = pixels[:, top: top + size, left: left + size]
+        pad_h, pad_w = size - pixels.shape[1], size - pixels.shape[2]
         if pad_h or pad_w:
-            pixels = np.pad(pixels, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
+            mode = "reflect" if pad_h < pixels.shape[1] and pad_w < pixels.shape[2] else "symmetric"
+            pixels = np.pad(pixels, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)),
+                            mode=mode)
         prob, _ = model.predict(torch.from_numpy(np.ascontiguousarray(pixels))[None], with_cam=False)
         probabilities.append(float(prob[0]))
     return probabilities

@@ -144,14 +144,19 @@ def synthetic_samples(out_dir: str | Path, *, seeds: Sequence[int], size_px: int
             for sample in scene_samples(scene, truth, model=model, min_panel_m2=min_panel_m2)]
 
 
+def split_of(key: str, *, val_fraction: float, test_fraction: float) -> str:
+    """'train', 'val' or 'test' from a hash of ``key`` (stable as data grow)."""
+    u = (zlib.crc32(key.encode()) % 10_000) / 10_000
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
 def split_samples(samples: Sequence[Sample], *, val_fraction: float, test_fraction: float
                   ) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """Deterministic train/val/test split by a hash of each sample's key (stable as data grow)."""
-    train, val, test = [], [], []
+    parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     for s in samples:
-        u = (zlib.crc32(s.key.encode()) % 10_000) / 10_000
-        (test if u < test_fraction else val if u < test_fraction + val_fraction else train).append(s)
-    return train, val, test
+        parts[split_of(s.key, val_fraction=val_fraction, test_fraction=test_fraction)].append(s)
+    return parts["train"], parts["val"], parts["test"]
 
 
 def stack_samples(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ from solarmap.training.data import (
 from solarmap.training.pseudoseg import train_pseudo_seg
 from solarmap.training.stages import STAGES, TrainConfig, train_stage
 
-__all__ = ["DEFAULT_PLAN", "INFERENCE_GEOMETRY", "StagePlan", "calibrate_model", "plan_for", "run_stages",
+__all__ = ["DEFAULT_PLAN", "StagePlan", "calibrate_model", "plan_for", "run_stages",
            "train_seg_head"]
 
 Say = Callable[[str], None]
@@ -63,11 +63,6 @@ DEFAULT_PLAN = (
     StagePlan("branch1", "branch1", epochs=12, lr=1e-3, batch_size=64),
     StagePlan("branch2", "branch2", epochs=5, lr=1e-3, batch_size=64),  # branch1 converged in a few epochs
 )
-
-# Run at the size the weights were trained at: a classifier trained on 101 px tiles saturates on 299 px
-# tiles (measured: every validation tile, negatives included, scored 1.0). The CAM sees 40 px of context
-# around each tile: its responses sit ~35 px off the panels (solarmap.model.cam).
-INFERENCE_GEOMETRY = dict(overlap_px=24, context_px=40)
 
 
 def plan_for(stages: Sequence[str], *, epochs: int | None = None, lr: float | None = None,
@@ -151,7 +146,9 @@ def calibrate_model(net: SolarNet, *, train: Sequence[Sample], val: Sequence[Sam
     threshold and CAM scales (``val`` tiles); with validation scenes (whole rasters with truth) also
     the CAM offsets, the branch's mask rule, every other method's mask rule and the colour
     refinement rule; the segmentation head on ``seg_scenes``; the colour prior from ``train``."""
-    net.config = replace(net.config, tile_size_px=net.config.train_tile_px, **INFERENCE_GEOMETRY)
+    # run at the size the weights were trained at: an Inception classifier trained on 101 px tiles
+    # saturates on 299 px tiles (measured: every validation tile, negatives included, scored 1.0)
+    net.config = replace(net.config, tile_size_px=net.config.train_tile_px, **net.backbone.inference_geometry)
     info: dict = {}
     if val:
         info.update(calibrate(net, val))
@@ -180,8 +177,8 @@ def calibrate_model(net: SolarNet, *, train: Sequence[Sample], val: Sequence[Sam
         say("no colour prior: the training tiles need both labels")
     if val_scenes and branch and net.config.colour_prior is not None:
         refine = calibrate_refine_rule(net, val_scenes)
-        info["refine_rule"] = refine["refine_rule"]
-        key = "/".join(str(refine["refine_rule"][k]) for k in ("grow_px", "min_log_ratio", "smooth_px"))
-        say(f"refinement rule from validation scenes {refine['refine_rule']} ({refine['sweep'].get(key)}; "
+        rule = info["refine_rule"] = refine["refine_rule"]  # {} where no refinement beats none
+        key = "/".join(str(rule[k]) for k in ("grow_px", "min_log_ratio", "smooth_px")) if rule else "none"
+        say(f"refinement rule from validation scenes {rule or 'none'} ({refine['sweep'][key]}; "
             f"without refinement {refine['sweep']['none']})")
     return info

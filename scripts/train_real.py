@@ -1,0 +1,62 @@
+"""Train a model on real imagery with a pretrained backbone (solarmap.training.real_recipe):
+EfficientNet-Lite0 from ImageNet, fine-tuned on the five real sets shown in every look, the greedy
+CAM branch, a segmentation head on PV01's masks, everything calibrated on real validation data.
+
+    python scripts/train_real.py --workdir ~/solarmap-real --out model.pt.xz [--data ../shared/data]
+
+Resumable: every stage checkpoints under --workdir. Test splits are not read here
+(scripts/validate_real.py --split test reads them, once, at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from solarmap.model import ModelConfig, SolarNet, save
+from solarmap.training.finetune import FinetuneConfig
+from solarmap.training.pretrained import init_from_imagenet
+from solarmap.training.real_data import load_all
+from solarmap.training.real_recipe import train_real_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path.home() / "solarmap-real")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    log = args.workdir / "train.log"
+
+    def say(text: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {text}"
+        print(line, flush=True)
+        with open(log, "a") as fh:
+            fh.write(line + "\n")
+
+    torch.manual_seed(0)
+    config = ModelConfig.for_backbone("efficientnet-lite0")
+    t0 = time.perf_counter()
+    images = load_all(args.data, gsd_m=config.gsd_m, cache_dir=args.workdir / "cache")
+    say(f"{len(images)} real images in {time.perf_counter() - t0:.0f} s")
+    net = init_from_imagenet(SolarNet(config))
+    info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say,
+                            finetune=FinetuneConfig(epochs=args.epochs, lr=args.lr))
+    net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
+                         else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
+                         else {}, provenance={"script": "scripts/train_real.py", "trained": time.strftime("%Y-%m-%d"),
+                                              **json.loads(json.dumps(info, default=str))})
+    save(net, args.out, half=True)
+    say(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The real-data table: one row per model, on the validation splits (choices) or, once, the test splits.
+
+    python scripts/validate_real.py --model FILE [--split val|test] [--data ../shared/data] [--json OUT]
+
+Columns: Fresno chips precision / recall (classification); PV01 (real UAV photos with pixel truth,
+detected in georeferenced mosaics at their own 0.1 m): tile precision / recall, pooled pixel IoU and
+total-area error; Bern recall (positives only); false-positive rate on real negative tiles (Fresno
+negatives, UC Merced, OpenAerialMap); the share of tiles called positive on a scene assembled from
+negative images; synthetic test towns (last: a supplement, never the evidence). Splits come from
+solarmap.training.real_data (by spatial group, deterministic); nothing here chooses anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import shapely
+from affine import Affine
+
+from solarmap.evaluate import evaluate
+from solarmap.model.scorer import build_scorer, classify_images
+from solarmap.pipeline import DetectConfig, detect_scene
+from solarmap.training.data import town_paths
+from solarmap.geo.raster import describe_scene
+from solarmap.training.real_data import RealImage, load_all, write_pv01_scenes
+
+UTM = "EPSG:32611"
+NEGATIVE_SOURCES = ("fresno", "ucmerced", "oam")
+SYNTH_TEST_SEEDS = range(301, 304)
+
+
+def rates(labels: np.ndarray, called: np.ndarray) -> dict:
+    tp, fp = int((labels & called).sum()), int((~labels & called).sum())
+    fn = int((labels & ~called).sum())
+    return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "n": int(len(labels)),
+            "positives": int(labels.sum())}
+
+
+def write_scene(path: Path, pixels: np.ndarray, gsd_m: float, origin: tuple[float, float]) -> str:
+    import rasterio
+
+    transform = Affine(gsd_m, 0, origin[0], 0, -gsd_m, origin[1])
+    with rasterio.open(path, "w", driver="GTiff", height=pixels.shape[1], width=pixels.shape[2], count=3,
+                       dtype="uint8", crs=UTM, transform=transform) as dst:
+        dst.write(pixels)
+    return str(path)
+
+
+def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:
+    """Detect on PV01 mosaics at their own 0.1 m (write_pv01_scenes: whole images side by side, so
+    the model sees them inside a raster as it would a user's, not padded with nothing); each image is
+    a tile for tile precision / recall; intersections and unions are pooled over all images."""
+    config = DetectConfig.for_scorer(scorer)
+    totals = dict(truth=0.0, predicted=0.0, intersection=0.0, union=0.0)
+    labels, called = [], []
+    for index, (scene, truth_path) in enumerate(write_pv01_scenes(data, names, workdir, per_side=4)):
+        images_here = len(names[16 * index: 16 * (index + 1)])
+        frame, _ = detect_scene(scene, scorer=scorer, config=config)
+        predicted = shapely.union_all(frame.geometry.to_numpy()) if len(frame) else shapely.Polygon()
+        truth = shapely.union_all(gpd.read_file(truth_path, layer="panels").geometry.to_numpy())
+        grid = describe_scene(scene).grid
+        for r in range(0, grid.height, 256):
+            for c in range(0, grid.width, 256):
+                x0, y0 = grid.transform @ (c, r)
+                cell = shapely.box(x0, y0 - 25.6, x0 + 25.6, y0)
+                if (r // 256) * (grid.width // 256) + c // 256 >= images_here:
+                    continue  # an empty cell of the mosaic's last row
+                t, p = truth.intersection(cell), predicted.intersection(cell)
+                labels.append(t.area >= 2.0)
+                called.append(p.area >= 2.0)
+        totals["truth"] += truth.area
+        totals["predicted"] += predicted.area
+        totals["intersection"] += truth.intersection(predicted).area
+        totals["union"] += truth.union(predicted).area
+    return {**{f"tile_{k}": v for k, v in rates(np.array(labels), np.array(called)).items()},
+            "pixel_iou": totals["intersection"] / max(totals["union"], 1e-9), "truth_m2": totals["truth"],
+            "predicted_m2": totals["predicted"],
+            "total_area_error": (totals["predicted"] - totals["truth"]) / max(totals["truth"], 1e-9)}
+
+
+def negative_scene(scorer, negatives: list[RealImage], workdir: Path, side: int = 8) -> dict:
+    """A scene tiled from negative images (256 px crops at the model's GSD): share of tiles positive."""
+    crops = [im.pixels[:, :256, :256] for im in negatives if min(im.pixels.shape[1:]) >= 256][: side * side]
+    side = int(np.sqrt(len(crops)))
+    rows = [np.concatenate(crops[r * side:(r + 1) * side], axis=2) for r in range(side)]
+    scene = write_scene(workdir / "negatives.tif", np.concatenate(rows, axis=1), scorer.model.config.gsd_m,
+                        (500_000.0, 4_100_000.0))
+    frame, stats = detect_scene(scene, scorer=scorer, config=DetectConfig.for_scorer(scorer))
+    return {"tiles": stats.tiles_read, "positive_share": stats.tiles_positive / max(stats.tiles_read, 1),
+            "polygons": len(frame), "area_m2": float(frame["area_m2"].sum()) if len(frame) else 0.0}
+
+
+def synthetic_towns(scorer, workdir: Path) -> dict:
+    config = DetectConfig.for_scorer(scorer)
+    rows = []
+    for scene, truth in town_paths(workdir / "towns", seeds=SYNTH_TEST_SEEDS):
+        frame, _ = detect_scene(scene, scorer=scorer, config=config)
+        rows.append(evaluate(frame, gpd.read_file(truth, layer="panels"), scene,
+                             tile_size_px=scorer.model.config.tile_size_px).as_dict())
+    keys = ("tile_precision", "tile_recall", "pixel_iou", "total_area_error")
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="Checkpoint (default: the bundled model).")
+    parser.add_argument("--split", choices=["val", "test"], default="val")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "solarmap-validate")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    scorer = build_scorer(args.model)
+    net = scorer.model
+    t0 = time.perf_counter()
+    images = [im for im in load_all(args.data, gsd_m=0.3, cache_dir=args.workdir / "cache") if im.split == args.split]
+    probs = classify_images(net, (im.pixels.astype(np.float32) / 255 for im in images), gsd_m=0.3)
+    called = np.array(probs) >= net.config.decision_threshold
+    source = np.array([im.source for im in images])
+    labels = np.array([im.label for im in images]).astype(bool)
+    row = {"model": args.model or "bundled", "backbone": net.config.backbone, "split": args.split,
+           "fresno": rates(labels[source == "fresno"], called[source == "fresno"]),
+           "bern_recall": float(called[source == "bern"].mean()),
+           "negatives_fpr": {s: float(called[(source == s) & ~labels].mean()) for s in NEGATIVE_SOURCES}}
+    negatives = np.isin(source, NEGATIVE_SOURCES) & ~labels
+    row["negatives_fpr"]["all"] = float(called[negatives].mean())
+    pv01 = [im.key.split(":")[1] for im in images if im.source == "pv01"]
+    scenes = args.workdir / f"scenes-{args.split}"
+    scenes.mkdir(exist_ok=True)
+    row["pv01"] = pv01_detection(scorer, args.data, pv01, scenes)
+    row["negative_scene"] = negative_scene(scorer, [im for im in images if im.source == "ucmerced"], scenes)
+    row["synthetic"] = synthetic_towns(scorer, args.workdir)
+    row["seconds"] = time.perf_counter() - t0
+    print(json.dumps(row, indent=1))
+    f, p = row["fresno"], row["pv01"]
+    print(f"| {row['model']} ({row['backbone']}, {args.split}) | {f['precision']:.3f} / {f['recall']:.3f} | "
+          f"{p['tile_precision']:.3f} / {p['tile_recall']:.3f} | {p['pixel_iou']:.3f} | "
+          f"{100 * p['total_area_error']:+.0f} % | {row['bern_recall']:.3f} | "
+          f"{100 * row['negatives_fpr']['all']:.1f} % | {100 * row['negative_scene']['positive_share']:.1f} % | "
+          f"{row['synthetic']['tile_precision']:.3f} / {row['synthetic']['tile_recall']:.3f}, "
+          f"{row['synthetic']['pixel_iou']:.3f}, {100 * row['synthetic']['total_area_error']:+.0f} % |")
+    if args.json:
+        args.json.write_text(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The recipe for a pretrained backbone on real imagery: fine-tune the classifier on views of the
+real sets, train the greedy CAM branch on them (everything else frozen), then choose everything
+else on real validation data: the decision threshold (best worst-source score), CAM offsets, scales
+and mask rules, the colour prior (real training tiles) and its rule, a segmentation head trained on
+PV01's pixel masks, and which outline method is the default (best PV01 validation pixel IoU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import geopandas as gpd
+import numpy as np
+import torch
+
+from solarmap.evaluate import evaluate
+from solarmap.model.network import SegHead, SolarNet
+from solarmap.model.scorer import ModelScorer
+from solarmap.pipeline import DetectConfig, detect_scene
+from solarmap.training.data import Sample
+from solarmap.training.finetune import (FinetuneConfig, by_source_and_label, finetune_classifier, predict_images,
+                                        source_scores, worst_source)
+from solarmap.training.pseudoseg import IGNORE, train_pseudo_seg
+from solarmap.training.real_data import RealImage, write_pv01_scenes
+from solarmap.training.recipe import StagePlan, calibrate_model, run_stages
+from solarmap.training.views import ViewConfig, centre_view, random_view
+
+__all__ = ["BRANCH_PLAN", "as_samples", "choose_threshold", "train_real_model"]
+
+BRANCH_PLAN = (StagePlan("branch1", "branch1", epochs=8, lr=1e-3, batch_size=64),
+               StagePlan("branch2", "branch2", epochs=5, lr=1e-3, batch_size=64))
+THRESHOLDS = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
+
+
+def as_samples(images: Sequence[RealImage], size_px: int) -> list[Sample]:
+    """Centre views as training samples (what the branch stages train on)."""
+    return [Sample(pixels=centre_view(im.pixels, size_px), label=im.label, source=im.source, key=im.key)
+            for im in images]
+
+
+def choose_threshold(images: Sequence[RealImage], probs: np.ndarray) -> tuple[float, dict]:
+    """The decision threshold with the best worst-source score (see finetune.worst_source)."""
+    scored = {t: worst_source(source_scores(images, probs, t)) for t in THRESHOLDS}
+    best = max(scored, key=lambda t: (scored[t], -abs(t - 0.5)))
+    return float(best), scored
+
+
+def seg_windows(images: Sequence[RealImage], *, views: int, size_px: int, seed: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random views of images with masks and their labels (1 panel, 0 not, IGNORE for mixed edges)."""
+    rng = np.random.default_rng(seed)
+    config = ViewConfig(size_px=size_px)
+    pixels, labels = [], []
+    for image in images:
+        for _ in range(views):
+            view, fraction = random_view(image.pixels, rng, config, mask=image.mask)
+            label = np.full(fraction.shape, IGNORE, np.uint8)
+            label[fraction >= 192] = 1
+            label[fraction <= 64] = 0
+            pixels.append(view)
+            labels.append(label)
+    return torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.stack(labels))
+
+
+def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: Path, say: Callable[[str], None],
+                       views: int = 8, epochs: int = 8) -> dict:
+    """The segmentation head on real pixel masks (views of ``images`` as windows the size detection
+    reads), kept under ``workdir`` and reused when rerun."""
+    done, weights = workdir / "seg_masks.done.json", workdir / "seg_masks.final.pt"
+    if done.exists():
+        net.seg_head = SegHead(net.backbone.stem_channels)
+        net.seg_head.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        net.seg_head.eval()
+        net.config = replace(net.config, pseudo_seg=True)
+        say("segmentation head: already trained, reusing it")
+        return json.loads(done.read_text())
+    window = net.config.train_tile_px + 2 * net.backbone.inference_geometry["context_px"]
+    windows, masks = seg_windows(images, views=views, size_px=window)
+    info = {k: v for k, v in train_pseudo_seg(net, windows, masks=masks, epochs=epochs, progress=say).items()
+            if k != "loss"}
+    torch.save(net.seg_head.state_dict(), weights)
+    done.write_text(json.dumps(info))
+    return info
+
+
+def compare_outlines(net: SolarNet, scenes: Sequence[tuple[str, str]]) -> dict:
+    """Pixel IoU and total-area error on validation scenes for each outline method the model has."""
+    candidates = {"branch": dict(method="branch"), "branch-plain": dict(method="branch", refine=False)}
+    if net.seg_head is not None:
+        candidates["pseudo-seg"] = dict(method="pseudo-seg")
+    results = {}
+    for name, options in candidates.items():
+        scorer = ModelScorer(net, **options)
+        config = DetectConfig.for_scorer(scorer)
+        rows = [evaluate(detect_scene(scene, scorer=scorer, config=config)[0], gpd.read_file(truth, layer="panels"),
+                         scene, tile_size_px=256) for scene, truth in scenes]
+        results[name] = {k: float(np.mean([getattr(r, k) for r in rows]))
+                         for k in ("pixel_iou", "total_area_error", "tile_precision", "tile_recall")}
+    return results
+
+
+def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: str | Path, workdir: str | Path,
+                     say: Callable[[str], None], finetune: FinetuneConfig = FinetuneConfig()) -> dict:
+    """The whole recipe on ``images`` (every split; only train and val are read)."""
+    workdir = Path(workdir)
+    train = [im for im in images if im.split == "train"]
+    val = [im for im in images if im.split == "val"]
+    size = net.config.train_tile_px
+    info: dict = {"finetune": finetune_classifier(net, by_source_and_label(train), val, finetune, workdir=workdir,
+                                                  progress=say)}
+    info["finetune"].pop("history")
+    train_samples, val_samples = as_samples(train, size), as_samples(val, size)
+    info["stages"] = run_stages(net, BRANCH_PLAN, train_samples, val_samples, workdir=workdir, say=say)
+    threshold, sweep = choose_threshold(val, predict_images(net, val, size_px=size))
+    net.config = replace(net.config, decision_threshold=threshold)
+    info["decision_threshold"] = threshold
+    say(f"decision threshold {threshold} (worst-source score {sweep[threshold]:.3f} on validation)")
+    info["seg_head"] = train_seg_on_masks(net, [im for im in train if im.source == "pv01" and im.mask is not None],
+                                          workdir=workdir, say=say)
+    scenes = write_pv01_scenes(data_root, [im.key.split(":")[1] for im in val if im.source == "pv01"],
+                               workdir / "pv01_val")
+    info["calibration"] = calibrate_model(net, train=train_samples, val=(), val_scenes=scenes, workdir=workdir, say=say)
+    info["outlines"] = compare_outlines(net, scenes)
+    best = max(info["outlines"], key=lambda k: info["outlines"][k]["pixel_iou"])
+    say(f"outline methods on PV01 validation: {info['outlines']}; default: {best}")
+    info["default_outline"] = best
+    return info

@@ -1,0 +1,114 @@
+"""Real training data: splits by group, views in every look, and the fine-tune loop on toy images."""
+
+import numpy as np
+import pytest
+
+from solarmap.training.real_data import RealImage, assign_splits
+from solarmap.training.views import ViewConfig, centre_view, random_view
+
+
+def image(i, group, label=0, size=90, source="toy", mask=None):
+    pixels = np.random.default_rng(i).integers(0, 255, (3, size, size), dtype=np.uint8)
+    return RealImage(pixels, label, source, f"{source}:{i}", group, mask)
+
+
+def test_splits_keep_groups_together_and_come_close_to_the_fractions():
+    images = [image(i, f"g{i // 3}") for i in range(90)]  # 30 groups of 3
+    split = assign_splits(images, val_fraction=0.25, test_fraction=0.25)
+    by_group = {}
+    for im in split:
+        by_group.setdefault(im.group, set()).add(im.split)
+    assert all(len(splits) == 1 for splits in by_group.values())
+    counts = {s: sum(im.split == s for im in split) for s in ("train", "val", "test")}
+    assert counts == {"train": 45, "val": 21, "test": 24} or abs(counts["test"] - 22.5) <= 3
+    assert [im.split for im in assign_splits(images, val_fraction=0.25, test_fraction=0.25)] == \
+        [im.split for im in split]  # deterministic
+
+
+def test_views_have_the_training_size_any_look_and_keep_masks_aligned():
+    rng = np.random.default_rng(0)
+    pixels = np.zeros((3, 85, 85), np.uint8)
+    pixels[:, 20:40, 30:60] = 200
+    mask = np.zeros((85, 85), np.uint8)
+    mask[20:40, 30:60] = 255
+    config = ViewConfig(size_px=80, chip_px=(60, 70), p_coarser=0, p_blur=0, p_jpeg=0, brightness=0, contrast=0, saturation=0, hue=0,
+                        gamma=(1, 1), noise=0)
+    for _ in range(20):
+        view, view_mask = random_view(pixels, rng, config, mask=mask)
+        assert view.shape == (3, 80, 80) and view.dtype == np.float32 and 0 <= view.min() and view.max() <= 1
+        bright, marked = view[0] > 0.4, view_mask > 127
+        assert (bright == marked).mean() > 0.97  # the mask went through the same crop, flip and scale
+    looks = [random_view(pixels, rng)[0] for _ in range(20)]  # the default config changes the look
+    assert len({round(float(v.mean()), 3) for v in looks}) > 10
+    assert centre_view(np.zeros((3, 60, 70), np.uint8), 96).shape == (3, 96, 96)
+
+
+def test_finetune_learns_a_toy_panel_and_keeps_the_best_epoch(tmp_path):
+    from conftest import tiny_config
+    from solarmap.model import SolarNet
+    from solarmap.training.finetune import (FinetuneConfig, by_source_and_label, finetune_classifier,
+                                           predict_images, source_scores)
+
+    def toy(i, label):
+        pixels = np.random.default_rng(i).integers(90, 160, (3, 96, 96), dtype=np.uint8)
+        if label:
+            pixels[:, 30:60, 20:70] = np.array([20, 30, 70], np.uint8)[:, None, None]
+        return RealImage(pixels, label, "pos" if label else "neg", str(i), str(i), split="train")
+
+    train = by_source_and_label([toy(i, 1) for i in range(12)] + [toy(100 + i, 0) for i in range(12)])
+    val = [toy(200 + i, i % 2) for i in range(8)]
+    net = SolarNet(tiny_config(backbone="efficientnet-lite0", mean=(0.5,) * 3, std=(0.5,) * 3))
+    config = FinetuneConfig(epochs=3, lr=2e-3, batch_size=8, per_source={"pos:1": 16, "neg:0": 16},
+                            view=ViewConfig(size_px=64, p_jpeg=0), val_size_px=64)
+    result = finetune_classifier(net, train, val, config, workdir=tmp_path, progress=lambda line: None)
+    assert len(result["history"]) == 3 and 1 <= result["best_epoch"] <= 3
+    scores = source_scores(val, predict_images(net, val, size_px=64), 0.5)
+    assert set(scores) == {"pos", "neg"} and "recall" in scores["pos"] and "fpr" in scores["neg"]
+    again = finetune_classifier(net, train, val, config, workdir=tmp_path, progress=lambda line: None)
+    assert again["best_epoch"] == result["best_epoch"]  # finished: resumed, nothing retrained
+
+
+def fake_pv01(root, names):
+    """A PV01-like folder: 256 px RGB PNGs and masks with one rectangle of panel each."""
+    from PIL import Image
+
+    (root / "pv01-masks" / "images").mkdir(parents=True)
+    (root / "pv01-masks" / "masks").mkdir(parents=True)
+    for i, name in enumerate(names):
+        rgb = np.full((256, 256, 3), 150, np.uint8)
+        mask = np.zeros((256, 256), np.uint8)
+        mask[40 + i: 100 + i, 50:150] = 1
+        rgb[mask > 0] = (30, 40, 90)
+        Image.fromarray(rgb).save(root / "pv01-masks" / "images" / f"{name}.png")
+        Image.fromarray(mask).save(root / "pv01-masks" / "masks" / f"{name}.png")
+
+
+def test_pv01_reads_at_the_models_gsd_and_mosaics_keep_the_truth(tmp_path):
+    import geopandas as gpd
+
+    from solarmap.geo.raster import describe_scene
+    from solarmap.training.real_data import load_source, write_pv01_scenes
+
+    names = [f"PV01_3251{i:02d}_120420{i}" for i in range(5)]
+    fake_pv01(tmp_path, names)
+    images = load_source("pv01", tmp_path, gsd_m=0.3)
+    assert len(images) == 5 and all(im.pixels.shape == (3, 85, 85) and im.label == 1 for im in images)
+    assert images[0].mask.max() == 255 and images[0].mask.shape == (85, 85)
+    pairs = write_pv01_scenes(tmp_path, names, tmp_path / "scenes", per_side=2)
+    assert len(pairs) == 2  # 4 images in the first mosaic, 1 in the second
+    scene, truth = pairs[0]
+    grid = describe_scene(scene).grid
+    assert (grid.width, grid.height) == (512, 512) and grid.ground_resolution_m() == pytest.approx((0.1, 0.1), rel=1e-3)
+    area = gpd.read_file(truth, layer="panels").area.sum()
+    assert area == pytest.approx(4 * 60 * 100 * 0.01)  # four 6 x 10 m arrays
+
+
+def test_the_decision_threshold_maximises_the_worst_source():
+    from solarmap.training.real_recipe import choose_threshold
+
+    images = [RealImage(np.zeros((3, 8, 8), np.uint8), label, source, str(i), str(i))
+              for i, (label, source) in enumerate([(1, "a"), (1, "a"), (0, "a"), (0, "b"), (0, "b")])]
+    probs = np.array([0.9, 0.4, 0.2, 0.35, 0.1])
+    threshold, scores = choose_threshold(images, probs)
+    assert 0.35 < threshold <= 0.4  # every positive found, every negative of both sources refused
+    assert scores[threshold] == 1.0
