@@ -21,7 +21,7 @@ import torch
 from solarmap.model import ModelConfig, SolarNet, save
 from solarmap.training.finetune import FinetuneConfig
 from solarmap.training.pretrained import init_from_imagenet
-from solarmap.training.real_data import load_all
+from solarmap.training.real_data import load_all, synthetic_images
 from solarmap.training.real_recipe import train_real_model
 
 
@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--synthetic-towns", type=int, default=0,
+                        help="Also train on this many synthetic towns (a supplement; validation towns 101-104).")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "train.log"
@@ -47,9 +49,16 @@ def main() -> None:
     t0 = time.perf_counter()
     images = load_all(args.data, gsd_m=config.gsd_m, cache_dir=args.workdir / "cache")
     say(f"{len(images)} real images in {time.perf_counter() - t0:.0f} s")
+    per_source = dict(FinetuneConfig().per_source)
+    if args.synthetic_towns:
+        towns = args.workdir / "towns"
+        images += synthetic_images(towns, seeds=range(1, args.synthetic_towns + 1), split="train", gsd_m=config.gsd_m)
+        images += synthetic_images(towns, seeds=range(101, 105), split="val", gsd_m=config.gsd_m)
+        per_source.update({"synthetic:1": 200, "synthetic:0": 200})
+        say(f"with synthetic chips: {sum(im.source == 'synthetic' for im in images)}")
     net = init_from_imagenet(SolarNet(config))
     info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say,
-                            finetune=FinetuneConfig(epochs=args.epochs, lr=args.lr))
+                            finetune=FinetuneConfig(epochs=args.epochs, lr=args.lr, per_source=per_source))
     net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
                          else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
                          else {}, provenance={"script": "scripts/train_real.py", "trained": time.strftime("%Y-%m-%d"),

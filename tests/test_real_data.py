@@ -112,3 +112,12 @@ def test_the_decision_threshold_maximises_the_worst_source():
     threshold, scores = choose_threshold(images, probs)
     assert 0.35 < threshold <= 0.4  # every positive found, every negative of both sources refused
     assert scores[threshold] == 1.0
+
+
+def test_synthetic_chips_carry_masks_that_agree_with_their_labels(tmp_path):
+    from solarmap.training.real_data import synthetic_images
+
+    chips = synthetic_images(tmp_path, seeds=[5], split="train", gsd_m=0.3, chip_px=64, town_px=256)
+    assert chips and all(im.pixels.shape == (3, 64, 64) and im.mask.shape == (64, 64) for im in chips)
+    assert all((im.mask.sum() / 255 * 0.09 >= 2.0) == bool(im.label) for im in chips)
+    assert {im.split for im in chips} == {"train"} and {im.group for im in chips} == {"synthetic:5"}

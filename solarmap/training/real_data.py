@@ -223,3 +223,37 @@ def write_pv01_scenes(data_root: str | Path, names: list[str], out_dir: str | Pa
         write_geopackage(frame, truth, overwrite=True)
         pairs.append((str(scene), str(truth)))
     return pairs
+
+
+def synthetic_images(out_dir: str | Path, *, seeds, split: str, gsd_m: float, chip_px: int = 128,
+                     town_px: int = 1024) -> list[RealImage]:
+    """Synthetic towns (rendered where missing) cut into chips with pixel masks: a supplement for
+    geometry, labelled like scene tiles (at least 2 m² of panel is a positive; slivers are left out)."""
+    import geopandas as gpd
+    from rasterio.features import rasterize
+
+    from solarmap.geo.raster import SceneReader
+    from solarmap.geo.tiling import TileSpec, iter_tiles
+    from solarmap.training.data import town_paths
+
+    images = []
+    for seed, (scene, truth) in zip(seeds, town_paths(out_dir, seeds=seeds, size_px=town_px, gsd_m=gsd_m)):
+        frame = gpd.read_file(truth, layer="panels")
+        with SceneReader(scene, gsd_m=gsd_m) as reader:
+            grid = reader.info.grid
+            mask = rasterize([(g, 1) for g in frame.to_crs(grid.crs.to_wkt()).geometry],
+                             out_shape=(grid.height, grid.width), transform=grid.transform).astype(np.uint8)
+            for tile in iter_tiles(grid, TileSpec(chip_px, 0)):
+                if tile.valid.width < chip_px or tile.valid.height < chip_px:
+                    continue
+                image = reader.read_tile(tile)
+                r0, c0 = int(tile.window.row_off), int(tile.window.col_off)
+                part = mask[r0: r0 + chip_px, c0: c0 + chip_px]
+                panel_m2 = float(part.sum()) * gsd_m ** 2
+                if 0 < panel_m2 < 2.0:
+                    continue
+                pixels = np.clip(np.rint(image.pixels * 255), 0, 255).astype(np.uint8)
+                key = f"synthetic:{seed}:{tile.tile_row}:{tile.tile_col}"
+                images.append(RealImage(pixels, int(panel_m2 > 0), "synthetic", key, f"synthetic:{seed}",
+                                        (part * 255).astype(np.uint8), split=split))
+    return images

@@ -118,8 +118,10 @@ def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: s
     net.config = replace(net.config, decision_threshold=threshold)
     info["decision_threshold"] = threshold
     say(f"decision threshold {threshold} (worst-source score {sweep[threshold]:.3f} on validation)")
-    info["seg_head"] = train_seg_on_masks(net, [im for im in train if im.source == "pv01" and im.mask is not None],
-                                          workdir=workdir, say=say)
+    masked = [im for im in train if im.source == "pv01" and im.mask is not None]
+    synthetic = [im for im in train if im.source == "synthetic" and im.label and im.mask is not None]
+    masked += synthetic[: 2 * len(masked)]  # a supplement: at most twice the real masks
+    info["seg_head"] = train_seg_on_masks(net, masked, workdir=workdir, say=say)
     scenes = write_pv01_scenes(data_root, [im.key.split(":")[1] for im in val if im.source == "pv01"],
                                workdir / "pv01_val")
     info["calibration"] = calibrate_model(net, train=train_samples, val=(), val_scenes=scenes, workdir=workdir, say=say)
