@@ -7,7 +7,6 @@ PV01's pixel masks, and which outline method is the default (best PV01 validatio
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from solarmap.evaluate import evaluate
-from solarmap.model.network import SegHead, SolarNet
+from solarmap.model.network import SolarNet
 from solarmap.model.scorer import ModelScorer
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.training.data import Sample
@@ -25,7 +24,7 @@ from solarmap.training.finetune import (FinetuneConfig, by_source_and_label, fin
                                         source_scores, worst_source)
 from solarmap.training.pseudoseg import IGNORE, train_pseudo_seg
 from solarmap.training.real_data import RealImage, write_pv01_scenes
-from solarmap.training.recipe import StagePlan, calibrate_model, run_stages
+from solarmap.training.recipe import StagePlan, cached_seg_head, calibrate_model, run_stages
 from solarmap.training.views import ViewConfig, centre_view, random_view
 
 __all__ = ["BRANCH_PLAN", "as_samples", "choose_threshold", "train_real_model"]
@@ -69,21 +68,12 @@ def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: P
                        views: int = 8, epochs: int = 8) -> dict:
     """The segmentation head on real pixel masks (views of ``images`` as windows the size detection
     reads), kept under ``workdir`` and reused when rerun."""
-    done, weights = workdir / "seg_masks.done.json", workdir / "seg_masks.final.pt"
-    if done.exists():
-        net.seg_head = SegHead(net.backbone.stem_channels)
-        net.seg_head.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        net.seg_head.eval()
-        net.config = replace(net.config, pseudo_seg=True)
-        say("segmentation head: already trained, reusing it")
-        return json.loads(done.read_text())
-    window = net.config.train_tile_px + 2 * net.backbone.inference_geometry["context_px"]
-    windows, masks = seg_windows(images, views=views, size_px=window)
-    info = {k: v for k, v in train_pseudo_seg(net, windows, masks=masks, epochs=epochs, progress=say).items()
-            if k != "loss"}
-    torch.save(net.seg_head.state_dict(), weights)
-    done.write_text(json.dumps(info))
-    return info
+    def train() -> dict:
+        window = net.config.train_tile_px + 2 * net.backbone.inference_geometry["context_px"]
+        windows, masks = seg_windows(images, views=views, size_px=window)
+        return train_pseudo_seg(net, windows, masks=masks, epochs=epochs, progress=say)
+
+    return cached_seg_head(net, workdir, "seg_masks", train, say)
 
 
 def compare_outlines(net: SolarNet, scenes: Sequence[tuple[str, str]]) -> dict:

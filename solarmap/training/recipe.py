@@ -36,7 +36,7 @@ from solarmap.training.data import (
 from solarmap.training.pseudoseg import train_pseudo_seg
 from solarmap.training.stages import STAGES, TrainConfig, train_stage
 
-__all__ = ["DEFAULT_PLAN", "StagePlan", "calibrate_model", "plan_for", "run_stages",
+__all__ = ["DEFAULT_PLAN", "StagePlan", "cached_seg_head", "calibrate_model", "plan_for", "run_stages",
            "train_seg_head"]
 
 Say = Callable[[str], None]
@@ -115,28 +115,36 @@ def run_stages(net: SolarNet, plan: Sequence[StagePlan], train: Sequence[Sample]
     return results
 
 
-def train_seg_head(net: SolarNet, scenes: Sequence[tuple[str, str]], *, workdir: str | Path, say: Say,
-                   **options) -> dict:
-    """The segmentation head (``--cam-method pseudo-seg``) on the positive windows of ``scenes``
-    (image-level labels only); its weights are kept under ``workdir`` and reused."""
-    done, weights = Path(workdir) / "pseudo_seg.done.json", Path(workdir) / "pseudo_seg.final.pt"
+def cached_seg_head(net: SolarNet, workdir: str | Path, name: str, train: Callable[[], dict], say: Say) -> dict:
+    """A segmentation head trained by ``train()`` once, kept under ``workdir`` as ``name`` and reused
+    (like a finished stage) when the recipe runs again."""
+    done, weights = Path(workdir) / f"{name}.done.json", Path(workdir) / f"{name}.final.pt"
     if done.exists():
         net.seg_head = SegHead(net.backbone.stem_channels)
         net.seg_head.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         net.seg_head.eval()
         net.config = replace(net.config, pseudo_seg=True)
-        say("pseudo-seg: already done, reusing its head")
+        say(f"{name}: already done, reusing its head")
         return json.loads(done.read_text())
-    windows = positive_windows(scenes, model=net.config)
-    if not windows:
-        raise OptionError("no tile with panels in the given scenes: nothing to learn pseudo masks from")
-    info = train_pseudo_seg(net, stack_samples(windows)[0], progress=say, **options)
+    info = {k: v for k, v in train().items() if k != "loss"}
     Path(workdir).mkdir(parents=True, exist_ok=True)
     torch.save(net.seg_head.state_dict(), weights)
-    info = {k: v for k, v in info.items() if k != "loss"}
     done.write_text(json.dumps(info, indent=1))
-    say(f"pseudo-seg: head trained on {info['windows']} positive windows in {info['seconds'] / 60:.1f} min")
+    say(f"{name}: head trained on {info['windows']} windows in {info['seconds'] / 60:.1f} min")
     return info
+
+
+def train_seg_head(net: SolarNet, scenes: Sequence[tuple[str, str]], *, workdir: str | Path, say: Say,
+                   **options) -> dict:
+    """The segmentation head (``--cam-method pseudo-seg``) on pseudo masks of the positive windows of
+    ``scenes`` (image-level labels only); kept under ``workdir`` and reused."""
+    def train() -> dict:
+        windows = positive_windows(scenes, model=net.config)
+        if not windows:
+            raise OptionError("no tile with panels in the given scenes: nothing to learn pseudo masks from")
+        return train_pseudo_seg(net, stack_samples(windows)[0], progress=say, **options)
+
+    return cached_seg_head(net, workdir, "pseudo_seg", train, say)
 
 
 def calibrate_model(net: SolarNet, *, train: Sequence[Sample], val: Sequence[Sample],
