@@ -24,11 +24,13 @@ import shapely
 from affine import Affine
 
 from solarmap.evaluate import evaluate
+from solarmap.geo.output import write_geotiff
+from solarmap.geo.raster import describe_scene
 from solarmap.model.scorer import build_scorer, classify_images
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.training.data import town_paths
-from solarmap.geo.raster import describe_scene
 from solarmap.training.real_data import RealImage, load_all, write_pv01_scenes
+from solarmap.training.stages import binary_scores
 
 UTM = "EPSG:32611"
 NEGATIVE_SOURCES = ("fresno", "ucmerced", "oam")
@@ -36,20 +38,13 @@ SYNTH_TEST_SEEDS = range(301, 304)
 
 
 def rates(labels: np.ndarray, called: np.ndarray) -> dict:
-    tp, fp = int((labels & called).sum()), int((~labels & called).sum())
-    fn = int((labels & ~called).sum())
-    return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1), "n": int(len(labels)),
-            "positives": int(labels.sum())}
+    scores = binary_scores(labels, called)
+    return {"precision": scores.precision, "recall": scores.recall, "n": scores.n, "positives": scores.positives}
 
 
 def write_scene(path: Path, pixels: np.ndarray, gsd_m: float, origin: tuple[float, float]) -> str:
-    import rasterio
-
-    transform = Affine(gsd_m, 0, origin[0], 0, -gsd_m, origin[1])
-    with rasterio.open(path, "w", driver="GTiff", height=pixels.shape[1], width=pixels.shape[2], count=3,
-                       dtype="uint8", crs=UTM, transform=transform) as dst:
-        dst.write(pixels)
-    return str(path)
+    return str(write_geotiff(path, pixels, transform=Affine(gsd_m, 0, origin[0], 0, -gsd_m, origin[1]), crs=UTM,
+                             overwrite=True))
 
 
 def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:

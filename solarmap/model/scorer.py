@@ -23,7 +23,7 @@ from solarmap.model.cam import METHODS, CamMethod, autocast_for
 from solarmap.model.checkpoint import load
 from solarmap.model.network import SolarNet
 
-__all__ = ["ModelScorer", "ScorerSpec", "build_scorer", "classify_images", "resample", "resolve_device"]
+__all__ = ["ModelScorer", "ScorerSpec", "build_scorer", "classify_images", "fit_square", "resample", "resolve_device"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -187,22 +187,27 @@ def resample(pixels: np.ndarray, factor: float) -> np.ndarray:
     return out[0].numpy()
 
 
+def fit_square(pixels: np.ndarray, size_px: int, *, edge_mode: str = "symmetric") -> np.ndarray:
+    """(c, h, w) centre-cropped or reflect-padded to (c, size, size); ``edge_mode`` pads where the
+    image is too small to reflect."""
+    _, h, w = pixels.shape
+    top, left = max(0, (h - size_px) // 2), max(0, (w - size_px) // 2)
+    pixels = pixels[:, top: top + size_px, left: left + size_px]
+    pad_h, pad_w = size_px - pixels.shape[1], size_px - pixels.shape[2]
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < pixels.shape[1] and pad_w < pixels.shape[2] else edge_mode
+        pixels = np.pad(pixels, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)),
+                        mode=mode)
+    return pixels
+
+
 def classify_images(model: SolarNet, images, *, gsd_m: float) -> list[float]:
     """Tile probability of each (3, h, w) image in [0, 1] taken at ``gsd_m``: resampled to the
-    model's GSD, then centre-cropped or reflect-padded to the model's tile, the input detection gives
-    it (a backbone with "same" padding answers differently at other sizes)."""
-    size = model.config.tile_size_px
+    model's GSD, then fitted to the model's tile (:func:`fit_square`), the input detection gives it
+    (a backbone with "same" padding answers differently at other sizes)."""
     probabilities = []
     for pixels in images:
-        pixels = resample(pixels, gsd_m / model.config.gsd_m)
-        _, h, w = pixels.shape
-        top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-        pixels = pixels[:, top: top + size, left: left + size]
-        pad_h, pad_w = size - pixels.shape[1], size - pixels.shape[2]
-        if pad_h or pad_w:
-            mode = "reflect" if pad_h < pixels.shape[1] and pad_w < pixels.shape[2] else "symmetric"
-            pixels = np.pad(pixels, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)),
-                            mode=mode)
+        pixels = fit_square(resample(pixels, gsd_m / model.config.gsd_m), model.config.tile_size_px)
         prob, _ = model.predict(torch.from_numpy(np.ascontiguousarray(pixels))[None], with_cam=False)
         probabilities.append(float(prob[0]))
     return probabilities

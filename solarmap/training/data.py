@@ -24,7 +24,7 @@ from solarmap.errors import InputError
 from solarmap.geo.raster import SceneReader, read_image
 from solarmap.geo.tiling import TileSpec, iter_tiles
 from solarmap.model.network import ModelConfig
-from solarmap.model.scorer import resample
+from solarmap.model.scorer import fit_square, resample
 from solarmap.training.synth import SynthConfig, render_town, write_town
 
 __all__ = ["Sample", "fit_tile", "load_chips", "positive_windows", "scene_samples", "split_samples",
@@ -42,20 +42,8 @@ class Sample:
 
 
 def fit_tile(pixels: np.ndarray, size_px: int) -> np.ndarray:
-    """Centre-crop or reflect-pad (3, h, w) to (3, size, size)."""
-    _, h, w = pixels.shape
-    if h > size_px:
-        top = (h - size_px) // 2
-        pixels = pixels[:, top: top + size_px]
-    if w > size_px:
-        left = (w - size_px) // 2
-        pixels = pixels[:, :, left: left + size_px]
-    _, h, w = pixels.shape
-    if h < size_px or w < size_px:
-        ph, pw = size_px - h, size_px - w
-        mode = "reflect" if ph < h and pw < w else "edge"
-        pixels = np.pad(pixels, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode=mode)
-    return np.ascontiguousarray(pixels, dtype=np.float32)
+    """Centre-crop or reflect-pad (3, h, w) to float32 (3, size, size)."""
+    return np.ascontiguousarray(fit_square(pixels, size_px, edge_mode="edge"), dtype=np.float32)
 
 
 def load_chips(source: str | Path, *, chip_gsd_m: float, model: ModelConfig) -> list[Sample]:

@@ -191,12 +191,11 @@ def write_pv01_scenes(data_root: str | Path, names: list[str], out_dir: str | Pa
     images each, with truth polygons from their masks: (scene.tif, truth.gpkg) pairs that the
     calibrations (CAM offsets, scales, mask rules, refinement) and evaluations read like any scene."""
     import geopandas as gpd
-    import rasterio
     import shapely
     from affine import Affine
     from rasterio.features import shapes
 
-    from solarmap.geo.output import write_geopackage
+    from solarmap.geo.output import write_geopackage, write_geotiff
 
     root, out_dir = Path(data_root) / "pv01-masks", Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,9 +213,7 @@ def write_pv01_scenes(data_root: str | Path, names: list[str], out_dir: str | Pa
             mask[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = _read_mask(root / "masks" / f"{name}.png")
         transform = Affine(0.1, 0, 500_000.0 + 2_000 * index, 0, -0.1, 4_000_000.0)
         scene = out_dir / f"pv01_{index // per_scene}.tif"
-        with rasterio.open(scene, "w", driver="GTiff", height=pixels.shape[1], width=pixels.shape[2], count=3,
-                           dtype="uint8", crs="EPSG:32611", transform=transform) as dst:
-            dst.write(pixels)
+        write_geotiff(scene, pixels, transform=transform, crs="EPSG:32611", overwrite=True)
         polygons = [shapely.geometry.shape(g) for g, v in shapes(mask, mask=mask > 0, transform=transform) if v]
         truth = out_dir / f"pv01_{index // per_scene}_truth.gpkg"
         frame = gpd.GeoDataFrame({"kind": ["pv01"] * len(polygons)}, geometry=polygons, crs="EPSG:32611")

@@ -11,14 +11,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import geopandas as gpd
 import numpy as np
 import torch
 
-from solarmap.evaluate import evaluate
 from solarmap.model.network import SolarNet
 from solarmap.model.scorer import ModelScorer
-from solarmap.pipeline import DetectConfig, detect_scene
+from solarmap.pipeline import DetectConfig
+from solarmap.training.calibrate import sweep_detect_configs
 from solarmap.training.data import Sample
 from solarmap.training.finetune import (FinetuneConfig, by_source_and_label, finetune_classifier, predict_images,
                                         source_scores, worst_source)
@@ -84,11 +83,7 @@ def compare_outlines(net: SolarNet, scenes: Sequence[tuple[str, str]]) -> dict:
     results = {}
     for name, options in candidates.items():
         scorer = ModelScorer(net, **options)
-        config = DetectConfig.for_scorer(scorer)
-        rows = [evaluate(detect_scene(scene, scorer=scorer, config=config)[0], gpd.read_file(truth, layer="panels"),
-                         scene, tile_size_px=256) for scene, truth in scenes]
-        results[name] = {k: float(np.mean([getattr(r, k) for r in rows]))
-                         for k in ("pixel_iou", "total_area_error", "tile_precision", "tile_recall")}
+        results.update(sweep_detect_configs(scorer, {name: DetectConfig.for_scorer(scorer)}, scenes, tile_size_px=256))
     return results
 
 

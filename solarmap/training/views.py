@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from solarmap.model.scorer import fit_square
+
 __all__ = ["ViewConfig", "centre_view", "random_view"]
 
 
@@ -46,21 +48,6 @@ def _pil(pixels: np.ndarray):
 
 def _array(image) -> np.ndarray:
     return np.asarray(image).transpose(2, 0, 1)
-
-
-def _fit(pixels: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Crop (randomly, or centred without ``rng``) or reflect-pad (3, h, w) to (3, size, size)."""
-    _, h, w = pixels.shape
-    if h > size or w > size:
-        top = (h - size) // 2 if rng is None else int(rng.integers(0, max(h - size, 0) + 1))
-        left = (w - size) // 2 if rng is None else int(rng.integers(0, max(w - size, 0) + 1))
-        pixels = pixels[:, top: top + min(size, h), left: left + min(size, w)]
-    _, h, w = pixels.shape
-    if h < size or w < size:
-        ph, pw = size - h, size - w
-        mode = "reflect" if ph < h and pw < w else "symmetric"
-        pixels = np.pad(pixels, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode=mode)
-    return pixels
 
 
 def random_view(pixels: np.ndarray, rng: np.random.Generator, config: ViewConfig = ViewConfig(),
@@ -93,11 +80,11 @@ def random_view(pixels: np.ndarray, rng: np.random.Generator, config: ViewConfig
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=int(rng.integers(*config.jpeg_quality)))
         image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-    out = _fit(_array(image), config.size_px, None).astype(np.float32) / 255.0
+    out = fit_square(_array(image), config.size_px).astype(np.float32) / 255.0
     out = _photometric(out, rng, config)
     view_mask = None
     if mask is not None:
-        view_mask = _fit(_array(images[1]), config.size_px, None)[0]
+        view_mask = fit_square(_array(images[1]), config.size_px)[0]
     return out, view_mask
 
 
@@ -125,4 +112,4 @@ def _rotate_hue(x: np.ndarray, angle: float) -> np.ndarray:
 
 def centre_view(pixels: np.ndarray, size_px: int) -> np.ndarray:
     """The deterministic view validation and test use: the centre (or the reflect-padded whole)."""
-    return _fit(pixels, size_px, None).astype(np.float32) / 255.0
+    return fit_square(pixels, size_px).astype(np.float32) / 255.0
