@@ -14,7 +14,7 @@ windows). Without a pseudo-seg head in the model, one is trained first on the po
 the training towns (image-level labels only) and its training time is printed.
 
 Towns are generated under --workdir when missing (validation seeds 101-104, test seeds 301-303: the
-same held-out seeds scripts/train_default.py uses).
+same held-out seeds scripts/train_default.py uses for its synthetic supplement).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--save-model", type=Path, default=None,
                         help="Save the model with its freshly trained pseudo-seg head here.")
     parser.add_argument("--train-towns", type=Path, default=Path.home() / "solarmap-train" / "towns",
-                        help="Training towns (scripts/train_default.py's) for the pseudo-seg head.")
+                        help="Synthetic training towns (seeds 1-24) for the pseudo-seg head.")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     net = model_lib.load(args.model)

@@ -202,12 +202,21 @@ def test_bad_output_paths(tmp_path, name, match):
 
 
 def test_unwritable_output_directory(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root can write anywhere")
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    with pytest.raises(OutputError, match="not writable"):
-        check_output_path(locked / "x.gpkg", overwrite=False)
+    """Checked by writing, so it holds for root too: /proc takes no new file from anyone."""
+    with pytest.raises(OutputError, match=r"output directory is not writable: /proc \("):
+        check_output_path("/proc/x.gpkg", overwrite=False)
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(OutputError, match="not writable"):
+            check_output_path(locked / "x.gpkg", overwrite=False)
+    assert os.listdir(tmp_path) in ([], ["locked"])  # the probe file is gone
+
+
+def test_an_output_under_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(OutputError, match="is not a directory"):
+        check_output_path(tmp_path / "notes.txt" / "x.gpkg", overwrite=False)
 
 
 def test_cog_and_vrt_inputs_read_like_geotiff(tmp_path):

@@ -9,7 +9,7 @@ import solarmap
 
 PACKAGE = Path(solarmap.__file__).parent
 # Each part may import only parts of a lower or equal rank (equal: only itself).
-RANKS = {"errors": 0, "geo": 1, "evaluate": 2, "model": 3, "pipeline": 4, "training": 5, "cli": 6}
+RANKS = {"errors": 0, "faults": 0, "geo": 1, "evaluate": 2, "model": 3, "pipeline": 4, "training": 5, "cli": 6}
 
 
 def module_name(path: Path) -> str:

@@ -348,3 +348,58 @@ def test_python_api_gives_what_the_cli_gives_for_every_method(method, tmp_path, 
     assert all(a.equals_exact(b, 0) for a, b in zip(from_api.geometry, from_cli.geometry))
     columns = ["id", "area_m2", "score", "cam_peak"]
     assert from_api[columns].to_numpy() == pytest.approx(from_cli[columns].to_numpy())
+
+
+def seam_scene(tmp_path, config):
+    """Dark-blue arrays for SpectralBaseline (every tile scored: score_threshold just above 0) at 0.3 m: a 6 x 6 px (3.24 m²) array centred on a point
+    where four tile cores meet (each piece 0.81 m²), one of 2 x 2 px (0.36 m²) alone, and a tilted
+    30 x 10 m array with a staircase outline."""
+    from conftest import UTM_ORIGIN, write_tif
+    from solarmap.geo.tiling import axis_cores, axis_offsets
+
+    size = 400
+    seam = axis_cores(axis_offsets(size, config.tile_spec), size, config.tile_spec)[1][1]  # first core edge
+    image = np.full((3, size, size), 150, np.uint8)
+    blue = np.array([10, 15, 45], np.uint8)[:, None]
+    image[:, seam - 3: seam + 3, seam - 3: seam + 3] = blue[:, :, None]
+    image[:, 10:12, 300:302] = blue[:, :, None]
+    rows, cols = np.mgrid[0:size, 0:size] + 0.5
+    u = (cols - 250) * np.cos(0.5) + (rows - 250) * np.sin(0.5)  # a rectangle turned by 0.5 rad
+    v = -(cols - 250) * np.sin(0.5) + (rows - 250) * np.cos(0.5)
+    image[:, (np.abs(u) <= 50) & (np.abs(v) <= 50 / 3)] = blue
+    from affine import Affine
+    return write_tif(tmp_path / "seams.tif", image, transform=Affine(0.3, 0, UTM_ORIGIN[0], 0, -0.3, UTM_ORIGIN[1])), seam
+
+
+def test_the_default_area_filter_runs_after_seams_are_merged(tmp_path):
+    from solarmap.pipeline import SpectralBaseline, detect_scene
+    from solarmap.pipeline.regional import detect_regional
+
+    config = DetectConfig(tile_size_px=64, overlap_px=8, batch_size=4, score_threshold=1e-6)
+    assert config.min_area_m2 == 1.0  # the CLI's --min-area default too
+    raster, seam = seam_scene(tmp_path, config)
+    frame, _ = detect_scene(raster, scorer=SpectralBaseline(), config=config)
+    unfiltered, _ = detect_scene(raster, scorer=SpectralBaseline(), config=DetectConfig(
+        tile_size_px=64, overlap_px=8, batch_size=4, score_threshold=1e-6, min_area_m2=0.0))
+    assert sorted(np.round(unfiltered.area_m2, 2))[:1] == [0.36]  # the lone small array is there unfiltered
+    assert len(frame) == 2 == len(unfiltered) - 1  # ... and filtered; the seam-cut array is kept whole
+    assert sorted(np.round(frame.area_m2, 2))[0] == 3.24
+    regional, _ = detect_regional([raster], tmp_path / "r.gpkg", scorer_spec=SpectralBaseline(), config=config,
+                                  rows_per_chunk=1)  # the same when the seam is between two chunks
+    assert sorted(np.round(regional.area_m2, 2)) == sorted(np.round(frame.area_m2, 2))
+
+
+def test_simplify_drops_staircase_vertices_and_keeps_the_area(tmp_path):
+    from solarmap.pipeline import SpectralBaseline, detect_scene
+
+    raster, _ = seam_scene(tmp_path, DetectConfig(tile_size_px=64, overlap_px=8))
+    outlines = {}
+    for tolerance in (0.0, 0.3):
+        frame, _ = detect_scene(raster, scorer=SpectralBaseline(), config=DetectConfig(
+            tile_size_px=64, overlap_px=8, batch_size=4, simplify_m=tolerance))
+        outlines[tolerance] = frame.loc[frame.area_m2.idxmax()]
+    pixel, simple = outlines[0.0], outlines[0.3]
+    assert pixel.area_m2 == pytest.approx(300, rel=0.02)  # the 30 x 10 m array
+    vertices = [len(row.geometry.exterior.coords) for row in (pixel, simple)]
+    assert vertices[1] < vertices[0] / 5, vertices
+    assert simple.area_m2 == pytest.approx(pixel.area_m2, rel=0.01)

@@ -114,6 +114,16 @@ def test_the_decision_threshold_maximises_the_worst_source():
     assert scores[threshold] == 1.0
 
 
+def test_a_synthetic_supplement_decides_no_threshold():
+    from solarmap.training.real_recipe import choose_threshold
+
+    images = [RealImage(np.zeros((3, 8, 8), np.uint8), label, source, str(i), str(i))
+              for i, (label, source) in enumerate([(1, "a"), (0, "a"), (1, "synthetic"), (0, "synthetic")])]
+    probs = np.array([0.9, 0.2, 0.15, 0.95])  # the synthetic chips are scored backwards
+    threshold, scores = choose_threshold(images, probs)
+    assert 0.2 < threshold <= 0.9 and scores[threshold] == 1.0  # as if they were not there
+
+
 def test_synthetic_chips_carry_masks_that_agree_with_their_labels(tmp_path):
     from solarmap.training.real_data import synthetic_images
 

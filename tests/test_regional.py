@@ -190,3 +190,83 @@ def test_cli_takes_a_directory_of_rasters_into_one_geopackage(tmp_path):
     with_heatmap = CliRunner().invoke(main, ["detect", str(tiles), "--out", str(tmp_path / "h.gpkg"), "--model",
                                              str(model), "--heatmap", str(tmp_path / "h.tif")])
     assert with_heatmap.exit_code == 2 and "--heatmap works with a single raster" in with_heatmap.output
+
+
+def render(path, crs, transform, shape, arrays, arrays_crs):
+    """A raster in ``crs`` whose pixels are dark blue where their centre lies in one of ``arrays``
+    (polygons in ``arrays_crs``): one ground scene drawn in any projection."""
+    from pyproj import Transformer
+
+    height, width = shape
+    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    xs, ys = transform * (cols, rows)
+    ax, ay = Transformer.from_crs(crs, arrays_crs, always_xy=True).transform(xs, ys)
+    inside = np.zeros(shape, bool)
+    for polygon in arrays:
+        inside |= shapely.contains_xy(polygon, ax, ay)
+    image = np.full((3, height, width), 150, np.uint8)
+    image[:, inside] = np.array([10, 15, 45], np.uint8)[:, None]
+    return write_tif(path, image, transform=transform, crs=crs)
+
+
+def to_4326(geometry, crs):
+    from pyproj import Transformer
+
+    return shapely.transform(geometry, Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform,
+                             interleaved=False)
+
+
+def test_rasters_in_two_utm_zones_and_web_mercator_merge_into_one_crs(tmp_path):
+    """Three rasters: UTM 11N ending on its central meridian (117° W), web mercator starting there
+    (one array crosses the seam), and UTM 12N far to the east. Each at 0.3 m on the ground; the
+    output in EPSG:4326 holds every array once, whole, with its true area."""
+    from pyproj import Transformer
+
+    x0, y0 = UTM_ORIGIN  # x = 500 000 m is 117° W exactly in zone 11
+    box = shapely.box
+    west_arrays = [box(x0 - 60, y0 - 20, x0 - 45, y0 - 12), box(x0 - 30, y0 - 60, x0 - 20, y0 - 40),
+                   box(x0 - 11, y0 - 40, x0 + 13, y0 - 32)]  # the last one crosses into the mercator raster
+    east_arrays = [box(x0 + 25, y0 - 55, x0 + 40, y0 - 47)]  # also given in zone 11 coordinates
+    far_arrays = [box(x0 - 50, y0 - 30, x0 - 35, y0 - 18), box(x0 - 20, y0 - 65, x0 - 8, y0 - 57)]  # zone 12
+    west = render(tmp_path / "utm11.tif", "EPSG:32611", Affine(0.3, 0, x0 - 72, 0, -0.3, y0), (240, 240),
+                  west_arrays + east_arrays, "EPSG:32611")
+    mx, my = Transformer.from_crs("EPSG:32611", "EPSG:3857", always_xy=True).transform(x0, y0)
+    lat = Transformer.from_crs("EPSG:32611", "EPSG:4326", always_xy=True).transform(x0, y0)[1]
+    step = 0.3 / np.cos(np.radians(lat))  # web mercator units per 0.3 m on the ground
+    east = render(tmp_path / "mercator.tif", "EPSG:3857", Affine(step, 0, mx, 0, -step, my), (240, 200),
+                  west_arrays + east_arrays, "EPSG:32611")
+    far = render(tmp_path / "utm12.tif", "EPSG:32612", Affine(0.3, 0, x0 - 72, 0, -0.3, y0), (240, 240),
+                 far_arrays, "EPSG:32612")
+    config = DetectConfig(tile_size_px=64, overlap_px=8, batch_size=4, min_area_m2=1.0, gsd_m=0.3)
+    result, stats = detect_regional([west, east, far], tmp_path / "region.gpkg", scorer_spec=SpectralBaseline(),
+                                    config=config, out_crs="EPSG:4326", rows_per_chunk=2)
+    assert stats.rasters == 3 and result.crs.to_epsg() == 4326
+    truth = [(zone, a) for zone, arrays in (("EPSG:32611", west_arrays + east_arrays), ("EPSG:32612", far_arrays))
+             for a in arrays]
+    assert len(result) == len(truth)  # the array across the seam is one polygon, not two
+    for zone, array in truth:
+        in_4326 = to_4326(array, zone)
+        hits = result[result.intersects(in_4326)]
+        assert len(hits) == 1
+        assert hits.area_m2.iloc[0] == pytest.approx(array.area, rel=0.04)  # 0.3 m pixels on a >= 120 m² array
+    crossing = result[result.intersects(to_4326(west_arrays[2], "EPSG:32611"))]
+    assert crossing.source.iloc[0] == "mercator.tif+utm11.tif"
+
+
+@pytest.mark.parametrize("scheduler, exit_code, message", [
+    ("local:0", 2, "expected local or local:N with N >= 1 worker processes"),
+    ("local:two", 2, "expected local or local:N with N >= 1 worker processes"),
+    ("tcp://127.0.0.1:9", 1, "cannot reach the dask scheduler at tcp://127.0.0.1:9"),  # nothing listens there
+])
+def test_a_bad_scheduler_is_one_line_and_leaves_nothing(tmp_path, tiny_model_file, scheduler, exit_code, message):
+    from click.testing import CliRunner
+
+    from solarmap.cli import main
+
+    raster = write_tif(tmp_path / "t.tif", town_like(height=120, width=120))
+    out = tmp_path / "region.gpkg"
+    result = CliRunner().invoke(main, ["detect", str(raster), "--out", str(out), "--model", tiny_model_file,
+                                       "--scheduler", scheduler, "--cam-method", "gap"])
+    assert result.exit_code == exit_code and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert sorted(os.listdir(tmp_path)) == ["t.tif"]

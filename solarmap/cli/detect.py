@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from solarmap.cli.options import positive, unit_interval
+from solarmap.cli.options import positive, scheduler_option, unit_interval
 
 
 class _Progress:
@@ -70,7 +70,7 @@ class _RegionalProgress:
 @click.command()
 @click.argument("rasters", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="GeoPackage to write.")
-@click.option("--scheduler", default=None,
+@click.option("--scheduler", default=None, callback=scheduler_option,
               help="Run on dask: tcp://HOST:8786 (an existing cluster) or local[:N] (N local worker processes).")
 @click.option("--out-crs", default=None, help="CRS of the output for several rasters (default: the first raster's).")
 @click.option("--rows-per-chunk", default=8, show_default=True, type=int, callback=positive,
@@ -102,10 +102,13 @@ class _RegionalProgress:
               help="Simplify outlines with this tolerance in metres (0: keep pixel outlines).")
 @click.option("--heatmap", type=click.Path(dir_okay=False), default=None, help="Also write the stitched CAM as a GeoTIFF.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same inputs and settings.")
+@click.option("--checkpoint-every", "checkpoint_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds between records of a single raster's progress, i.e. the most work an interruption "
+                   "loses (0: at every tile row). Regional runs record every chunk.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, src_crs, branch_levels, cam_method,
-           cam_threshold, refine, score_threshold, min_area_m2, simplify_m, heatmap, resume, overwrite, quiet) -> None:
+           cam_threshold, refine, score_threshold, min_area_m2, simplify_m, heatmap, resume, checkpoint_s, overwrite, quiet) -> None:
     """Find solar panels in RASTERS and write their polygons (with areas in m²) to one GeoPackage.
 
     RASTERS: raster files, directories, globs, URLs GDAL opens, or .txt files listing rasters. Several
@@ -114,15 +117,19 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     from solarmap.geo.output import check_output_path
     from solarmap.geo.raster import describe_scene, expand_inputs, parse_bands
     from solarmap.geo.tiling import GSD_VARIATION_WARNING, ground_variation_note
+    from solarmap.pipeline.journal import Journal
 
-    check_output_path(out_path, overwrite=overwrite)
+    # a run killed while renaming its finished outputs into place may have put some there already
+    finishing = resume and Journal(out_path).is_finished()
+    check_output_path(out_path, overwrite=overwrite or finishing)
     expanded = expand_inputs(rasters)
     single = scheduler is None and list(rasters) == expanded  # one raster named as itself
     if heatmap and not single:
         raise click.UsageError("--heatmap works with a single raster")
     raster = expanded[0]
     if heatmap:
-        check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
+        check_output_path(heatmap, overwrite=overwrite or finishing, suffixes=(".tif", ".tiff"),
+                          kind="the heatmap GeoTIFF")
     band_tuple = parse_bands(bands)
     scene = describe_scene(raster, bands=band_tuple, src_crs=src_crs)  # fail fast, before loading the model
     ground = scene.source_grid.ground_resolution()
@@ -131,7 +138,7 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
 
     from solarmap.errors import OptionError
     from solarmap.model.scorer import ScorerSpec
-    from solarmap.pipeline import DetectConfig, detect_to_file
+    from solarmap.pipeline import DetectConfig
 
     spec = ScorerSpec(model_path=model_path, method=cam_method, device=device, decision_threshold=score_threshold,
                       branch_levels=branch_levels, refine=refine)
@@ -144,6 +151,27 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
         raise OptionError(f"tile size {config.tile_size_px} px is too small for {scorer.model.backbone.display_name} "
                           f"(needs at least {scorer.model.min_input_px} px)")
     _sigterm_as_interrupt()
+    from solarmap.errors import SolarmapError
+
+    kept = Journal(out_path).path
+    try:
+        _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, out_crs, rows_per_chunk, overwrite,
+             resume, heatmap, quiet, checkpoint_s)
+    except KeyboardInterrupt:
+        click.echo(f"solarmap: interrupted; no output was written; the work done is kept in {kept} "
+                   f"(rerun with --resume to continue)", err=True)
+        click.get_current_context().exit(130)
+    except SolarmapError as exc:
+        if kept.exists():  # failed mid-run: say what is left behind, and why
+            raise type(exc)(f"{exc}; the work done is kept in {kept} (rerun with --resume to continue)") from None
+        raise
+
+
+def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, out_crs, rows_per_chunk, overwrite,
+         resume, heatmap, quiet, checkpoint_s) -> None:
+    """The run itself, once every option is checked."""
+    from solarmap.pipeline import detect_to_file
+
     if not single:
         from solarmap.pipeline.regional import detect_regional
 
@@ -159,11 +187,14 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
         return
     progress = _Progress(quiet)
     stats = detect_to_file(raster, out_path, scorer=scorer, config=config, overwrite=overwrite, resume=resume,
-                           heatmap=heatmap, progress=progress, metadata=scorer.metadata())
+                           heatmap=heatmap, progress=progress, metadata=scorer.metadata(),
+                           checkpoint_interval_s=checkpoint_s)
     progress.done()
     if not quiet:
         st = stats.stage_seconds
-        click.echo(f"tiles: {stats.tiles_read} read, {stats.tiles_skipped_nodata} skipped as nodata, "
+        resumed = (f" ({stats.tiles_resumed} done before the interruption, {stats.tiles_read - stats.tiles_resumed} "
+                   f"now)" if resume else "")
+        click.echo(f"tiles: {stats.tiles_read} read{resumed}, {stats.tiles_skipped_nodata} skipped as nodata, "
                    f"{stats.tiles_positive} positive", err=True)
         click.echo(f"panels: {stats.polygons} polygons, {stats.area_m2:.1f} m² in total", err=True)
         click.echo(f"time: {stats.seconds:.1f} s (read {st['read']:.1f}, model {st['model']:.1f}, "

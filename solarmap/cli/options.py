@@ -15,3 +15,17 @@ def unit_interval(ctx, param, value):
     if value is not None and not 0.0 <= value <= 1.0:
         raise click.BadParameter("must be between 0 and 1")
     return value
+
+
+def scheduler_option(ctx, param, value):
+    """``--scheduler``: local, local:N (N >= 1) or an address, checked before any work."""
+    if value is None:
+        return value
+    from solarmap.errors import OptionError
+    from solarmap.pipeline.regional import local_workers
+
+    try:
+        local_workers(value)
+    except OptionError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--scheduler {value}: ")) from None
+    return value

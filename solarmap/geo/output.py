@@ -19,6 +19,7 @@ from affine import Affine
 from rasterio.enums import Resampling
 
 from solarmap.errors import OutputError
+from solarmap.faults import fault_point
 from solarmap.geo.tiling import Grid, Tile
 
 # ---------------------------------------------------------------------------------------------
@@ -32,15 +33,27 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, suffixes: Seq
     if out.suffix.lower() not in suffixes:
         raise OutputError(f"output {out} must end in {' or '.join(suffixes)} (solarmap writes {kind} there)")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"output directory is not a directory: {parent}")
     if not parent.is_dir():
         raise OutputError(f"output directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output directory is not writable: {parent}")
+    _check_writable(parent)
     if out.is_dir():
         raise OutputError(f"output path is a directory: {out}")
     if out.exists() and not overwrite:
         raise OutputError(f"output exists: {out} (use --overwrite to replace it)")
     return out
+
+
+def _check_writable(directory: Path) -> None:
+    """Create and remove a file in ``directory``: permission bits do not tell (root ignores them; a
+    read-only mount or a virtual file system refuses everyone)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".solarmap-probe-", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"output directory is not writable: {directory} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager
@@ -114,27 +127,46 @@ class GeoPackageWriter:
             raise OutputError(f"could not write {self.path}: {exc.strerror or exc}") from None
         self._created = True
         self.rows += len(frame)
+        fault_point("gpkg-append")
 
     def commit(self, *, empty_frame, metadata: dict[str, str] | None = None, style_qml: str | None = None,
                style_name: str = "solarmap default") -> Path:
         """Finish the file (``empty_frame`` gives the schema if nothing was appended) and rename it."""
+        self.finish(empty_frame=empty_frame, metadata=metadata, style_qml=style_qml, style_name=style_name)
+        return self.publish()
+
+    def finish(self, *, empty_frame, metadata: dict[str, str] | None = None, style_qml: str | None = None,
+               style_name: str = "solarmap default") -> None:
+        """Complete the work file: the layer (``empty_frame`` gives the schema if nothing was
+        appended), its metadata and its style. ``publish`` then puts it in place."""
         try:
             self.append(empty_frame, layer_metadata={k: str(v) for k, v in (metadata or {}).items()})
             if style_qml is not None:
                 add_layer_style(self.work_path, layer=self.layer,
                                 geometry_column=_gpkg_geometry_column(self.work_path, self.layer),
                                 qml=style_qml, name=style_name)
-            if self.path.exists() and not self.overwrite:
-                raise OutputError(f"output exists: {self.path} (use --overwrite to replace it)")
-            os.replace(self.work_path, self.path)
+        except OutputError:
+            raise
         except OSError as exc:
             self.abort()
-            if isinstance(exc, OutputError):
-                raise
             raise OutputError(f"could not write {self.path}: {exc.strerror or exc}") from None
         except sqlite3.Error as exc:
             self.abort()
             raise OutputError(f"could not write {self.path}: {exc}") from None
+        fault_point("commit")
+
+    def publish(self) -> Path:
+        """Rename the finished work file onto the target."""
+        try:
+            if self.path.exists() and not self.overwrite:
+                raise OutputError(f"output exists: {self.path} (use --overwrite to replace it)")
+            os.replace(self.work_path, self.path)
+        except OutputError:
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"could not write {self.path}: {exc.strerror or exc}") from None
         _remove_sqlite_files(self.work_path)
         return self.path
 
@@ -195,6 +227,8 @@ def add_layer_style(path: str | os.PathLike, *, layer: str, geometry_column: str
             "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, description) "
             "VALUES ('layer_styles', 'attributes', 'layer_styles', 'QGIS layer styles')"
         )
+        # a run finished again after a kill must not stack a second copy of its style
+        con.execute("DELETE FROM layer_styles WHERE f_table_name = ? AND styleName = ?", (layer, name))
         con.execute(
             "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
             "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, owner) "
@@ -260,9 +294,17 @@ class HeatmapWriter:
         self._dataset.write(heat, 1, window=tile.core)
 
     def finish(self) -> Path:
+        """Complete the work file and rename it onto the target."""
+        self.complete()
+        return self.publish()
+
+    def complete(self) -> None:
+        """Overviews, then close: the work file is final (``publish`` puts it in place)."""
         self._dataset.build_overviews([2, 4, 8, 16, 32], Resampling.average)
         self._dataset.update_tags(ns="rio_overview", resampling="average")
         self._dataset.close()
+
+    def publish(self) -> Path:
         if self.path.exists() and not self.overwrite:
             raise OutputError(f"output exists: {self.path} (use --overwrite to replace it)")
         os.replace(self.work_path, self.path)

@@ -65,15 +65,21 @@ def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config:
     Outputs are checked before any work and appear only when complete. Progress is journalled beside
     the output (:class:`~solarmap.pipeline.journal.Journal`) at a tile-row boundary every
     ``checkpoint_interval_s`` (an interrupted run loses at most about that much work); ``resume=True``
-    continues from there (the raster, model and settings must be the same), otherwise a stale
-    journal is discarded.
+    continues from there (the raster, model and settings must be the same; ``stats.tiles_resumed``
+    says how many tiles were done before), otherwise a stale journal is discarded.
     """
+    journal = Journal(out)
+    key = run_key([str(path)], scorer_name=scorer.name, config=config, heatmap=bool(heatmap))
+    outputs = [(journal.file("panels.gpkg"), Path(out))] + ([(journal.file("heat.tif"), Path(heatmap))] if heatmap else [])
+    finished = journal.finished(key) if resume else None
+    if finished is not None:  # killed while putting its outputs in place: only that is left to do
+        journal.publish(outputs)
+        finished.tiles_resumed = finished.tiles_read
+        return finished
     out = check_output_path(out, overwrite=overwrite)
     if heatmap is not None:
         check_output_path(heatmap, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
-    journal = Journal(out)
-    resuming = journal.open(run_key([str(path)], scorer_name=scorer.name, config=config, heatmap=bool(heatmap)),
-                            resume=resume)
+    resuming = journal.open(key, resume=resume)
     state = journal.read("state.pkl") if resuming else None
 
     run = SceneRun(path, scorer=scorer, config=config, progress=progress)
@@ -95,16 +101,18 @@ def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config:
         stats = run.run(sink, heatmap=heat_writer, state=state, checkpoint=lambda s: journal.record("state.pkl", s),
                         checkpoint_interval_s=checkpoint_interval_s)
         t0 = time.perf_counter()
-        writer.commit(empty_frame=last_frame[0].iloc[:0], style_qml=panels_qml(),
+        writer.finish(empty_frame=last_frame[0].iloc[:0], style_qml=panels_qml(),
                       metadata=run_metadata(config=config, model_name=scorer.name, source=str(path), stats=stats,
                                             extra=metadata))
         if heat_writer is not None:
-            heat_writer.finish()
+            heat_writer.complete()
+        for _, target in outputs:  # an output that appeared meanwhile is not replaced unasked
+            check_output_path(target, overwrite=overwrite, suffixes=(target.suffix.lower(),))
         stats.stage_seconds["write"] += time.perf_counter() - t0
     finally:
         if heat_writer is not None:
             heat_writer.close()
-    journal.discard()
+    journal.finish(stats, outputs)
     return stats
 
 

@@ -101,6 +101,7 @@ class DetectStats:
 
     tiles_total: int = 0
     tiles_read: int = 0
+    tiles_resumed: int = 0  # of tiles_read, those done before the run was interrupted and resumed
     tiles_skipped_nodata: int = 0
     tiles_positive: int = 0
     polygons: int = 0

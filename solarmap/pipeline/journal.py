@@ -4,7 +4,11 @@ It holds a key that names the run (inputs, model, settings), the run's work file
 a single raster's :class:`~solarmap.pipeline.scene.RunState` at a tile-row boundary, or one part per
 finished chunk of a regional run. Records are written to a temporary file and renamed, so a kill at
 any moment leaves either the old record or the new one. ``--resume`` continues from what is there,
-only when the key matches; without it a stale journal is discarded. A run that completes removes it.
+only when the key matches; without it a stale journal is discarded.
+
+A run ends in three steps: its outputs are completed inside the journal, the run's result is
+recorded as ``finished``, the outputs are renamed into place, and the journal is removed. A run
+killed after the record is finished by ``--resume`` without redoing anything (:meth:`Journal.finished`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from solarmap.errors import OutputError
+from solarmap.faults import fault_point
 
 __all__ = ["Journal", "run_key"]
+
+FINISHED = "finished.pkl"
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,32 @@ class Journal:
         (self.path / "key").write_text(key)
         return resuming
 
+    def finished(self, key: str) -> Any:
+        """The result a run named ``key`` recorded once its outputs were complete (None if it did
+        not get that far): resuming it only has to put the outputs in place."""
+        key_file = self.path / "key"
+        if not key_file.exists() or key_file.read_text() != key:
+            return None
+        return self.read(FINISHED)
+
+    def is_finished(self) -> bool:
+        """Whether the journal holds a finished run (of any key): its output may already be in place."""
+        return (self.path / FINISHED).exists()
+
+    def finish(self, result: Any, outputs: Sequence[tuple[Path, Path]]) -> None:
+        """Record ``result``, then rename each completed work file onto its target (``outputs``:
+        (work file, target) pairs, in order), then remove the journal."""
+        self.record(FINISHED, result)
+        self.publish(outputs)
+
+    def publish(self, outputs: Sequence[tuple[Path, Path]]) -> None:
+        """Rename the work files that are still here onto their targets, then remove the journal."""
+        for work, target in outputs:
+            if work.exists():
+                os.replace(work, target)
+        fault_point("published")
+        self.discard()
+
     def file(self, name: str) -> Path:
         """A work file kept in the journal (e.g. the GeoPackage being written)."""
         return self.path / name
@@ -77,6 +110,7 @@ class Journal:
         target = self.path / name
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_bytes(pickle.dumps(value))
+        fault_point("journal")
         os.replace(tmp, target)
 
     def read(self, name: str, default: Any = None) -> Any:

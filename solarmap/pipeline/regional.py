@@ -9,8 +9,9 @@ merges them within one run (shared integer edges), so a regional result equals a
 one. Pieces that touch the edge of a raster are merged, in the output CRS, with pieces of other
 rasters that touch them (mosaics whose files meet edge to edge).
 
-Each finished chunk is recorded in the journal beside the output (:mod:`solarmap.pipeline.journal`);
-``--resume`` skips chunks recorded there, and a worker that dies only loses the chunk it was
+Each finished chunk is recorded in the journal beside the output (:mod:`solarmap.pipeline.journal`),
+and the GeoPackage is written inside it before it is renamed into place; ``--resume`` skips chunks
+recorded there (``RegionalStats.chunks_resumed``), and a worker that dies only loses the chunk it was
 running (dask reschedules it).
 """
 
@@ -34,7 +35,8 @@ from pyproj import CRS as ProjCRS
 from rasterio.crs import CRS
 
 from solarmap.errors import OptionError
-from solarmap.geo.output import check_output_path, write_geopackage
+from solarmap.faults import fault_point
+from solarmap.geo.output import GeoPackageWriter, check_output_path
 from solarmap.geo.raster import describe_scene, expand_inputs, parse_crs
 from solarmap.geo.style import panels_qml
 from solarmap.geo.tiling import (
@@ -250,22 +252,35 @@ class RegionalStats:
     dashboard: str | None = None
 
 
+def local_workers(scheduler: str) -> int | None:
+    """The number of local worker processes ``local[:N]`` asks for (None: an address of a running
+    scheduler). ``local`` alone is one per two cores."""
+    if not scheduler.startswith("local"):
+        if not scheduler.strip():
+            raise OptionError("--scheduler: expected local, local:N or a scheduler address such as tcp://HOST:8786")
+        return None
+    name, _, count = scheduler.partition(":")
+    try:
+        n_workers = int(count) if count else max(1, (os.cpu_count() or 2) // 2)
+    except ValueError:
+        n_workers = 0
+    if name != "local" or n_workers < 1:
+        raise OptionError(f"--scheduler {scheduler}: expected local or local:N with N >= 1 worker processes")
+    return n_workers
+
+
 def _client_for(scheduler: str):
     """``local[:N]`` starts a LocalCluster of N single-threaded worker processes; else an address."""
     from distributed import Client, LocalCluster
 
-    if scheduler.startswith("local"):
-        _, _, count = scheduler.partition(":")
-        try:
-            n_workers = int(count) if count else max(1, (os.cpu_count() or 2) // 2)
-        except ValueError:
-            raise OptionError(f"--scheduler {scheduler}: expected local or local:N") from None
+    n_workers = local_workers(scheduler)
+    if n_workers is not None:
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                host="127.0.0.1")
         return Client(cluster), cluster
     try:
-        return Client(scheduler, timeout="20s"), None
-    except (OSError, TimeoutError) as exc:
+        return Client(scheduler, timeout="10s"), None
+    except (OSError, TimeoutError, ValueError) as exc:
         raise OptionError(f"cannot reach the dask scheduler at {scheduler} ({exc})") from None
 
 
@@ -274,13 +289,19 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
                     overwrite: bool = False, resume: bool = False, metadata: dict | None = None,
                     progress: Callable[[RegionalStats], None] | None = None):
     """Detect over many rasters into one GeoPackage; returns (GeoDataFrame, RegionalStats)."""
-    out = check_output_path(out, overwrite=overwrite)
     rasters = expand_inputs(inputs)
-    chunks = plan_chunks(rasters, config, rows_per_chunk=rows_per_chunk)
-    stats = RegionalStats(rasters=len(rasters), chunks_total=len(chunks), tiles_total=sum(c.tiles for c in chunks))
     journal = Journal(out)
     scorer_name = repr(scorer_spec) if is_dataclass(scorer_spec) else type(scorer_spec).__name__  # no addresses
     key = run_key(rasters, scorer_name=scorer_name, config=config, rows_per_chunk=rows_per_chunk)
+    outputs = [(journal.file("panels.gpkg"), Path(out))]
+    finished_run = journal.finished(key) if resume else None
+    if finished_run is not None:  # killed while putting its output in place: only that is left to do
+        journal.publish(outputs)
+        finished_run.chunks_resumed = finished_run.chunks_total
+        return gpd.read_file(out, layer="panels"), finished_run
+    out = check_output_path(out, overwrite=overwrite)
+    chunks = plan_chunks(rasters, config, rows_per_chunk=rows_per_chunk)
+    stats = RegionalStats(rasters=len(rasters), chunks_total=len(chunks), tiles_total=sum(c.tiles for c in chunks))
     resuming = journal.open(key, resume=resume)
     started = time.perf_counter()
     results: dict[str, ChunkResult] = {}
@@ -295,6 +316,7 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
 
     def finished(result: ChunkResult) -> None:
         journal.record(f"chunk-{result.chunk.key}.pkl", result)
+        fault_point("chunk")
         results[result.chunk.key] = result
         stats.chunks_done += 1
         stats.tiles_done += result.chunk.tiles
@@ -337,8 +359,12 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
     meta = run_metadata(config=config, model_name=str(getattr(scorer_spec, "model_path", None) or "bundled"),
                         source=";".join(rasters), extra={**(metadata or {}), "rasters": len(rasters),
                                                           "chunks": len(chunks), "scheduler": scheduler or "none"})
-    write_geopackage(frame, out, overwrite=overwrite, style_qml=panels_qml(), metadata=meta)
-    journal.discard()
+    writer = GeoPackageWriter(out, overwrite=overwrite, work_path=outputs[0][0])
+    if len(frame):
+        writer.append(frame)
+    writer.finish(empty_frame=frame.iloc[:0], style_qml=panels_qml(), metadata=meta)
+    check_output_path(out, overwrite=overwrite)  # an output that appeared meanwhile is not replaced unasked
     stats.seconds = time.perf_counter() - started
+    journal.finish(stats, outputs)
     return frame, stats
 

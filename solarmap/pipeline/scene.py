@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from solarmap.errors import OptionError
+from solarmap.faults import fault_point
 from solarmap.geo.output import HeatmapWriter
 from solarmap.geo.raster import SceneReader, TileImage
 from solarmap.geo.refine import refine_mask
@@ -268,6 +269,7 @@ class SceneRun:
                 stats.tiles_total = (stop_row - first_row) * cols
             else:
                 stats, merger = state.stats, SeamMerger.from_state(state.merger)
+                stats.tiles_resumed = stats.tiles_read
                 next_id, start_row = state.next_id, state.rows_done
             elapsed_before = stats.seconds
             post = PostProcessor(config, grid, source_name=self.source_name, sink=sink, stats=stats, merger=merger,
@@ -300,6 +302,7 @@ class SceneRun:
                     if read.live:
                         with timed(stats, "model"):
                             probs, maps = self.scorer(read.pixels)
+                    fault_point("batch")
                     after_model.put(ScoredBatch(read.images, read.live, probs, maps))
             after_model.finish()
         except BaseException:

@@ -3,8 +3,8 @@
 Each epoch draws a fixed number of views per source (so the 5,147 Bern positives do not drown the
 400 Fresno ones, and every negative set is seen every epoch), each a :func:`random_view`. Validation
 scores every source separately on deterministic centre views: recall where a source has positives,
-false-positive rate where it has negatives; the epoch kept is the one with the best *worst* source
-(a model that is good on average but has learnt one source's look fails somewhere).
+false-positive rate where it has negatives; the epoch kept is the one with the best *worst* real
+source (a model that is good on average but has learnt one source's look fails somewhere).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from solarmap.model.network import SolarNet
 from solarmap.training.real_data import RealImage
 from solarmap.training.views import ViewConfig, centre_view, random_view
 
-__all__ = ["FinetuneConfig", "by_source_and_label", "finetune_classifier", "predict_images", "source_scores"]
+__all__ = ["SUPPLEMENTS", "FinetuneConfig", "by_source_and_label", "finetune_classifier", "predict_images", "source_scores"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class FinetuneConfig:
     batch_size: int = 32
     # views per epoch of each source's positives (":1") and negatives (":0"): Fresno's two classes
     # equally often, so its look says nothing about the label
-    per_source: dict = field(default_factory=lambda: {"fresno:1": 400, "fresno:0": 400, "bern:1": 700, "pv01:1": 150,
+    per_source: dict = field(default_factory=lambda: {"fresno:1": 600, "fresno:0": 600, "bern:1": 700, "pv01:1": 150,
                                                       "ucmerced:0": 700, "oam:0": 350})
     view: ViewConfig = ViewConfig()
     val_size_px: int = 96
@@ -78,10 +78,15 @@ def source_scores(images: Sequence[RealImage], probs: np.ndarray, threshold: flo
     return scores
 
 
-def worst_source(scores: dict) -> float:
-    """The lowest per-source accuracy part: recall, or 1 - false-positive rate."""
-    parts = [v for row in scores.values() for v in (row.get("recall"), 1 - row["fpr"] if "fpr" in row else None)
-             if v is not None]
+# sources that add examples but decide nothing: a synthetic town is not what users run the model on,
+# and counting it would let the renderer's look choose the epoch and the threshold
+SUPPLEMENTS = frozenset({"synthetic"})
+
+
+def worst_source(scores: dict, *, ignore: frozenset = SUPPLEMENTS) -> float:
+    """The lowest per-source accuracy part (recall, or 1 - false-positive rate) over the real sources."""
+    parts = [v for source, row in scores.items() if source not in ignore
+             for v in (row.get("recall"), 1 - row["fpr"] if "fpr" in row else None) if v is not None]
     return min(parts) if parts else 0.0
 
 

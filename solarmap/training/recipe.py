@@ -1,4 +1,4 @@
-"""The training recipe, shared by ``solarmap train`` and ``scripts/train_default.py``: greedy stages
+"""The training recipe, shared by ``solarmap train`` and the real recipe (``training.real_recipe``): greedy stages
 that resume where they stopped, then every calibration on validation data.
 
 A stage that has finished under the workdir (``NAME.done.json`` + ``NAME.final.pt``) is not trained
