@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 import rasterio
@@ -28,7 +30,9 @@ def read(path):
     return gpd.read_file(path, layer="panels").sort_values("id").reset_index(drop=True)
 
 
-def test_interrupted_run_resumes_to_the_same_output(scene, tmp_path):
+def test_interrupted_run_resumes_to_the_same_output(scene, tmp_path, monkeypatch):
+    from solarmap.geo.raster import SceneReader
+
     reference = tmp_path / "reference.gpkg"
     detect_to_file(scene, reference, scorer=BandOneScorer(), config=CONFIG)
     out = tmp_path / "panels.gpkg"
@@ -44,8 +48,15 @@ def test_interrupted_run_resumes_to_the_same_output(scene, tmp_path):
                        checkpoint_interval_s=0)
     assert not out.exists() and not (tmp_path / "h.tif").exists()  # nothing half-written at the outputs
     assert (tmp_path / ".panels.gpkg.partial" / "state.pkl").exists()
+    rows_done = pickle.loads((tmp_path / ".panels.gpkg.partial" / "state.pkl").read_bytes()).rows_done
+    reads = []
+    real_read = SceneReader.read_tile
+    monkeypatch.setattr(SceneReader, "read_tile", lambda self, tile, **kw: reads.append(tile) or real_read(self, tile, **kw))
     stats = detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, resume=True, heatmap=tmp_path / "h.tif")
     assert stats.tiles_read == stats.tiles_total == 25
+    # the rows recorded are not read again: the reader is asked only for the others
+    assert rows_done >= 2 and stats.tiles_resumed == rows_done * 5
+    assert sorted({t.tile_row for t in reads}) == list(range(rows_done, 5)) and len(reads) == 25 - rows_done * 5
     a, b = read(reference), read(out)
     assert list(a.id) == list(b.id) == list(range(1, len(a) + 1))
     assert a.area_m2.tolist() == pytest.approx(b.area_m2.tolist())

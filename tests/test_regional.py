@@ -104,10 +104,11 @@ def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         detect_regional([raster], out, scorer_spec=SpectralBaseline(), config=CONFIG, rows_per_chunk=1)
     assert not out.exists() and len(list((tmp_path / ".r.gpkg.partial").glob("chunk-*.pkl"))) == 2
-    monkeypatch.setattr(regional, "run_chunk", real)
+    ran = []
+    monkeypatch.setattr(regional, "run_chunk", lambda chunk, spec: ran.append(chunk.row_start) or real(chunk, spec))
     resumed, stats = detect_regional([raster], out, scorer_spec=SpectralBaseline(), config=CONFIG, rows_per_chunk=1,
                                      resume=True)
-    assert stats.chunks_resumed == 2
+    assert stats.chunks_resumed == 2 and ran == [2, 3, 4, 5]  # only the chunks not recorded are run again
     single, _ = detect_scene(raster, scorer=SpectralBaseline(), config=CONFIG)
     same_polygons(resumed, single)
     assert not (tmp_path / ".r.gpkg.partial").exists()
