@@ -1,4 +1,4 @@
-"""Benchmark `solarmap detect` with the real model: per-stage times, tiles/s, pipeline efficiency, memory.
+"""Benchmark `solarmap detect` with the real model: per-stage times, tiles/s, km²/hour, pipeline efficiency, memory.
 
     python scripts/bench_detect.py --sizes 2000 8000 20000 [--efficiency-size 4000] [--repeat 2] [--model FILE] [--device auto]
 
@@ -55,11 +55,17 @@ def run_one(raster: str, out: str, model_path, device: str, model_only: bool) ->
         return {"model_only_tiles_per_s": len(images) / (time.perf_counter() - t0), "tiles": len(images)}
     if os.path.exists(out):
         os.remove(out)
+    from solarmap.geo.raster import describe_scene
+
+    grid = describe_scene(raster).grid
+    gx, gy = grid.ground_resolution_m()
+    area_km2 = grid.width * grid.height * gx * gy / 1e6
     started = time.perf_counter()
     stats = detect_to_file(raster, out, scorer=scorer, config=config)
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "tiles_per_s": stats.tiles_total / wall, "peak_rss_mib": peak_rss_mib(),
-            "device": str(scorer.device), **stats.as_dict()}
+    return {"wall_s": wall, "tiles_per_s": stats.tiles_total / wall, "km2_per_hour": area_km2 / wall * 3600,
+            "peak_rss_mib": peak_rss_mib(), "device": str(scorer.device),
+            "backbone": scorer.model.backbone.display_name, **stats.as_dict()}
 
 
 def child(args, raster: Path, out: Path, model_only: bool) -> dict:
@@ -99,14 +105,14 @@ def main() -> None:
             end_to_end_runs.append(child(args, work / f"scene_{e}.tif", work / f"detect_{e}.gpkg", model_only=False))
     rows[e] = max(end_to_end_runs, key=lambda r: r["tiles_per_s"])
     model_only = max(model_only_runs, key=lambda r: r["model_only_tiles_per_s"])
-    print(f"device: {rows[e]['device']}")
+    print(f"device: {rows[e]['device']}; model: {args.model or 'bundled'} ({rows[e]['backbone']})")
     print(f"{'size px':>8} {'tiles':>6} {'positive':>8} {'polygons':>8} {'read s':>7} {'model s':>8} {'vector s':>8} "
-          f"{'write s':>7} {'total s':>8} {'tiles/s':>7} {'peak RSS MiB':>12}")
+          f"{'write s':>7} {'total s':>8} {'tiles/s':>7} {'km²/h':>7} {'peak RSS MiB':>12}")
     for size, r in rows.items():
         st = r["stage_seconds"]
         print(f"{size:>8} {r['tiles_total']:>6} {r['tiles_positive']:>8} {r['polygons']:>8} {st['read']:>7.1f} "
               f"{st['model']:>8.1f} {st['vectorize']:>8.1f} {st['write']:>7.1f} {r['wall_s']:>8.1f} "
-              f"{r['tiles_per_s']:>7.2f} {r['peak_rss_mib']:>12.0f}")
+              f"{r['tiles_per_s']:>7.2f} {r['km2_per_hour']:>7.2f} {r['peak_rss_mib']:>12.0f}")
     listed = lambda runs, key: ", ".join(f"{r[key]:.2f}" for r in runs)  # noqa: E731
     print(f"runs at {e} px: end-to-end {listed(end_to_end_runs, 'tiles_per_s')} tiles/s; "
           f"model-only {listed(model_only_runs, 'model_only_tiles_per_s')} tiles/s")

@@ -107,9 +107,9 @@ def kill_matrix():
                      Path("lite0.pt").resolve(), half=True))
     base = Path("kills").resolve()
     base.mkdir()
-    scene = crash.write_tif(base / "town.tif", crash.town(560, 560, seed=3))
-    image = crash.town(480, 560, seed=4)
     x0, y0 = crash.UTM_ORIGIN
+    scene = crash.write_tif(base / "town.tif", crash.town(560, 560, seed=3), transform=Affine(0.3, 0, x0, 0, -0.3, y0))
+    image = crash.town(480, 560, seed=4)
     region = [crash.write_tif(base / "north.tif", image[:, :240], transform=Affine(0.3, 0, x0, 0, -0.3, y0)),
               crash.write_tif(base / "south.tif", image[:, 240:], transform=Affine(0.3, 0, x0, 0, -0.3, y0 - 72))]
     runs = [("single raster", [scene], ["--checkpoint-every", "0"], crash.SINGLE_CASES),

@@ -42,7 +42,7 @@ def detect_command(rasters, out, model, *extra):
     """Grad-CAM of a random network, every tile positive: many polygons of many shapes, quickly. A batch
     is a tile row (7 tiles), so a resumed run scores exactly the batches an uninterrupted one does."""
     return [sys.executable, "-m", "solarmap.cli", "detect", *map(str, rasters), "--out", str(out), "--model", model,
-            "--cam-method", "gradcam", "--score-threshold", "0", "--cam-threshold", "0.8", "--min-area", "0", "--gsd", "0.3",
+            "--cam-method", "gradcam", "--score-threshold", "0", "--cam-threshold", "0.8", "--min-area", "0",
             "--batch-size", "7", *extra]
 
 
@@ -130,7 +130,10 @@ def assert_recovered(outcome, out):
 def scene(tmp_path_factory):
     """One raster of 7 x 7 tiles, and the output of an uninterrupted run over it."""
     base = tmp_path_factory.mktemp("scene")
-    raster = write_tif(base / "town.tif", town(560, 560, seed=3))
+    from affine import Affine
+
+    raster = write_tif(base / "town.tif", town(560, 560, seed=3), transform=Affine(0.3, 0, UTM_ORIGIN[0], 0, -0.3,
+                                                                                   UTM_ORIGIN[1]))
     return base, raster
 
 
@@ -194,6 +197,7 @@ def region(tmp_path_factory, model):
     out = base / "reference.gpkg"
     code, _, stderr = run(detect_command(rasters, out, model, "--rows-per-chunk", "1"))
     assert code == 0, stderr
+    assert "rasters: 2, chunks: 6" in stderr  # two rasters named on the command line: both are read
     return rasters, out
 
 

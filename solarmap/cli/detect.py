@@ -123,7 +123,7 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     finishing = resume and Journal(out_path).is_finished()
     check_output_path(out_path, overwrite=overwrite or finishing)
     expanded = expand_inputs(rasters)
-    single = scheduler is None and list(rasters) == expanded  # one raster named as itself
+    single = scheduler is None and len(expanded) == 1 and list(rasters) == expanded  # one raster named as itself
     if heatmap and not single:
         raise click.UsageError("--heatmap works with a single raster")
     raster = expanded[0]
