@@ -284,24 +284,10 @@ def _client_for(scheduler: str):
         raise OptionError(f"cannot reach the dask scheduler at {scheduler} ({exc})") from None
 
 
-def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spec, config: DetectConfig,
-                    scheduler: str | None = None, out_crs: str | None = None, rows_per_chunk: int = 8,
-                    overwrite: bool = False, resume: bool = False, metadata: dict | None = None,
-                    progress: Callable[[RegionalStats], None] | None = None):
-    """Detect over many rasters into one GeoPackage; returns (GeoDataFrame, RegionalStats)."""
-    rasters = expand_inputs(inputs)
-    journal = Journal(out)
-    scorer_name = repr(scorer_spec) if is_dataclass(scorer_spec) else type(scorer_spec).__name__  # no addresses
-    key = run_key(rasters, scorer_name=scorer_name, config=config, rows_per_chunk=rows_per_chunk)
-    outputs = [(journal.file("panels.gpkg"), Path(out))]
-    finished_run = journal.finished(key) if resume else None
-    if finished_run is not None:  # killed while putting its output in place: only that is left to do
-        journal.publish(outputs)
-        finished_run.chunks_resumed = finished_run.chunks_total
-        return gpd.read_file(out, layer="panels"), finished_run
-    out = check_output_path(out, overwrite=overwrite)
-    chunks = plan_chunks(rasters, config, rows_per_chunk=rows_per_chunk)
-    stats = RegionalStats(rasters=len(rasters), chunks_total=len(chunks), tiles_total=sum(c.tiles for c in chunks))
+def _run_chunks(chunks: Sequence[Chunk], journal: Journal, key: str, *, resume: bool, scorer_spec, client,
+                stats: RegionalStats, progress) -> dict[str, ChunkResult]:
+    """Every chunk's result, by chunk key: from the journal when resuming, else run here or on ``client``
+    (each recorded in the journal as it finishes)."""
     resuming = journal.open(key, resume=resume)
     started = time.perf_counter()
     results: dict[str, ChunkResult] = {}
@@ -325,26 +311,51 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
         if progress is not None:
             progress(stats)
 
-    if scheduler is None:
+    if client is None:
         for chunk in todo:
             finished(run_chunk(chunk, scorer_spec))
-    else:
-        from distributed import as_completed
+        return results
+    from distributed import as_completed
 
-        client, cluster = _client_for(scheduler)
-        try:
-            stats.dashboard = client.dashboard_link
-            if progress is not None:
-                progress(stats)
-            futures = client.map(run_chunk, todo, scorer_spec=scorer_spec, key=[f"solarmap-chunk-{c.key}" for c in todo],
-                                 retries=2)
-            for future in as_completed(futures):
-                finished(future.result())
-        finally:
+    stats.dashboard = client.dashboard_link
+    if progress is not None:
+        progress(stats)
+    futures = client.map(run_chunk, todo, scorer_spec=scorer_spec, key=[f"solarmap-chunk-{c.key}" for c in todo],
+                         retries=2)
+    for future in as_completed(futures):
+        finished(future.result())
+    return results
+
+
+def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spec, config: DetectConfig,
+                    scheduler: str | None = None, out_crs: str | None = None, rows_per_chunk: int = 8,
+                    overwrite: bool = False, resume: bool = False, metadata: dict | None = None,
+                    progress: Callable[[RegionalStats], None] | None = None):
+    """Detect over many rasters into one GeoPackage; returns (GeoDataFrame, RegionalStats)."""
+    rasters = expand_inputs(inputs)
+    journal = Journal(out)
+    scorer_name = repr(scorer_spec) if is_dataclass(scorer_spec) else type(scorer_spec).__name__  # no addresses
+    key = run_key(rasters, scorer_name=scorer_name, config=config, rows_per_chunk=rows_per_chunk)
+    outputs = [(journal.file("panels.gpkg"), Path(out))]
+    finished_run = journal.finished(key) if resume else None
+    if finished_run is not None:  # killed while putting its output in place: only that is left to do
+        journal.publish(outputs)
+        finished_run.chunks_resumed = finished_run.chunks_total
+        return gpd.read_file(out, layer="panels"), finished_run
+    out = check_output_path(out, overwrite=overwrite)
+    chunks = plan_chunks(rasters, config, rows_per_chunk=rows_per_chunk)
+    stats = RegionalStats(rasters=len(rasters), chunks_total=len(chunks), tiles_total=sum(c.tiles for c in chunks))
+    started = time.perf_counter()
+    # the cluster first: a scheduler that cannot be reached leaves no journal behind
+    client, cluster = _client_for(scheduler) if scheduler is not None else (None, None)
+    try:
+        results = _run_chunks(chunks, journal, key, resume=resume, scorer_spec=scorer_spec, client=client,
+                              stats=stats, progress=progress)
+    finally:
+        if client is not None:
             client.close()
-            if cluster is not None:
-                cluster.close()
-
+        if cluster is not None:
+            cluster.close()
     by_raster: dict[int, list[ChunkResult]] = {}
     for chunk in chunks:
         by_raster.setdefault(chunk.raster_index, []).append(results[chunk.key])
