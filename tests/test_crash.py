@@ -59,7 +59,9 @@ def model(tmp_path_factory):
 
 
 def run(command, kill_at=None):
-    env = {k: v for k, v in os.environ.items() if k != KILL_AT}
+    # one torch thread everywhere: dask starts its workers with OMP_NUM_THREADS=1, and a convolution
+    # summed in another order by another thread count may move a Grad-CAM pixel across the threshold
+    env = {**{k: v for k, v in os.environ.items() if k != KILL_AT}, "OMP_NUM_THREADS": "1"}
     if kill_at:
         env[KILL_AT] = kill_at
     # a session of its own, so that dask workers a killed client leaves behind can be stopped with it
