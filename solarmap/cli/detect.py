@@ -136,7 +136,7 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     if single and ground.variation > GSD_VARIATION_WARNING:
         click.echo(f"solarmap: warning: {raster}: {ground_variation_note(ground)}", err=True)
 
-    from solarmap.errors import OptionError
+    from solarmap.errors import OptionError, SolarmapError
     from solarmap.model.scorer import ScorerSpec
     from solarmap.pipeline import DetectConfig
 
@@ -151,8 +151,6 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
         raise OptionError(f"tile size {config.tile_size_px} px is too small for {scorer.model.backbone.display_name} "
                           f"(needs at least {scorer.model.min_input_px} px)")
     _sigterm_as_interrupt()
-    from solarmap.errors import SolarmapError
-
     kept = Journal(out_path).path
     try:
         _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, out_crs, rows_per_chunk, overwrite,

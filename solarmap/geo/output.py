@@ -266,16 +266,15 @@ HEAT_SCALE = 100  # heatmap value = normalised CAM x 100 (so the default CAM thr
 class HeatmapWriter:
     """The stitched CAM as a tiled, compressed uint8 GeoTIFF on the working grid, written per tile core.
 
-    Tiles are written as they are scored (windowed, so memory stays flat); negative tiles are left
-    at 0. ``finish`` builds overviews so QGIS draws it quickly at any zoom, then renames it into place.
+    Tiles are written as they are scored (windowed, so memory stays flat) into ``work_path`` (a file in
+    the run's journal, reopened on resume); negative tiles are left at 0. ``complete`` builds overviews
+    so QGIS draws it quickly at any zoom; the journal then renames it onto ``path``.
     """
 
-    def __init__(self, path: str | os.PathLike, grid: Grid, *, overwrite: bool = False,
-                 work_path: str | os.PathLike | None = None, resume: bool = False):
+    def __init__(self, path: str | os.PathLike, grid: Grid, *, work_path: str | os.PathLike, overwrite: bool = False,
+                 resume: bool = False):
         self.path = check_output_path(path, overwrite=overwrite, suffixes=(".tif", ".tiff"), kind="the heatmap GeoTIFF")
-        self.overwrite = overwrite
-        self.work_path = Path(work_path) if work_path else self.path.with_name(f".{self.path.name}.tmp.tif")
-        self._keep_on_abort = work_path is not None
+        self.work_path = Path(work_path)
         if resume and self.work_path.exists():
             self._dataset = rasterio.open(self.work_path, "r+")
         else:
@@ -293,27 +292,13 @@ class HeatmapWriter:
         heat = np.clip(np.rint(core * HEAT_SCALE), 0, 255).astype(np.uint8)
         self._dataset.write(heat, 1, window=tile.core)
 
-    def finish(self) -> Path:
-        """Complete the work file and rename it onto the target."""
-        self.complete()
-        return self.publish()
-
     def complete(self) -> None:
-        """Overviews, then close: the work file is final (``publish`` puts it in place)."""
+        """Overviews, then close: the work file is final (the caller's journal renames it into place)."""
         self._dataset.build_overviews([2, 4, 8, 16, 32], Resampling.average)
         self._dataset.update_tags(ns="rio_overview", resampling="average")
         self._dataset.close()
 
-    def publish(self) -> Path:
-        if self.path.exists() and not self.overwrite:
-            raise OutputError(f"output exists: {self.path} (use --overwrite to replace it)")
-        os.replace(self.work_path, self.path)
-        return self.path
-
     def close(self) -> None:
-        """Stop without finishing (kept for resuming when a work path was given)."""
+        """Stop without completing (the work file stays in the journal for resuming)."""
         if not self._dataset.closed:
             self._dataset.close()
-        if not self._keep_on_abort:
-            with contextlib.suppress(FileNotFoundError):
-                self.work_path.unlink()

@@ -71,9 +71,8 @@ def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config:
     journal = Journal(out)
     key = run_key([str(path)], scorer_name=scorer.name, config=config, heatmap=bool(heatmap))
     outputs = [(journal.file("panels.gpkg"), Path(out))] + ([(journal.file("heat.tif"), Path(heatmap))] if heatmap else [])
-    finished = journal.finished(key) if resume else None
-    if finished is not None:  # killed while putting its outputs in place: only that is left to do
-        journal.publish(outputs)
+    finished = journal.resume_finished(key, outputs) if resume else None
+    if finished is not None:  # killed while putting its outputs in place: nothing else was left to do
         finished.tiles_resumed = finished.tiles_read
         return finished
     out = check_output_path(out, overwrite=overwrite)

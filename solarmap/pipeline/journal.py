@@ -8,7 +8,8 @@ only when the key matches; without it a stale journal is discarded.
 
 A run ends in three steps: its outputs are completed inside the journal, the run's result is
 recorded as ``finished``, the outputs are renamed into place, and the journal is removed. A run
-killed after the record is finished by ``--resume`` without redoing anything (:meth:`Journal.finished`).
+killed after the record is finished by ``--resume`` without redoing anything
+(:meth:`Journal.resume_finished`).
 """
 
 from __future__ import annotations
@@ -61,8 +62,7 @@ class Journal:
         resuming = False
         if self.path.exists():
             if resume:
-                key_file = self.path / "key"
-                if not key_file.exists() or key_file.read_text() != key:
+                if not self._holds(key):
                     raise OutputError(f"cannot resume: the interrupted run in {self.path} used other inputs, "
                                       f"model or settings (run without --resume to start over)")
                 resuming = True
@@ -75,13 +75,17 @@ class Journal:
         (self.path / "key").write_text(key)
         return resuming
 
-    def finished(self, key: str) -> Any:
-        """The result a run named ``key`` recorded once its outputs were complete (None if it did
-        not get that far): resuming it only has to put the outputs in place."""
+    def _holds(self, key: str) -> bool:
         key_file = self.path / "key"
-        if not key_file.exists() or key_file.read_text() != key:
-            return None
-        return self.read(FINISHED)
+        return key_file.exists() and key_file.read_text() == key
+
+    def resume_finished(self, key: str, outputs: Sequence[tuple[Path, Path]]) -> Any:
+        """If the run named ``key`` recorded its result once its outputs were complete (and was killed
+        while putting them in place), put them in place and return that result; else None."""
+        result = self.read(FINISHED) if self._holds(key) else None
+        if result is not None:
+            self.publish(outputs)
+        return result
 
     def is_finished(self) -> bool:
         """Whether the journal holds a finished run (of any key): its output may already be in place."""

@@ -337,9 +337,8 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
     scorer_name = repr(scorer_spec) if is_dataclass(scorer_spec) else type(scorer_spec).__name__  # no addresses
     key = run_key(rasters, scorer_name=scorer_name, config=config, rows_per_chunk=rows_per_chunk)
     outputs = [(journal.file("panels.gpkg"), Path(out))]
-    finished_run = journal.finished(key) if resume else None
-    if finished_run is not None:  # killed while putting its output in place: only that is left to do
-        journal.publish(outputs)
+    finished_run = journal.resume_finished(key, outputs) if resume else None
+    if finished_run is not None:  # killed while putting its output in place: nothing else was left to do
         finished_run.chunks_resumed = finished_run.chunks_total
         return gpd.read_file(out, layer="panels"), finished_run
     out = check_output_path(out, overwrite=overwrite)
