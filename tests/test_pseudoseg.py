@@ -12,7 +12,7 @@ from solarmap.model.seg import segment
 from solarmap.training.pseudoseg import IGNORE, erasing_saliency, pseudo_masks, train_pseudo_seg
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny():
     torch.manual_seed(0)
     return M.SolarNet(replace(tiny_config(), branch_levels=2, cam_scale=1.0)).eval()
@@ -35,7 +35,9 @@ def test_erasing_saliency_is_in_unit_range_and_covers_more_each_round(tiny):
     assert (three >= one - 1e-6).all()  # pixel-wise maximum over rounds
 
 
-def test_head_trains_only_itself_round_trips_and_segments(tmp_path, tiny):
+@pytest.mark.parametrize("reads_branch", [False, True])
+def test_head_trains_only_itself_round_trips_and_segments(tmp_path, tiny, reads_branch):
+    tiny.config = replace(tiny.config, seg_reads_branch=reads_branch)
     x = torch.rand(6, 3, 96, 96)
     x[:, :, 30:50, 30:70] = torch.tensor([0.05, 0.07, 0.2])[:, None, None]
     frozen = {k: v.clone() for k, v in tiny.state_dict().items()}
@@ -47,6 +49,20 @@ def test_head_trains_only_itself_round_trips_and_segments(tmp_path, tiny):
     path = M.save(tiny, tmp_path / "seg.pt")
     again = M.load(path)
     assert again.config.pseudo_seg and torch.allclose(segment(again, x[:2], scales=(0.75, 1.0)), prob, atol=1e-5)
+    assert (again.seg_head.branch_in is not None) == reads_branch
+
+
+def test_a_head_that_reads_the_branch_uses_its_maps(tiny):
+    from solarmap.errors import ModelError
+
+    tiny.config = replace(tiny.config, seg_reads_branch=True)
+    train_pseudo_seg(tiny, torch.rand(3, 3, 96, 96), epochs=1, batch_size=3)
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        stem, maps = tiny.stem_features(x), tiny.branch_maps(tiny.branch_features(x))
+        assert not torch.allclose(tiny.seg_head(x, stem, maps), tiny.seg_head(x, stem, maps * 0 + 1))
+        with pytest.raises(ModelError, match="reads the CAM branch"):
+            tiny.seg_head(x, stem)
 
 
 def test_pseudo_seg_without_a_head_is_a_clear_error():

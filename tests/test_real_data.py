@@ -68,6 +68,36 @@ def test_finetune_learns_a_toy_panel_and_keeps_the_best_epoch(tmp_path):
     assert again["best_epoch"] == result["best_epoch"]  # finished: resumed, nothing retrained
 
 
+def test_finetune_keeps_the_moving_average_of_the_weights(tmp_path):
+    """What is validated and kept is the weights' moving average, not the last step's weights."""
+    import torch
+    from conftest import tiny_config
+    from solarmap.model import SolarNet
+    from solarmap.training.finetune import FinetuneConfig, by_source_and_label, finetune_classifier
+
+    rng = np.random.default_rng(0)
+    images = [RealImage(rng.integers(0, 255, (3, 64, 64), dtype=np.uint8), i % 2, "toy", str(i), str(i), split="train")
+              for i in range(8)]
+    kept = {}
+    for decay in (None, 0.9):
+        torch.manual_seed(0)
+        net = SolarNet(tiny_config(backbone="efficientnet-lite0", mean=(0.5,) * 3, std=(0.5,) * 3))
+        start = {k: v.clone() for k, v in net.state_dict().items()}
+        config = FinetuneConfig(epochs=1, lr=1e-2, batch_size=4, per_source={"toy:1": 8, "toy:0": 8},
+                                view=ViewConfig(size_px=64, p_jpeg=0), val_size_px=64, ema_decay=decay)
+        finetune_classifier(net, by_source_and_label(images), images, config, workdir=tmp_path / str(decay),
+                            progress=lambda line: None)
+        last = torch.load(tmp_path / str(decay) / "finetune.state.pt", weights_only=False)["model"]
+        kept[decay] = net.state_dict()
+        name = "backbone.net.conv_stem.weight"
+        moved_raw = (last[name] - start[name]).norm()
+        moved_kept = (kept[decay][name] - start[name]).norm()
+        if decay is None:
+            assert torch.equal(kept[decay][name], last[name])
+        else:  # 4 steps averaged with decay 0.9: the kept weights moved less far than the last step's
+            assert 0 < moved_kept < 0.9 * moved_raw
+
+
 def fake_pv01(root, names):
     """A PV01-like folder: 256 px RGB PNGs and masks with one rectangle of panel each."""
     from PIL import Image

@@ -52,6 +52,7 @@ class ModelConfig:
     gap_cam_scale: float = 1.0  # the same for the main classifier's GAP CAM
     cam_shifts: dict = field(default_factory=dict)  # method -> (rows, cols) px to move its maps by
     pseudo_seg: bool = False  # has a segmentation head (solarmap.model.seg)
+    seg_reads_branch: bool = False  # the segmentation head also reads the CAM branch's maps (not only RGB + stem)
     default_cam_method: str = "branch"  # the outline method `detect` uses unless told (chosen on validation)
     mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
     colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.geo.refine), bins³ entries
@@ -189,21 +190,34 @@ BACKBONES: dict[str, type[nn.Module]] = {InceptionV3.name: InceptionV3, Efficien
 
 
 class SegHead(nn.Module):
-    """Per-pixel panel logit from RGB and the backbone's stem features."""
+    """Per-pixel panel logit from RGB and the backbone's stem features (stride 2), and optionally the
+    CAM branch's last maps (stride 8 on EfficientNet-Lite0).
 
-    def __init__(self, stem_channels: int, width: int = 32):
+    RGB and stem alone see colour and edges, which is why a head trained on them traces bright edges
+    (sidewalks, pool rims) in imagery unlike its masks; the branch's maps say where the classifier
+    sees a panel, and the fine layers keep the outline sharp."""
+
+    def __init__(self, stem_channels: int, branch_channels: int = 0, width: int = 32, branch_width: int = 16):
         super().__init__()
+        self.branch_in = None
+        if branch_channels:
+            self.branch_in = nn.Sequential(nn.Conv2d(branch_channels, branch_width, 1), nn.ReLU())
+        extra = branch_width if branch_channels else 0
         self.net = nn.Sequential(
-            nn.Conv2d(3 + stem_channels, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(3 + stem_channels + extra, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, 1, 1),
         )
 
-    def forward(self, pixels: torch.Tensor, stem: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, stem: torch.Tensor, branch: torch.Tensor | None = None) -> torch.Tensor:
         size = pixels.shape[-2:]
-        stem = F.interpolate(stem, size=size, mode="bilinear", align_corners=False)
-        return self.net(torch.cat([pixels, stem], dim=1))[:, 0]
+        parts = [pixels, F.interpolate(stem, size=size, mode="bilinear", align_corners=False)]
+        if self.branch_in is not None:
+            if branch is None:
+                raise ModelError("this segmentation head reads the CAM branch's maps; none were given")
+            parts.append(F.interpolate(self.branch_in(branch), size=size, mode="bilinear", align_corners=False))
+        return self.net(torch.cat(parts, dim=1))[:, 0]
 
 
 class SolarNet(nn.Module):
@@ -220,9 +234,7 @@ class SolarNet(nn.Module):
         self.branch = nn.ModuleList([nn.Conv2d(self.backbone.branch_channels_in, c1, 3, padding=1),
                                      nn.Conv2d(c1, c2, 3, padding=1)])
         self.branch_heads = nn.ModuleList([nn.Linear(c1, 2), nn.Linear(c2, 2)])
-        self.seg_head = None
-        if config.pseudo_seg:
-            self.seg_head = SegHead(self.backbone.stem_channels)
+        self.seg_head = self.new_seg_head() if config.pseudo_seg else None
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
 
@@ -239,6 +251,20 @@ class SolarNet(nn.Module):
     def stem_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Early features (stride 2) from [0, 1] RGB: what the segmentation head sees beside RGB."""
         return self.backbone.stem(self.standardise(pixels))
+
+    def new_seg_head(self) -> SegHead:
+        """An untrained segmentation head shaped for this model's config."""
+        levels = self.config.branch_levels
+        reads = self.config.branch_channels[levels - 1] if self.config.seg_reads_branch and levels else 0
+        return SegHead(self.backbone.stem_channels, reads)
+
+    def seg_logits(self, pixels: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """The segmentation head's per-pixel logits (batch, H, W) from [0, 1] RGB windows
+        (``features``: their :meth:`branch_features`, where the caller has them)."""
+        branch = None
+        if self.config.seg_reads_branch:
+            branch = self.branch_maps(self.branch_features(pixels) if features is None else features)
+        return self.seg_head(pixels, self.stem_features(pixels), branch)
 
     def branch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features where the branch attaches, from [0, 1] RGB tiles."""

@@ -7,7 +7,8 @@
    also covers the less salient objects the first round was blind to.
 3. *Pseudo masks* from two thresholds: panel where the fused map (CAM x saliency) is high;
    background where either the fused map or the saliency is low; everything else is ignored.
-4. The head (:class:`solarmap.model.seg.SegHead`: RGB + stem features) learns those masks.
+4. The head (:class:`solarmap.model.network.SegHead`: RGB + stem features, optionally the branch's
+   maps) learns those masks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from solarmap.model.align import align_to_window
-from solarmap.model.network import SegHead, SolarNet
+from solarmap.model.network import SolarNet
 from solarmap.model.seg import class_attention
 
 __all__ = ["IGNORE", "erasing_saliency", "pseudo_masks", "train_pseudo_seg"]
@@ -72,7 +73,7 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, masks: torch.Ten
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    model.seg_head = SegHead(model.backbone.stem_channels)
+    model.seg_head = model.new_seg_head()
     started = time.perf_counter()
     if masks is not None:
         labelled = masks.to(torch.uint8)
@@ -82,8 +83,6 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, masks: torch.Ten
     order = torch.randperm(len(windows))  # towns arrive in order: mix them in every batch
     windows, labelled = windows[order], labelled[order]
     labels = list(labelled.split(batch_size))
-    with torch.no_grad():
-        inputs = [model.stem_features(x) for x in windows.split(batch_size)]
     fraction = {"panel": float((labelled == 1).float().mean()), "background": float((labelled == 0).float().mean())}
     positive_weight = torch.tensor(fraction["background"] / max(fraction["panel"], 1e-6)).clamp(1, 20)
     optimiser = torch.optim.AdamW(model.seg_head.parameters(), lr=lr, weight_decay=1e-4)
@@ -91,10 +90,10 @@ def train_pseudo_seg(model: SolarNet, windows: torch.Tensor, *, masks: torch.Ten
     for epoch in range(epochs):
         total, count = 0.0, 0
         for batch, x in enumerate(windows.split(batch_size)):
-            stem, y = inputs[batch], labels[batch]
+            y = labels[batch]
             k = (epoch + batch) % 4  # rot90 augmentation: the head must not learn a direction
-            x, stem, y = (torch.rot90(t, k, dims=(-2, -1)) for t in (x, stem, y))
-            logits = model.seg_head(x, stem)
+            x, y = torch.rot90(x, k, dims=(-2, -1)), torch.rot90(y, k, dims=(-2, -1))
+            logits = model.seg_logits(x)  # the frozen features of the turned window, as detection sees one
             known = y != IGNORE
             loss = F.binary_cross_entropy_with_logits(logits[known], y[known].float(), pos_weight=positive_weight)
             optimiser.zero_grad()

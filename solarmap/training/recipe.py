@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from solarmap.errors import InputError, OptionError
-from solarmap.model.network import SegHead, SolarNet
+from solarmap.model.network import SolarNet
 from solarmap.training.calibrate import (
     calibrate,
     calibrate_cam_scales,
@@ -120,7 +120,7 @@ def cached_seg_head(net: SolarNet, workdir: str | Path, name: str, train: Callab
     (like a finished stage) when the recipe runs again."""
     done, weights = Path(workdir) / f"{name}.done.json", Path(workdir) / f"{name}.final.pt"
     if done.exists():
-        net.seg_head = SegHead(net.backbone.stem_channels)
+        net.seg_head = net.new_seg_head()
         net.seg_head.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         net.seg_head.eval()
         net.config = replace(net.config, pseudo_seg=True)
