@@ -2,9 +2,10 @@
 the backbone's early features (and, in newer models, the CAM branch's maps), gated to where the
 branch CAM sees a panel.
 
-It is trained on pseudo masks made from image-level labels (:mod:`solarmap.training.pseudoseg`);
-inference needs only this module. It sees RGB and stem features at stride 2, not the CAM, or it
-would only learn to copy the CAM.
+It is trained on real pixel masks (the bundled model: PV01's) or on pseudo masks made from
+image-level labels (:mod:`solarmap.training.pseudoseg`); inference needs only this module. It never
+sees the CAM itself: trained on pseudo masks made from the CAM, it would only learn to copy it. The
+branch's maps (128 channels, of which the CAM is one weighted sum) are features, not that answer.
 """
 
 from __future__ import annotations
