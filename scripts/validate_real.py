@@ -4,7 +4,8 @@
 
 Columns: Fresno chips precision / recall (classification); PV01 (real UAV photos with pixel truth,
 detected in georeferenced mosaics at their own 0.1 m): tile precision / recall, pooled pixel IoU and
-total-area error; Bern recall (positives only); false-positive rate on real negative tiles (Fresno
+total-area error (and, per array size, how many were found and how much was drawn on and around
+them); Bern recall (positives only); false-positive rate on real negative tiles (Fresno
 negatives, UC Merced, OpenAerialMap); the share of tiles called positive on a scene assembled from
 negative images; synthetic test towns (last: a supplement, never the evidence). Splits come from
 solarmap.training.real_data (by spatial group, deterministic); nothing here chooses anything.
@@ -35,6 +36,8 @@ from solarmap.training.stages import binary_scores
 UTM = "EPSG:32611"
 NEGATIVE_SOURCES = ("fresno", "ucmerced", "oam")
 SYNTH_TEST_SEEDS = range(301, 304)
+ARRAY_SIZES_M2 = (("under 20 m²", 0, 20), ("20-100 m²", 20, 100), ("100 m² and more", 100, float("inf")))
+ARRAY_REACH_M = 3.0  # predicted area this close to a truth array counts as drawn for it
 
 
 def rates(labels: np.ndarray, called: np.ndarray) -> dict:
@@ -53,12 +56,14 @@ def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:
     a tile for tile precision / recall; intersections and unions are pooled over all images."""
     config = DetectConfig.for_scorer(scorer)
     totals = dict(truth=0.0, predicted=0.0, intersection=0.0, union=0.0)
-    labels, called = [], []
+    labels, called, arrays = [], [], []
     for index, (scene, truth_path) in enumerate(write_pv01_scenes(data, names, workdir, per_side=4)):
         images_here = len(names[16 * index: 16 * (index + 1)])
         frame, _ = detect_scene(scene, scorer=scorer, config=config)
         predicted = shapely.union_all(frame.geometry.to_numpy()) if len(frame) else shapely.Polygon()
-        truth = shapely.union_all(gpd.read_file(truth_path, layer="panels").geometry.to_numpy())
+        truth_arrays = gpd.read_file(truth_path, layer="panels").geometry.to_numpy()
+        truth = shapely.union_all(truth_arrays)
+        arrays += per_array(truth_arrays, predicted)
         grid = describe_scene(scene).grid
         for r in range(0, grid.height, 256):
             for c in range(0, grid.width, 256):
@@ -76,7 +81,41 @@ def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:
     return {**{f"tile_{k}": v for k, v in rates(np.array(labels), np.array(called)).items()},
             "pixel_iou": totals["intersection"] / max(totals["union"], 1e-9), "truth_m2": totals["truth"],
             "predicted_m2": totals["predicted"],
-            "total_area_error": (totals["predicted"] - totals["truth"]) / max(totals["truth"], 1e-9)}
+            "total_area_error": (totals["predicted"] - totals["truth"]) / max(totals["truth"], 1e-9),
+            "by_array_size": by_array_size(np.array(arrays).reshape(-1, 3))}
+
+
+def per_array(truth_arrays: np.ndarray, predicted) -> list[tuple[float, float, float]]:
+    """(area, predicted area inside it, predicted area in its share of the ground) per truth array.
+    Its share is the ground within ARRAY_REACH_M of it that is nearer to it than to any other array
+    (a Voronoi partition of points along the arrays' outlines), so predicted area drawn between two
+    close arrays, or one polygon spanning both, counts once, split where they meet."""
+    rings = [shapely.get_coordinates(shapely.segmentize(array.boundary, 0.5)) for array in truth_arrays]
+    owner = np.concatenate([[index] * len(ring) for index, ring in enumerate(rings)]).astype(int)
+    points, first = np.unique(np.concatenate(rings), axis=0, return_index=True)  # GEOS wants each point once
+    owner = owner[first]
+    cloud = shapely.MultiPoint(points)
+    cells = shapely.get_parts(shapely.voronoi_polygons(cloud, ordered=True, extend_to=shapely.box(*cloud.bounds).buffer(
+        10 * ARRAY_REACH_M, join_style="mitre")))
+    everything, rows = shapely.union_all(truth_arrays), []
+    for index, array in enumerate(truth_arrays):
+        share = (shapely.union_all(cells[owner == index]).union(array).difference(everything.difference(array))
+                 .intersection(array.buffer(ARRAY_REACH_M)))  # other arrays' own ground is theirs
+        rows.append((array.area, predicted.intersection(array).area, predicted.intersection(share).area))
+    return rows
+
+
+def by_array_size(arrays: np.ndarray) -> dict:
+    """Truth arrays (see per_array) grouped by size: how many were found and the area of the pieces
+    drawn on and around them against their own. The pooled total mixes missed arrays with
+    over-drawn ones; this tells them apart."""
+    groups = {}
+    for name, low, high in ARRAY_SIZES_M2:
+        part = arrays[(arrays[:, 0] >= low) & (arrays[:, 0] < high)]
+        if len(part):
+            groups[name] = {"arrays": len(part), "found": float((part[:, 1] > 0).mean()), "truth_m2": float(part[:, 0].sum()),
+                            "drawn_error": float(part[:, 2].sum() / part[:, 0].sum() - 1)}
+    return groups
 
 
 def negative_scene(scorer, negatives: list[RealImage], workdir: Path, side: int = 8) -> dict:
@@ -140,6 +179,9 @@ def main() -> None:
           f"{100 * row['negatives_fpr']['all']:.1f} % | {100 * row['negative_scene']['positive_share']:.1f} % | "
           f"{row['synthetic']['tile_precision']:.3f} / {row['synthetic']['tile_recall']:.3f}, "
           f"{row['synthetic']['pixel_iou']:.3f}, {100 * row['synthetic']['total_area_error']:+.0f} % |")
+    print("PV01 by array size (found; area drawn on and within 3 m of them vs theirs): " + "; ".join(
+        f"{name}: {g['arrays']} arrays, {g['truth_m2']:.0f} m², found {g['found']:.2f}, drawn {100 * g['drawn_error']:+.0f} %"
+        for name, g in p["by_array_size"].items()))
     if args.json:
         args.json.write_text(json.dumps(row, indent=1))
 
