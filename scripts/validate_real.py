@@ -179,7 +179,7 @@ def main() -> None:
           f"{100 * row['negatives_fpr']['all']:.1f} % | {100 * row['negative_scene']['positive_share']:.1f} % | "
           f"{row['synthetic']['tile_precision']:.3f} / {row['synthetic']['tile_recall']:.3f}, "
           f"{row['synthetic']['pixel_iou']:.3f}, {100 * row['synthetic']['total_area_error']:+.0f} % |")
-    print("PV01 by array size (found; area drawn on and within 3 m of them vs theirs): " + "; ".join(
+    print(f"PV01 by array size (found; area drawn on them and within {ARRAY_REACH_M:g} m vs theirs): " + "; ".join(
         f"{name}: {g['arrays']} arrays, {g['truth_m2']:.0f} m², found {g['found']:.2f}, drawn {100 * g['drawn_error']:+.0f} %"
         for name, g in p["by_array_size"].items()))
     if args.json:
