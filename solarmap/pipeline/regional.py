@@ -285,11 +285,10 @@ def _client_for(scheduler: str):
 
 
 def _run_chunks(chunks: Sequence[Chunk], journal: Journal, key: str, *, resume: bool, scorer_spec, client,
-                stats: RegionalStats, progress) -> dict[str, ChunkResult]:
+                stats: RegionalStats, progress, started: float) -> dict[str, ChunkResult]:
     """Every chunk's result, by chunk key: from the journal when resuming, else run here or on ``client``
-    (each recorded in the journal as it finishes)."""
+    (each recorded in the journal as it finishes; ``stats.seconds`` counts from ``started``)."""
     resuming = journal.open(key, resume=resume)
-    started = time.perf_counter()
     results: dict[str, ChunkResult] = {}
     for chunk in chunks if resuming else ():
         part = journal.read(f"chunk-{chunk.key}.pkl")
@@ -349,7 +348,7 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
     client, cluster = _client_for(scheduler) if scheduler is not None else (None, None)
     try:
         results = _run_chunks(chunks, journal, key, resume=resume, scorer_spec=scorer_spec, client=client,
-                              stats=stats, progress=progress)
+                              stats=stats, progress=progress, started=started)
     finally:
         if client is not None:
             client.close()
