@@ -1,12 +1,13 @@
 """The real-data table: one row per model, on the validation splits (choices) or, once, the test splits.
 
     python scripts/validate_real.py --model FILE [--split val|test] [--data ../shared/data] [--json OUT]
+                                    [--seg-rule THRESHOLD,FLOOR,pixel|blob]
 
 Columns: Fresno chips precision / recall (classification); PV01 (real UAV photos with pixel truth,
 detected in georeferenced mosaics at their own 0.1 m): tile precision / recall, pooled pixel IoU and
 total-area error (and, per array size, how many were found and how much was drawn on and around
-them); Bern recall (positives only); false-positive rate on real negative tiles (Fresno
-negatives, UC Merced, OpenAerialMap); the share of tiles called positive on a scene assembled from
+them; and the area drawn away from every array, per image); Bern recall (positives only);
+false-positive rate on real negative tiles (Fresno negatives, UC Merced, OpenAerialMap); the share of tiles called positive on a scene assembled from
 negative images; synthetic test towns (last: a supplement, never the evidence). Splits come from
 solarmap.training.real_data (by spatial group, deterministic); nothing here chooses anything.
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import geopandas as gpd
@@ -27,6 +29,7 @@ from affine import Affine
 from solarmap.evaluate import evaluate
 from solarmap.geo.output import write_geotiff
 from solarmap.geo.raster import describe_scene
+from solarmap.model import load
 from solarmap.model.scorer import build_scorer, classify_images
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.training.data import town_paths
@@ -55,7 +58,7 @@ def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:
     the model sees them inside a raster as it would a user's, not padded with nothing); each image is
     a tile for tile precision / recall; intersections and unions are pooled over all images."""
     config = DetectConfig.for_scorer(scorer)
-    totals = dict(truth=0.0, predicted=0.0, intersection=0.0, union=0.0)
+    totals = dict(truth=0.0, predicted=0.0, intersection=0.0, union=0.0, away=0.0)
     labels, called, arrays = [], [], []
     for index, (scene, truth_path) in enumerate(write_pv01_scenes(data, names, workdir, per_side=4)):
         images_here = len(names[16 * index: 16 * (index + 1)])
@@ -78,11 +81,20 @@ def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:
         totals["predicted"] += predicted.area
         totals["intersection"] += truth.intersection(predicted).area
         totals["union"] += truth.union(predicted).area
+        totals["away"] += area_away(truth, predicted)
     return {**{f"tile_{k}": v for k, v in rates(np.array(labels), np.array(called)).items()},
             "pixel_iou": totals["intersection"] / max(totals["union"], 1e-9), "truth_m2": totals["truth"],
             "predicted_m2": totals["predicted"],
             "total_area_error": (totals["predicted"] - totals["truth"]) / max(totals["truth"], 1e-9),
-            "by_array_size": by_array_size(np.array(arrays).reshape(-1, 3))}
+            "by_array_size": by_array_size(np.array(arrays).reshape(-1, 3)),
+            "away_m2_per_image": totals["away"] / max(len(names), 1)}
+
+
+def area_away(truth, predicted) -> float:
+    """Predicted area farther than ARRAY_REACH_M from every truth array: false outlines, which the
+    size split (per_array) does not count. Given per image, not per m² of truth: where arrays are
+    small, the same false area is a much larger share of the total."""
+    return float(predicted.difference(truth.buffer(ARRAY_REACH_M)).area)
 
 
 def per_array(truth_arrays: np.ndarray, predicted) -> list[tuple[float, float, float]]:
@@ -141,6 +153,17 @@ def synthetic_towns(scorer, workdir: Path) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
+def with_seg_rule(net, rule: str):
+    """The network with its segmentation head's rule replaced (``THRESHOLD,FLOOR,pixel|blob``)."""
+    threshold, floor, gate = rule.split(",")
+    if gate not in ("pixel", "blob"):
+        raise SystemExit(f"--seg-rule: the gate is pixel or blob, not {gate!r}")
+    net.config = replace(net.config, seg_attention_floor=float(floor),
+                         seg_blob_levels=(float(threshold),) if gate == "blob" else (),
+                         mask_rules={**net.config.mask_rules, "pseudo-seg": [float(threshold), None]})
+    return net
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Checkpoint (default: the bundled model).")
@@ -148,9 +171,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "solarmap-validate")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--seg-rule", default=None, metavar="THRESHOLD,FLOOR,pixel|blob",
+                        help="Try another segmentation-head rule than the checkpoint's: mask threshold, "
+                             "attention floor (0: no gate), gate pixel by pixel or blob by blob.")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    scorer = build_scorer(args.model)
+    scorer = build_scorer(with_seg_rule(load(args.model), args.seg_rule) if args.seg_rule else args.model)
     net = scorer.model
     t0 = time.perf_counter()
     images = [im for im in load_all(args.data, gsd_m=0.3, cache_dir=args.workdir / "cache") if im.split == args.split]
@@ -158,7 +184,7 @@ def main() -> None:
     called = np.array(probs) >= net.config.decision_threshold
     source = np.array([im.source for im in images])
     labels = np.array([im.label for im in images]).astype(bool)
-    row = {"model": args.model or "bundled", "backbone": net.config.backbone, "split": args.split,
+    row = {"model": (args.model or "bundled") + (f" ({args.seg_rule})" if args.seg_rule else ""), "backbone": net.config.backbone, "split": args.split,
            "fresno": rates(labels[source == "fresno"], called[source == "fresno"]),
            "bern_recall": float(called[source == "bern"].mean()),
            "negatives_fpr": {s: float(called[(source == s) & ~labels].mean()) for s in NEGATIVE_SOURCES}}
@@ -181,7 +207,7 @@ def main() -> None:
           f"{row['synthetic']['pixel_iou']:.3f}, {100 * row['synthetic']['total_area_error']:+.0f} % |")
     print(f"PV01 by array size (found; area drawn on them and within {ARRAY_REACH_M:g} m vs theirs): " + "; ".join(
         f"{name}: {g['arrays']} arrays, {g['truth_m2']:.0f} m², found {g['found']:.2f}, drawn {100 * g['drawn_error']:+.0f} %"
-        for name, g in p["by_array_size"].items()))
+        for name, g in p["by_array_size"].items()) + f"; away from every array: {p['away_m2_per_image']:.1f} m² per image")
     if args.json:
         args.json.write_text(json.dumps(row, indent=1))
 

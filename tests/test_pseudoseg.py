@@ -86,3 +86,53 @@ def test_pseudo_masks_given_by_the_caller_are_what_the_head_learns(tiny):
     with torch.no_grad():
         logits = tiny.seg_head(x[:1], tiny.stem_features(x[:1]))[0]
     assert float(logits[34:46, 14:36].mean()) > float(logits[60:90, 50:90].mean()) + 1.0
+
+
+def test_the_attention_gate_follows_the_checkpoint_and_zero_turns_it_off(tmp_path, tiny, monkeypatch):
+    """A checkpoint's calibrated gate (``seg_attention_floor``, ``seg_blob_levels``) is what
+    ``segment`` applies; with floor 0 the head's own probability is kept everywhere. (The tiny
+    network's CAM is flat, so the class attention here is a given ramp.)"""
+    from solarmap.model import seg
+
+    train_pseudo_seg(tiny, torch.rand(3, 3, 96, 96), epochs=1, batch_size=3)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        head = torch.sigmoid(tiny.seg_logits(x))
+    attention = torch.linspace(0, 1, 96).expand(2, 96, 96)  # left to right
+    monkeypatch.setattr(seg, "class_attention", lambda model, pixels, features=None: attention)
+
+    def segment_saved(name, **config):
+        tiny.config = replace(tiny.config, **config)
+        return segment(M.load(M.save(tiny, tmp_path / name)), x)
+
+    by_pixel = segment_saved("pixel.pt", seg_attention_floor=0.5, seg_blob_levels=())
+    assert torch.allclose(by_pixel, head * (attention >= 0.5), atol=1e-5)
+    assert (by_pixel[..., :40] == 0).all() and (by_pixel[..., 60:] > 0).all()
+    by_blob = segment_saved("blob.pt", seg_attention_floor=0.5, seg_blob_levels=(0.4, 0.55))
+    expected = seg.gate_blobs(head.numpy(), (attention >= 0.5).numpy(), (0.4, 0.55))
+    assert np.allclose(by_blob.numpy(), expected, atol=1e-6)
+    assert torch.allclose(segment_saved("open.pt", seg_attention_floor=0.0), head, atol=1e-5)
+    assert torch.allclose(segment(tiny, x, attention_floor=0.5), by_blob, atol=1e-5)  # a caller may still choose
+
+
+def test_the_blob_gate_keeps_supported_blobs_whole_at_every_level():
+    from solarmap.model.seg import gate_blobs
+
+    prob = np.zeros((2, 20, 30), np.float32)
+    prob[0, 5:15, 2:12] = 0.86  # an array whose CAM covers only one corner
+    prob[0, 8:12, 5:9] = 0.97  # its brighter middle, itself unsupported
+    prob[0, 5:15, 18:28] = 0.88  # a roof the head likes and the CAM does not see
+    prob[0, 0:2, :] = 0.2  # below the lowest level
+    prob[1] = prob[0]  # the same picture in the next window, its CAM elsewhere
+    support = np.zeros_like(prob, bool)
+    support[0, 5, 2] = support[0, 0, 0] = True
+    support[1, 14, 27] = True
+    gated = gate_blobs(prob, support)
+    for level in (0.3, 0.5, 0.85):
+        assert (gated[0, 5:15, 2:12] >= level).all() and not (gated[0, 5:15, 18:28] >= level).any()
+        assert (gated[1, 5:15, 18:28] >= level).all() and not (gated[1, 5:15, 2:12] >= level).any()
+    assert not (gated >= 0.9).any()  # at 0.9 and 0.95 only the unsupported middle was left
+    assert gated[0, 5, 2] == pytest.approx(0.86) and gated[0, 10, 6] == pytest.approx(0.85)  # its highest level
+    assert gated[0, 0, 0] == pytest.approx(0.2) and gated[0, 1, 5] == 0  # pixel by pixel below the grid
+    for level in (0.5, 0.85, 0.9):  # one level (what detection runs) gives that level's mask as the grid does
+        assert np.array_equal(gate_blobs(prob, support, (level,)) >= level, gated >= level)

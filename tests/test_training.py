@@ -190,3 +190,25 @@ def test_best_rule_prefers_recall_then_iou_and_breaks_near_ties_on_area_bias():
     assert best_rule(sweep, area_tie_iou=0.01) == "tight"  # within 0.01 of the best, least area bias
     assert best_rule(sweep, area_tie_iou=0.001) == "loose"  # no near tie: IoU decides
     assert best_rule(sweep, min_tile_recall=0.5) == "misses"
+
+
+def test_the_head_rule_and_its_attention_gate_are_chosen_together(monkeypatch):
+    """Each gate is swept with every threshold (the two trade against each other), the joint best is
+    kept, and the gate lands in the config; the sweeps here stand in for detection on scenes."""
+    from solarmap.training import calibrate as C
+
+    def fake_sweep(scorer, scenes, *, thresholds, peak_fractions, min_tile_recall=0.9):
+        assert scorer.model.config.seg_blob_levels == tuple(thresholds)  # exact at every threshold swept
+        floor = scorer.model.config.seg_attention_floor
+        table = {(t, None): {"pixel_iou": 0.7 - abs(t - (0.85 if floor == 0 else 0.8)) - floor, "tile_recall": 1.0,
+                             "total_area_error": 0.5 - t} for t in thresholds}
+        return None, None, table
+
+    monkeypatch.setattr(C, "sweep_mask_rules", fake_sweep)
+    monkeypatch.setattr(C, "ModelScorer", lambda model, method: type("S", (), {"model": model})())
+    net = M.SolarNet(replace(tiny_config(), branch_levels=2))
+    assert net.config.seg_attention_floor == 0.1 and net.config.seg_blob_levels == ()  # as before calibration
+    assert C.calibrate_seg_rule(net, [], floors=(0.1, 0.0, 0.05), area_tie_iou=None) == [0.85, None]
+    assert net.config.seg_attention_floor == 0.0 and net.config.seg_blob_levels == (0.85,)
+    assert C.calibrate_seg_rule(net, [], floors=(0.1,), area_tie_iou=None) == [0.8, None]
+    assert net.config.seg_attention_floor == 0.1

@@ -34,3 +34,11 @@ def test_size_groups_say_how_many_arrays_were_found_and_how_much_was_drawn(valid
     assert groups["under 20 m²"] == {"arrays": 2, "found": 0.5, "truth_m2": 25.0, "drawn_error": pytest.approx(30 / 25 - 1)}
     assert groups["20-100 m²"]["drawn_error"] == pytest.approx(-0.1)
     assert groups["100 m² and more"]["drawn_error"] == pytest.approx(-0.25)
+
+
+def test_area_away_counts_only_what_lies_beyond_every_arrays_reach(validate_real):
+    reach = validate_real.ARRAY_REACH_M
+    truth = shapely.union_all([shapely.box(0, 0, 10, 10), shapely.box(50, 0, 60, 10)])
+    assert validate_real.area_away(truth, shapely.box(-reach, 0, 10, 10)) == pytest.approx(0, abs=1e-9)
+    beyond = shapely.box(10 + reach, 0, 10 + reach + 5, 4)  # 5 x 4 m, just out of the left array's reach
+    assert validate_real.area_away(truth, shapely.union_all([beyond, shapely.box(2, 2, 8, 8)])) == pytest.approx(20)

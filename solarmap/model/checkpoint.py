@@ -79,7 +79,7 @@ def _read_payload(path: Path, map_location) -> Any:
 def _config_from_dict(data: dict) -> ModelConfig:
     known = {f for f in ModelConfig.__dataclass_fields__}
     values = {k: v for k, v in data.items() if k in known}
-    for key in ("mean", "std", "branch_channels", "colour_prior"):
+    for key in ("mean", "std", "branch_channels", "colour_prior", "seg_blob_levels"):
         if values.get(key) is not None:
             values[key] = tuple(values[key])
     try:

@@ -53,6 +53,8 @@ class ModelConfig:
     cam_shifts: dict = field(default_factory=dict)  # method -> (rows, cols) px to move its maps by
     pseudo_seg: bool = False  # has a segmentation head (solarmap.model.seg)
     seg_reads_branch: bool = False  # the segmentation head also reads the CAM branch's maps (not only RGB + stem)
+    seg_attention_floor: float = 0.1  # the head's gate: branch CAM / cam_scale it needs (0: no gate; calibrated)
+    seg_blob_levels: tuple[float, ...] = ()  # the gate keeps or drops whole blobs at these levels (): pixel by pixel)
     default_cam_method: str = "branch"  # the outline method `detect` uses unless told (chosen on validation)
     mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
     colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.geo.refine), bins³ entries
