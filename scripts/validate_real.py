@@ -7,9 +7,10 @@ Columns: Fresno chips precision / recall (classification); PV01 (real UAV photos
 detected in georeferenced mosaics at their own 0.1 m): tile precision / recall, pooled pixel IoU and
 total-area error (and, per array size, how many were found and how much was drawn on and around
 them; and the area drawn away from every array, per image); Bern recall (positives only);
-false-positive rate on real negative tiles (Fresno negatives, UC Merced, OpenAerialMap); the share of tiles called positive on a scene assembled from
-negative images; synthetic test towns (last: a supplement, never the evidence). Splits come from
-solarmap.training.real_data (by spatial group, deterministic); nothing here chooses anything.
+false-positive rate on real negative tiles (Fresno negatives, UC Merced, OpenAerialMap); the share
+of tiles called positive on a scene assembled from negative images; synthetic test towns (last: a
+supplement, never the evidence). Splits come from solarmap.training.real_data (by spatial group,
+deterministic); nothing here chooses anything.
 """
 
 from __future__ import annotations
@@ -184,7 +185,8 @@ def main() -> None:
     called = np.array(probs) >= net.config.decision_threshold
     source = np.array([im.source for im in images])
     labels = np.array([im.label for im in images]).astype(bool)
-    row = {"model": (args.model or "bundled") + (f" ({args.seg_rule})" if args.seg_rule else ""), "backbone": net.config.backbone, "split": args.split,
+    name = (args.model or "bundled") + (f" ({args.seg_rule})" if args.seg_rule else "")
+    row = {"model": name, "backbone": net.config.backbone, "split": args.split,
            "fresno": rates(labels[source == "fresno"], called[source == "fresno"]),
            "bern_recall": float(called[source == "bern"].mean()),
            "negatives_fpr": {s: float(called[(source == s) & ~labels].mean()) for s in NEGATIVE_SOURCES}}
@@ -207,7 +209,8 @@ def main() -> None:
           f"{row['synthetic']['pixel_iou']:.3f}, {100 * row['synthetic']['total_area_error']:+.0f} % |")
     print(f"PV01 by array size (found; area drawn on them and within {ARRAY_REACH_M:g} m vs theirs): " + "; ".join(
         f"{name}: {g['arrays']} arrays, {g['truth_m2']:.0f} m², found {g['found']:.2f}, drawn {100 * g['drawn_error']:+.0f} %"
-        for name, g in p["by_array_size"].items()) + f"; away from every array: {p['away_m2_per_image']:.1f} m² per image")
+        for name, g in p["by_array_size"].items())
+        + f"; away from every array: {p['away_m2_per_image']:.1f} m² per image")
     if args.json:
         args.json.write_text(json.dumps(row, indent=1))
 

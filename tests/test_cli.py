@@ -235,7 +235,8 @@ def test_pseudo_seg_stage_trains_a_head_that_detect_uses(runner, tmp_path):
     result = runner.invoke(main, ["detect", scene, "--out", str(panels), "--model", str(out), "--cam-method",
                                   "pseudo-seg", "--score-threshold", "0", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert read_layer_metadata(panels)["cam_threshold_basis"] == "probability"
+    meta = read_layer_metadata(panels)
+    assert meta["cam_threshold_basis"] == "probability" and meta["seg_gate"].startswith(("branch CAM >=", "none"))
     refused = runner.invoke(main, ["detect", scene, "--out", str(tmp_path / "q.gpkg"), "--model", str(base),
                                    "--cam-method", "pseudo-seg"])
     assert refused.exit_code == 1 and "no pseudo-seg head" in refused.output

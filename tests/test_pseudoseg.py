@@ -136,3 +136,13 @@ def test_the_blob_gate_keeps_supported_blobs_whole_at_every_level():
     assert gated[0, 0, 0] == pytest.approx(0.2) and gated[0, 1, 5] == 0  # pixel by pixel below the grid
     for level in (0.5, 0.85, 0.9):  # one level (what detection runs) gives that level's mask as the grid does
         assert np.array_equal(gate_blobs(prob, support, (level,)) >= level, gated >= level)
+
+
+def test_the_gate_is_written_out_in_words_for_the_run_metadata():
+    from solarmap.model.scorer import seg_gate_text
+
+    config = tiny_config()
+    assert seg_gate_text(config) == "branch CAM >= 0.1 of its scale, pixel by pixel"  # checkpoints before version 10
+    assert seg_gate_text(replace(config, seg_attention_floor=0.2, seg_blob_levels=(0.85,))) == \
+        "branch CAM >= 0.2 of its scale, whole blobs at 0.85"
+    assert seg_gate_text(replace(config, seg_attention_floor=0.0, seg_blob_levels=(0.85,))) == "none"

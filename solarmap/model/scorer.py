@@ -117,9 +117,12 @@ class ModelScorer:
 
     def metadata(self) -> dict:
         """What a GeoPackage records about how its maps were made."""
-        return {"cam_method": self.method.value, "device": str(self.device), "model_gsd_m": self.model.config.gsd_m,
+        meta = {"cam_method": self.method.value, "device": str(self.device), "model_gsd_m": self.model.config.gsd_m,
                 "model_backbone": self.model.config.backbone, "cam_threshold_basis": self.impl.threshold_basis,
                 "branch_levels": self.branch_levels or self.model.config.branch_levels}
+        if self.method is CamMethod.PSEUDO_SEG:
+            meta["seg_gate"] = seg_gate_text(self.model.config)
+        return meta
 
     def autocast(self):
         return autocast_for(self.device)
@@ -211,3 +214,12 @@ def classify_images(model: SolarNet, images, *, gsd_m: float) -> list[float]:
         prob, _ = model.predict(torch.from_numpy(np.ascontiguousarray(pixels))[None], with_cam=False)
         probabilities.append(float(prob[0]))
     return probabilities
+
+
+def seg_gate_text(config) -> str:
+    """The segmentation head's attention gate in words, for a run's metadata."""
+    floor, levels = config.seg_attention_floor, config.seg_blob_levels
+    if floor <= 0:
+        return "none"
+    how = f"whole blobs at {', '.join(f'{level:g}' for level in levels)}" if levels else "pixel by pixel"
+    return f"branch CAM >= {floor:g} of its scale, {how}"

@@ -92,6 +92,8 @@ def gate_blobs(prob: np.ndarray, support: np.ndarray, levels: Sequence[float] = 
     a real array's CAM often covers only part of it. Where a pixel's own blob is supported, it
     keeps its probability; where not, it gets the highest level at which it still belongs to a
     supported blob, so every threshold on the grid sees the right blobs."""
+    if not len(levels):
+        return np.where(support, prob, 0).astype(prob.dtype)
     grid = np.asarray(levels, prob.dtype)  # compared in prob's own precision, here and below
     level_of = np.zeros(prob.shape, prob.dtype)  # the highest level whose blob of the pixel is supported
     for level in grid:
