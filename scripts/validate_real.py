@@ -57,10 +57,11 @@ def write_scene(path: Path, pixels: np.ndarray, gsd_m: float, origin: tuple[floa
 def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:
     """Detect on PV01 mosaics at their own 0.1 m (write_pv01_scenes: whole images side by side, so
     the model sees them inside a raster as it would a user's, not padded with nothing); each image is
-    a tile for tile precision / recall; intersections and unions are pooled over all images."""
+    a tile for tile precision / recall (and has its truth and predicted area in ``per_image``);
+    intersections and unions are pooled over all images."""
     config = DetectConfig.for_scorer(scorer)
     totals = dict(truth=0.0, predicted=0.0, intersection=0.0, union=0.0, away=0.0)
-    labels, called, arrays = [], [], []
+    labels, called, arrays, per_image = [], [], [], []
     for index, (scene, truth_path) in enumerate(write_pv01_scenes(data, names, workdir, per_side=4)):
         images_here = len(names[16 * index: 16 * (index + 1)])
         frame, _ = detect_scene(scene, scorer=scorer, config=config)
@@ -76,6 +77,7 @@ def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:
                 if (r // 256) * (grid.width // 256) + c // 256 >= images_here:
                     continue  # an empty cell of the mosaic's last row
                 t, p = truth.intersection(cell), predicted.intersection(cell)
+                per_image.append({"truth_m2": t.area, "predicted_m2": p.area})
                 labels.append(t.area >= 2.0)
                 called.append(p.area >= 2.0)
         totals["truth"] += truth.area
@@ -88,7 +90,7 @@ def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:
             "predicted_m2": totals["predicted"],
             "total_area_error": (totals["predicted"] - totals["truth"]) / max(totals["truth"], 1e-9),
             "by_array_size": by_array_size(np.array(arrays).reshape(-1, 3)),
-            "away_m2_per_image": totals["away"] / max(len(names), 1)}
+            "away_m2_per_image": totals["away"] / max(len(names), 1), "per_image": per_image}
 
 
 def area_away(truth, predicted) -> float:
