@@ -76,10 +76,10 @@ def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:
                 cell = shapely.box(x0, y0 - 25.6, x0 + 25.6, y0)
                 if (r // 256) * (grid.width // 256) + c // 256 >= images_here:
                     continue  # an empty cell of the mosaic's last row
-                t, p = truth.intersection(cell), predicted.intersection(cell)
-                per_image.append({"truth_m2": t.area, "predicted_m2": p.area})
-                labels.append(t.area >= 2.0)
-                called.append(p.area >= 2.0)
+                here = {"truth_m2": truth.intersection(cell).area, "predicted_m2": predicted.intersection(cell).area}
+                per_image.append(here)
+                labels.append(here["truth_m2"] >= 2.0)
+                called.append(here["predicted_m2"] >= 2.0)
         totals["truth"] += truth.area
         totals["predicted"] += predicted.area
         totals["intersection"] += truth.intersection(predicted).area

@@ -124,17 +124,23 @@ class _CachingScorer:
         return (np.array([self._memo[k][0] for k in keys]), np.stack([self._memo[k][1] for k in keys]))
 
 
+def _with_truth_frames(scenes: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
+    """(scene, truth) pairs with each truth given as a path read once into its panels frame, for
+    callers that sweep the same scenes many times."""
+    return [(scene, gpd.read_file(truth, layer="panels") if isinstance(truth, (str, Path)) else truth)
+            for scene, truth in scenes]
+
+
 def sweep_detect_configs(scorer, configs: dict, scenes: Sequence[tuple[str, object]], *,
                          tile_size_px: int) -> dict:
     """Detect on validation scenes (scene, truth path or frame) under every config of ``configs``
     (key -> DetectConfig), the network run once per tile; mean metrics per key."""
     cached = _CachingScorer(scorer)
-    truths = [gpd.read_file(truth, layer="panels") if isinstance(truth, (str, Path)) else truth
-              for _, truth in scenes]
+    scenes = _with_truth_frames(scenes)
     sweep = {}
     for key, config in configs.items():
         results = [evaluate(detect_scene(scene, scorer=cached, config=config)[0], truth, scene,
-                            tile_size_px=tile_size_px) for (scene, _), truth in zip(scenes, truths)]
+                            tile_size_px=tile_size_px) for scene, truth in scenes]
         sweep[key] = {metric: float(np.mean([getattr(r, metric) for r in results]))
                       for metric in ("pixel_iou", "box_iou", "tile_precision", "tile_recall", "total_area_error")}
     return sweep
@@ -280,8 +286,7 @@ def calibrate_mask_rules(model: SolarNet, scenes: Sequence[tuple[str, object]], 
     IoU among rules reaching 90 % tile recall), so ``--cam-method X`` works without a threshold.
     The segmentation head's rule also sets its attention gate (``seg_attention_floor``, one of
     ``seg_floors``; see :func:`calibrate_seg_rule`)."""
-    scenes = [(scene, gpd.read_file(truth, layer="panels") if isinstance(truth, (str, Path)) else truth)
-              for scene, truth in scenes]
+    scenes = _with_truth_frames(scenes)
     rules = {}
     for method in methods:
         if method == "pseudo-seg":
@@ -308,8 +313,7 @@ def calibrate_seg_rule(model: SolarNet, scenes: Sequence[tuple[str, object]], *,
     Why both: the gate and the threshold trade against each other (a stricter gate wants a lower
     threshold). Near-ties in pixel IoU go to the least total-area error (:func:`best_rule`): a
     0.05 step of the threshold moved version 9's PV01 validation area by 10 % at the same IoU."""
-    scenes = [(scene, gpd.read_file(truth, layer="panels") if isinstance(truth, (str, Path)) else truth)
-              for scene, truth in scenes]
+    scenes = _with_truth_frames(scenes)
     sweep = {}
     for floor in floors:
         model.config = replace(model.config, seg_attention_floor=float(floor), seg_blob_levels=SEG_MASK_THRESHOLDS)
