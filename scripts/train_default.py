@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--synthetic-towns", type=int, default=0,
                         help="Also train on this many synthetic towns (a supplement; validation towns 101-104).")
+    parser.add_argument("--seg-negatives", type=int, default=60,
+                        help="Background-only views per other source (Fresno, UC Merced, OpenAerialMap negatives) "
+                             "beside PV01's masks when training the segmentation head (0: masks only).")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "train.log"
@@ -58,7 +61,8 @@ def main() -> None:
         say(f"with synthetic chips: {sum(im.source == 'synthetic' for im in images)}")
     net = init_from_imagenet(SolarNet(config))
     info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say,
-                            finetune=FinetuneConfig(epochs=args.epochs, lr=args.lr, per_source=per_source))
+                            finetune=FinetuneConfig(epochs=args.epochs, lr=args.lr, per_source=per_source),
+                            seg_negatives_per_source=args.seg_negatives)
     net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
                          else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
                          else {}, provenance={"script": "scripts/train_default.py", "trained": time.strftime("%Y-%m-%d"),

@@ -35,9 +35,9 @@ def test_erasing_saliency_is_in_unit_range_and_covers_more_each_round(tiny):
     assert (three >= one - 1e-6).all()  # pixel-wise maximum over rounds
 
 
-@pytest.mark.parametrize("reads_branch", [False, True])
-def test_head_trains_only_itself_round_trips_and_segments(tmp_path, tiny, reads_branch):
-    tiny.config = replace(tiny.config, seg_reads_branch=reads_branch)
+@pytest.mark.parametrize("reads_branch, reads_context", [(False, False), (True, False), (True, True)])
+def test_head_trains_only_itself_round_trips_and_segments(tmp_path, tiny, reads_branch, reads_context):
+    tiny.config = replace(tiny.config, seg_reads_branch=reads_branch, seg_reads_context=reads_context)
     x = torch.rand(6, 3, 96, 96)
     x[:, :, 30:50, 30:70] = torch.tensor([0.05, 0.07, 0.2])[:, None, None]
     frozen = {k: v.clone() for k, v in tiny.state_dict().items()}
@@ -50,6 +50,7 @@ def test_head_trains_only_itself_round_trips_and_segments(tmp_path, tiny, reads_
     again = M.load(path)
     assert again.config.pseudo_seg and torch.allclose(segment(again, x[:2], scales=(0.75, 1.0)), prob, atol=1e-5)
     assert (again.seg_head.branch_in is not None) == reads_branch
+    assert (again.seg_head.context_in is not None) == reads_context and again.config.seg_reads_context == reads_context
 
 
 def test_a_head_that_reads_the_branch_uses_its_maps(tiny):
@@ -63,6 +64,24 @@ def test_a_head_that_reads_the_branch_uses_its_maps(tiny):
         assert not torch.allclose(tiny.seg_head(x, stem, maps), tiny.seg_head(x, stem, maps * 0 + 1))
         with pytest.raises(ModelError, match="reads the CAM branch"):
             tiny.seg_head(x, stem)
+
+
+@pytest.mark.parametrize("backbone", ["inception-v3", "efficientnet-lite0"])
+def test_a_head_that_reads_context_uses_the_backbones_stride_16_stage(backbone):
+    from solarmap.errors import ModelError
+
+    torch.manual_seed(0)
+    net = M.SolarNet(tiny_config(backbone=backbone, branch_levels=2, seg_reads_branch=True, seg_reads_context=True))
+    train_pseudo_seg(net, torch.rand(3, 3, 96, 96), epochs=1, batch_size=3)
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        features = net.branch_features(x)
+        stem, maps, context = net.stem_features(x), net.branch_maps(features), net.backbone.context_features(features)
+        assert context.shape[1] == net.backbone.context_channels and context.shape[-1] < maps.shape[-1]
+        assert torch.allclose(net.seg_head(x, stem, maps, context), net.seg_logits(x))
+        assert not torch.allclose(net.seg_head(x, stem, maps, context), net.seg_head(x, stem, maps, context * 0 + 1))
+        with pytest.raises(ModelError, match="reads the backbone's context stage"):
+            net.seg_head(x, stem, maps)
 
 
 def test_pseudo_seg_without_a_head_is_a_clear_error():

@@ -161,3 +161,18 @@ def test_synthetic_chips_carry_masks_that_agree_with_their_labels(tmp_path):
     assert chips and all(im.pixels.shape == (3, 64, 64) and im.mask.shape == (64, 64) for im in chips)
     assert all((im.mask.sum() / 255 * 0.09 >= 2.0) == bool(im.label) for im in chips)
     assert {im.split for im in chips} == {"train"} and {im.group for im in chips} == {"synthetic:5"}
+
+
+def test_the_heads_negative_views_come_from_negatives_of_each_other_source_and_are_all_background():
+    from solarmap.training.real_recipe import seg_negative_windows
+
+    images = ([image(i, "g", label=0, source="fresno") for i in range(5)]
+              + [image(10 + i, "g", label=1, source="fresno") for i in range(5)]  # positives: never used
+              + [image(20 + i, "g", label=0, source="ucmerced") for i in range(2)]
+              + [image(30 + i, "g", label=0, source="pv01") for i in range(4)])  # the masks' own set: not here
+    pixels, labels = seg_negative_windows(images, per_source=3, size_px=64)
+    assert pixels.shape == (3 + 2, 3, 64, 64) and labels.shape == (5, 64, 64) and not labels.any()
+    used = {float(v.float().mean()) for v in pixels}
+    assert len(used) == 5  # each negative drawn once, not repeated
+    none, nothing = seg_negative_windows(images[5:10], per_source=3, size_px=64)
+    assert none.shape == (0, 3, 64, 64) and nothing.shape == (0, 64, 64)

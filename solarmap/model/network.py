@@ -53,6 +53,7 @@ class ModelConfig:
     cam_shifts: dict = field(default_factory=dict)  # method -> (rows, cols) px to move its maps by
     pseudo_seg: bool = False  # has a segmentation head (solarmap.model.seg)
     seg_reads_branch: bool = False  # the segmentation head also reads the CAM branch's maps (not only RGB + stem)
+    seg_reads_context: bool = False  # ... and the backbone's stride-16 stage (what surface a pixel lies on)
     seg_attention_floor: float = 0.1  # the head's gate: branch CAM / cam_scale it needs (0: no gate; calibrated)
     seg_blob_levels: tuple[float, ...] = ()  # the gate keeps or drops whole blobs at these levels (): pixel by pixel)
     default_cam_method: str = "branch"  # the outline method `detect` uses unless told (chosen on validation)
@@ -81,6 +82,7 @@ class InceptionV3(Inception3):
     min_input_px = 75  # the unpadded stem and the reductions need at least this
     branch_channels_in = 288  # Mixed_5d
     stem_channels = 64  # Conv2d_2b_3x3, stride 2
+    context_channels = 768  # Mixed_6e, stride 16
     default_gradcam_layer = "Mixed_6e"
     # Feedback gates: the hidden ReLU outputs of these blocks (concatenations of ReLU outputs)
     feedback_layers = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
@@ -106,9 +108,12 @@ class InceptionV3(Inception3):
         x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
         return self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
 
+    def context_features(self, branch_features: torch.Tensor) -> torch.Tensor:
+        x = branch_features
+        return self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
+
     def top_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
-        return self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
+        return self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.context_features(x))))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
@@ -138,6 +143,7 @@ class EfficientNetLite0(nn.Module):
     timm_name = "tf_efficientnet_lite0"
     min_input_px = 32  # stride 32
     stem_channels = 32
+    context_channels = 112  # blocks.4, stride 16
     default_gradcam_layer = "blocks.5"
     feedback_layers = ("blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5")
     top_layer = "conv_head"
@@ -171,6 +177,9 @@ class EfficientNetLite0(nn.Module):
     def branch_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.blocks[:self._split](self.stem(x))
 
+    def context_features(self, branch_features: torch.Tensor) -> torch.Tensor:
+        return self.net.blocks[self._split:5](branch_features)  # nothing to add where the branch reads blocks.4
+
     def top_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.bn2(self.net.conv_head(self.net.blocks[self._split:](x)))
 
@@ -192,20 +201,25 @@ BACKBONES: dict[str, type[nn.Module]] = {InceptionV3.name: InceptionV3, Efficien
 
 
 class SegHead(nn.Module):
-    """Per-pixel panel logit from RGB and the backbone's stem features (stride 2), and optionally the
-    CAM branch's last maps (stride 8 on EfficientNet-Lite0).
+    """Per-pixel panel logit from RGB and the backbone's stem features (stride 2), optionally the
+    CAM branch's last maps (stride 8 on EfficientNet-Lite0) and the backbone's stride-16 stage
+    (context).
 
     RGB and stem features say colour and edges, learnt from the masks' one dataset; the branch's maps
     were trained on every training source to say where a panel is, and the fine layers keep the
-    outline sharp. (Measured on PV01 validation both read as well; on synthetic towns both still
-    outline bright edges: docs/real-imagery.md.)"""
+    outline sharp. Without context (a receptive field of a few metres beside the branch's), the head
+    outlined bright edges, dark pavement and residential roofs as panels; the stride-16 stage says
+    what kind of surface a pixel lies on (measured on PV01 validation: docs/real-imagery.md)."""
 
-    def __init__(self, stem_channels: int, branch_channels: int = 0, width: int = 32, branch_width: int = 16):
+    def __init__(self, stem_channels: int, branch_channels: int = 0, context_channels: int = 0, width: int = 32,
+                 side_width: int = 16):
         super().__init__()
-        self.branch_in = None
+        self.branch_in = self.context_in = None
         if branch_channels:
-            self.branch_in = nn.Sequential(nn.Conv2d(branch_channels, branch_width, 1), nn.ReLU())
-        extra = branch_width if branch_channels else 0
+            self.branch_in = nn.Sequential(nn.Conv2d(branch_channels, side_width, 1), nn.ReLU())
+        if context_channels:
+            self.context_in = nn.Sequential(nn.Conv2d(context_channels, side_width, 3, padding=1), nn.ReLU())
+        extra = side_width * (bool(branch_channels) + bool(context_channels))
         self.net = nn.Sequential(
             nn.Conv2d(3 + stem_channels + extra, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
@@ -213,13 +227,17 @@ class SegHead(nn.Module):
             nn.Conv2d(width, 1, 1),
         )
 
-    def forward(self, pixels: torch.Tensor, stem: torch.Tensor, branch: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, stem: torch.Tensor, branch: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         size = pixels.shape[-2:]
         parts = [pixels, F.interpolate(stem, size=size, mode="bilinear", align_corners=False)]
-        if self.branch_in is not None:
-            if branch is None:
-                raise ModelError("this segmentation head reads the CAM branch's maps; none were given")
-            parts.append(F.interpolate(self.branch_in(branch), size=size, mode="bilinear", align_corners=False))
+        for name, conv, maps in (("the CAM branch's maps", self.branch_in, branch),
+                                 ("the backbone's context stage", self.context_in, context)):
+            if conv is None:
+                continue
+            if maps is None:
+                raise ModelError(f"this segmentation head reads {name}; none were given")
+            parts.append(F.interpolate(conv(maps), size=size, mode="bilinear", align_corners=False))
         return self.net(torch.cat(parts, dim=1))[:, 0]
 
 
@@ -259,15 +277,20 @@ class SolarNet(nn.Module):
         """An untrained segmentation head shaped for this model's config."""
         levels = self.config.branch_levels
         reads = self.config.branch_channels[levels - 1] if self.config.seg_reads_branch and levels else 0
-        return SegHead(self.backbone.stem_channels, reads)
+        context = self.backbone.context_channels if self.config.seg_reads_context else 0
+        return SegHead(self.backbone.stem_channels, reads, context)
 
     def seg_logits(self, pixels: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """The segmentation head's per-pixel logits (batch, H, W) from [0, 1] RGB windows
         (``features``: their :meth:`branch_features`, where the caller has them)."""
-        branch = None
+        branch = context = None
+        if self.config.seg_reads_branch or self.config.seg_reads_context:
+            features = self.branch_features(pixels) if features is None else features
         if self.config.seg_reads_branch:
-            branch = self.branch_maps(self.branch_features(pixels) if features is None else features)
-        return self.seg_head(pixels, self.stem_features(pixels), branch)
+            branch = self.branch_maps(features)
+        if self.config.seg_reads_context:
+            context = self.backbone.context_features(features)
+        return self.seg_head(pixels, self.stem_features(pixels), branch, context)
 
     def branch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features where the branch attaches, from [0, 1] RGB tiles."""

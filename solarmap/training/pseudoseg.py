@@ -8,7 +8,7 @@
 3. *Pseudo masks* from two thresholds: panel where the fused map (CAM x saliency) is high;
    background where either the fused map or the saliency is low; everything else is ignored.
 4. The head (:class:`solarmap.model.network.SegHead`: RGB + stem features, optionally the branch's
-   maps) learns those masks.
+   maps and the backbone's stride-16 stage) learns those masks.
 """
 
 from __future__ import annotations
