@@ -93,12 +93,12 @@ def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: P
     ``reads_branch``: the head also reads the CAM branch's maps. On version 8's network, PV01
     validation pixel IoU was the same either way (0.69 / 0.68), but a head on RGB + stem alone learns
     colour and edges from one UAV set's 41 images; the branch's maps were trained on all five sets.
-    ``reads_context``: and the backbone's stride-16 stage. On version 10's network it drew far less
-    away from the arrays (PV01 validation: 13.2 -> 5.9 m² per image; negative scene 133 -> 80 m²)
-    at a higher pixel IoU (0.720 -> 0.773; docs/real-imagery.md).
+    ``reads_context``: and the backbone's stride-16 stage. On version 10's network it drew half as
+    much away from the arrays (PV01 validation: 13.2 -> 6.4 m² per image) at a higher pixel IoU
+    (0.720 -> 0.772; docs/real-imagery.md).
     ``negatives_per_source``: that many background-only views of ``negatives`` from each other source
     (:func:`seg_negative_windows`) beside the masks: the masks' one UAV set is the head's only notion
-    of what is not a panel otherwise (measured: docs/real-imagery.md, the head's negatives)."""
+    of what is not a panel otherwise (negative scene on validation: 112 -> 3 m²; docs/real-imagery.md)."""
     net.config = replace(net.config, seg_reads_branch=reads_branch, seg_reads_context=reads_context)
 
     def train() -> dict:
