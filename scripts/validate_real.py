@@ -34,11 +34,10 @@ from solarmap.model import load
 from solarmap.model.scorer import build_scorer, classify_images
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.training.data import town_paths
-from solarmap.training.real_data import RealImage, load_all, write_pv01_scenes
+from solarmap.training.real_data import NEGATIVE_SOURCES, RealImage, load_all, write_pv01_scenes
 from solarmap.training.stages import binary_scores
 
 UTM = "EPSG:32611"
-NEGATIVE_SOURCES = ("fresno", "ucmerced", "oam")
 SYNTH_TEST_SEEDS = range(301, 304)
 ARRAY_SIZES_M2 = (("under 20 m²", 0, 20), ("20-100 m²", 20, 100), ("100 m² and more", 100, float("inf")))
 ARRAY_REACH_M = 3.0  # predicted area this close to a truth array counts as drawn for it

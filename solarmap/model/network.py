@@ -109,8 +109,8 @@ class InceptionV3(Inception3):
         return self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
 
     def context_features(self, branch_features: torch.Tensor) -> torch.Tensor:
-        x = branch_features
-        return self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
+        x = self.Mixed_6a(branch_features)
+        return self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
 
     def top_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.context_features(x))))

@@ -23,7 +23,7 @@ import numpy as np
 
 from solarmap.errors import InputError
 
-__all__ = ["RealImage", "SOURCES", "assign_splits", "load_all", "load_source"]
+__all__ = ["NEGATIVE_SOURCES", "RealImage", "SOURCES", "assign_splits", "load_all", "load_source"]
 
 SPLITS = ("train", "val", "test")
 # (validation, test) fractions of each set's groups; PV01's 80 images in 34 blocks need more than 15 %
@@ -146,6 +146,9 @@ SOURCES: dict[str, tuple[str, Callable[[Path, float], list[RealImage]]]] = {
     "ucmerced": ("ucmerced-negatives", _ucmerced),
     "oam": ("oam-negatives", _oam),
 }
+# the sets whose panel-free images are scenes of other places (PV01's belong to the masks' own
+# UAV set; Bern has none): the real negatives that training and the real-data table count
+NEGATIVE_SOURCES = ("fresno", "ucmerced", "oam")
 
 
 def load_source(name: str, data_root: str | Path, *, gsd_m: float) -> list[RealImage]:

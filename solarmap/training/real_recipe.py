@@ -22,7 +22,7 @@ from solarmap.training.data import Sample
 from solarmap.training.finetune import (FinetuneConfig, by_source_and_label, finetune_classifier, predict_images,
                                         source_scores, worst_source)
 from solarmap.training.pseudoseg import IGNORE, train_pseudo_seg
-from solarmap.training.real_data import RealImage, write_pv01_scenes
+from solarmap.training.real_data import NEGATIVE_SOURCES, RealImage, write_pv01_scenes
 from solarmap.training.recipe import StagePlan, cached_seg_head, calibrate_model, run_stages
 from solarmap.training.views import ViewConfig, centre_view, random_view
 
@@ -63,25 +63,20 @@ def seg_windows(images: Sequence[RealImage], *, views: int, size_px: int, seed: 
     return torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.stack(labels))
 
 
-SEG_NEGATIVE_SOURCES = ("fresno", "ucmerced", "oam")
-
-
 def seg_negative_windows(images: Sequence[RealImage], *, per_source: int, size_px: int, seed: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of ``per_source`` negative images from each of :data:`SEG_NEGATIVE_SOURCES` (chosen at
+    """Views of ``per_source`` negative images from each of the ``NEGATIVE_SOURCES`` (chosen at
     random, each once), labelled background everywhere: roofs, pavement and fields from other places
     and sensors than the masks' one UAV set."""
     rng = np.random.default_rng(seed)
     config = ViewConfig(size_px=size_px)
     views = []
-    for source in SEG_NEGATIVE_SOURCES:
+    for source in NEGATIVE_SOURCES:
         pool = [image for image in images if image.source == source and not image.label]
         for index in rng.choice(len(pool), size=min(per_source, len(pool)), replace=False):
             views.append(random_view(pool[index].pixels, rng, config)[0])
-    if not views:
-        return torch.zeros((0, 3, size_px, size_px)), torch.zeros((0, size_px, size_px), dtype=torch.uint8)
-    pixels = torch.from_numpy(np.stack(views))
-    return pixels, torch.zeros((len(views), size_px, size_px), dtype=torch.uint8)
+    pixels = torch.from_numpy(np.stack(views)) if views else torch.zeros((0, 3, size_px, size_px))
+    return pixels, torch.zeros((len(pixels), size_px, size_px), dtype=torch.uint8)
 
 
 def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: Path, say: Callable[[str], None],
