@@ -1,6 +1,7 @@
 """Train the bundled default model on real imagery with a pretrained backbone (solarmap.training.real_recipe):
-EfficientNet-Lite0 from ImageNet, fine-tuned on the five real sets shown in every look, the greedy
-CAM branch, a segmentation head on PV01's masks, everything calibrated on real validation data.
+EfficientNet-Lite0 (or --backbone efficientnet-lite2) from ImageNet, fine-tuned on the five real sets
+shown in every look, the greedy CAM branch, a segmentation head on PV01's masks, everything calibrated
+on real validation data.
 
     python scripts/train_default.py --workdir ~/solarmap-real --out model.pt.xz [--data ../shared/data]
 
@@ -29,8 +30,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path.home() / "solarmap-real")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data")
+    parser.add_argument("--backbone", choices=("efficientnet-lite0", "efficientnet-lite2"),
+                        default="efficientnet-lite0",
+                        help="Pretrained backbone (its ImageNet weights come with solarmap[train]).")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--views", action="append", default=[], metavar="SOURCE:LABEL=N",
+                        help="Views per epoch of one source's class instead of the recipe's (e.g. fresno:1=900); "
+                             "repeatable.")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--synthetic-towns", type=int, default=0,
                         help="Also train on this many synthetic towns (a supplement; validation towns 101-104).")
@@ -48,11 +55,16 @@ def main() -> None:
             fh.write(line + "\n")
 
     torch.manual_seed(0)
-    config = ModelConfig.for_backbone("efficientnet-lite0")
+    config = ModelConfig.for_backbone(args.backbone)
     t0 = time.perf_counter()
     images = load_all(args.data, gsd_m=config.gsd_m, cache_dir=args.workdir / "cache")
     say(f"{len(images)} real images in {time.perf_counter() - t0:.0f} s")
     per_source = dict(FinetuneConfig().per_source)
+    for item in args.views:
+        key, _, count = item.partition("=")
+        if key not in per_source or not count.isdigit():
+            parser.error(f"--views {item}: expected one of {', '.join(per_source)} = a whole number")
+        per_source[key] = int(count)
     if args.synthetic_towns:
         towns = args.workdir / "towns"
         images += synthetic_images(towns, seeds=range(1, args.synthetic_towns + 1), split="train", gsd_m=config.gsd_m)

@@ -66,7 +66,7 @@ def test_a_head_that_reads_the_branch_uses_its_maps(tiny):
             tiny.seg_head(x, stem)
 
 
-@pytest.mark.parametrize("backbone", ["inception-v3", "efficientnet-lite0"])
+@pytest.mark.parametrize("backbone", ["inception-v3", "efficientnet-lite0", "efficientnet-lite2"])
 def test_a_head_that_reads_context_uses_the_backbones_stride_16_stage(backbone):
     from solarmap.errors import ModelError
 

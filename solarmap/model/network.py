@@ -165,7 +165,7 @@ class EfficientNetLite0(nn.Module):
 
         self.branch_layer = config.branch_at or "blocks.2"
         if self.branch_layer not in self._branch_points:
-            raise ModelError(f"EfficientNet-Lite0's branch reads one of {', '.join(self._branch_points)}, "
+            raise ModelError(f"{self.display_name}'s branch reads one of {', '.join(self._branch_points)}, "
                              f"not {self.branch_layer!r}")
         self.branch_channels_in = self._branch_points[self.branch_layer]
         self._split = int(self.branch_layer.split(".")[1]) + 1
@@ -197,7 +197,21 @@ class EfficientNetLite0(nn.Module):
         return self._geometry.get(name)
 
 
-BACKBONES: dict[str, type[nn.Module]] = {InceptionV3.name: InceptionV3, EfficientNetLite0.name: EfficientNetLite0}
+class EfficientNetLite2(EfficientNetLite0):
+    """EfficientNet-Lite2 (timm's ``tf_efficientnet_lite2``): Lite0's stages at 1.1 x the width and
+    1.2 x the depth (6.1 M parameters against 4.7 M; 77.6 % against 75.1 % ImageNet top-1 in its
+    authors' table), same strides, inputs and split points, so every geometry and tile size carries over.
+    """
+
+    name = "efficientnet-lite2"
+    display_name = "EfficientNet-Lite2"
+    timm_name = "tf_efficientnet_lite2"
+    context_channels = 120  # blocks.4, stride 16
+    _branch_points = {"blocks.2": 48, "blocks.4": 120}  # layer -> channels
+
+
+BACKBONES: dict[str, type[nn.Module]] = {backbone.name: backbone
+                                         for backbone in (InceptionV3, EfficientNetLite0, EfficientNetLite2)}
 
 
 class SegHead(nn.Module):

