@@ -131,6 +131,12 @@ def test_pv01_reads_at_the_models_gsd_and_mosaics_keep_the_truth(tmp_path):
     assert (grid.width, grid.height) == (512, 512) and grid.ground_resolution_m() == pytest.approx((0.1, 0.1), rel=1e-3)
     area = gpd.read_file(truth, layer="panels").area.sum()
     assert area == pytest.approx(4 * 60 * 100 * 0.01)  # four 6 x 10 m arrays
+    coarse, same_truth = write_pv01_scenes(tmp_path, names, tmp_path / "scenes", per_side=2, gsd_m=0.5)[0]
+    coarse_grid = describe_scene(coarse).grid
+    assert coarse != scene and (coarse_grid.width, coarse_grid.height) == (102, 102)  # 51.2 m at ~0.5 m
+    assert coarse_grid.ground_resolution_m() == pytest.approx((0.5, 0.5), rel=0.01)
+    assert coarse_grid.bounds == pytest.approx(grid.bounds)  # the same ground, so the same truth
+    assert gpd.read_file(same_truth, layer="panels").area.sum() == pytest.approx(area)
 
 
 def test_the_decision_threshold_maximises_the_worst_source():

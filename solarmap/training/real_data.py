@@ -189,10 +189,13 @@ def load_all(data_root: str | Path, *, gsd_m: float, sources: tuple[str, ...] = 
 
 
 def write_pv01_scenes(data_root: str | Path, names: list[str], out_dir: str | Path, *,
-                      per_side: int = 4) -> list[tuple[str, str]]:
+                      per_side: int = 4, gsd_m: float | None = None) -> list[tuple[str, str]]:
     """PV01 images (by name) as georeferenced mosaics at their own 0.1 m, ``per_side`` x ``per_side``
     images each, with truth polygons from their masks: (scene.tif, truth.gpkg) pairs that the
-    calibrations (CAM offsets, scales, mask rules, refinement) and evaluations read like any scene."""
+    calibrations (CAM offsets, scales, mask rules, refinement) and evaluations read like any scene.
+
+    ``gsd_m``: the mosaics area-averaged to that coarser GSD (same extent and truth), as a user's
+    0.5 m orthophoto or 0.6 m NAIP would show the same roofs."""
     import geopandas as gpd
     import shapely
     from affine import Affine
@@ -215,8 +218,14 @@ def write_pv01_scenes(data_root: str | Path, names: list[str], out_dir: str | Pa
             pixels[:, r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = _read_rgb(root / "images" / f"{name}.png")
             mask[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = _read_mask(root / "masks" / f"{name}.png")
         transform = Affine(0.1, 0, 500_000.0 + 2_000 * index, 0, -0.1, 4_000_000.0)
-        scene = out_dir / f"pv01_{index // per_scene}.tif"
-        write_geotiff(scene, pixels, transform=transform, crs="EPSG:32611", overwrite=True)
+        scene = out_dir / (f"pv01_{index // per_scene}" + (f"_{gsd_m:g}m" if gsd_m else "") + ".tif")
+        if gsd_m:
+            coarse = _resample(pixels, 0.1 / gsd_m)
+            write_geotiff(scene, coarse, transform=transform * Affine.scale(pixels.shape[2] / coarse.shape[2],
+                                                                            pixels.shape[1] / coarse.shape[1]),
+                          crs="EPSG:32611", overwrite=True)
+        else:
+            write_geotiff(scene, pixels, transform=transform, crs="EPSG:32611", overwrite=True)
         polygons = [shapely.geometry.shape(g) for g, v in shapes(mask, mask=mask > 0, transform=transform) if v]
         truth = out_dir / f"pv01_{index // per_scene}_truth.gpkg"
         frame = gpd.GeoDataFrame({"kind": ["pv01"] * len(polygons)}, geometry=polygons, crs="EPSG:32611")
