@@ -150,6 +150,32 @@ def test_the_decision_threshold_maximises_the_worst_source():
     assert scores[threshold] == 1.0
 
 
+@pytest.mark.parametrize("ious, chosen", [({0.2: 0.61, 0.1: 0.70, 0.05: 0.72, 0.0: 0.80}, 0.0),
+                                           ({0.2: 0.75, 0.1: 0.75, 0.05: 0.70, 0.0: 0.60}, 0.2)])
+def test_the_gate_floor_across_gsds_is_the_one_with_the_best_mean_iou_ties_keep_the_gate(monkeypatch, ious, chosen):
+    from dataclasses import replace
+
+    from conftest import tiny_config
+    from solarmap.model import SolarNet
+    from solarmap.training import real_recipe
+
+    net = SolarNet(tiny_config(branch_levels=2, pseudo_seg=True))  # a head to gate
+    net.config = replace(net.config, seg_attention_floor=0.2, seg_blob_levels=(0.6,))
+    seen = []
+
+    def sweep(scorer, configs, scenes, *, tile_size_px):  # what detecting the scenes under this floor measured
+        seen.append((scorer.model.config.seg_attention_floor, tuple(scenes)))
+        return {key: {"pixel_iou": ious[scorer.model.config.seg_attention_floor]} for key in configs}
+
+    monkeypatch.setattr(real_recipe, "sweep_detect_configs", sweep)
+    info = real_recipe.choose_gate_floor_across_gsds(net, [("a.tif", "a.gpkg"), ("a_0.5m.tif", "a.gpkg")],
+                                                     say=lambda line: None)
+    assert [floor for floor, _ in seen] == [0.2, 0.1, 0.05, 0.0]  # the calibrated floor and each one below it
+    assert all(scenes == (("a.tif", "a.gpkg"), ("a_0.5m.tif", "a.gpkg")) for _, scenes in seen)  # every GSD
+    assert info["floor"] == chosen and net.config.seg_attention_floor == chosen
+    assert net.config.seg_blob_levels == (0.6,)  # the mask threshold is kept
+
+
 def test_a_synthetic_supplement_decides_no_threshold():
     from solarmap.training.real_recipe import choose_threshold
 
