@@ -55,7 +55,10 @@ LOOKS = {
     "as is (0.3 m)": (lambda p: p / 255.0, CACHE_GSD_M),
     "0.5 m": (lambda p: _coarser(p, 0.5) / 255.0, 0.5),
     "0.6 m (NAIP)": (lambda p: _coarser(p, 0.6) / 255.0, 0.6),
+    "JPEG quality 50": (lambda p: _jpeg(p, 50) / 255.0, CACHE_GSD_M),
     "JPEG quality 25": (lambda p: _jpeg(p, 25) / 255.0, CACHE_GSD_M),
+    "0.6 m, JPEG quality 50": (lambda p: _jpeg(np.clip(np.rint(_coarser(p, 0.6)), 0, 255).astype(np.uint8), 50) / 255.0,
+                               0.6),
     "blur 1 px": (lambda p: _blur(p, 1.0) / 255.0, CACHE_GSD_M),
 }
 
