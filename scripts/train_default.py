@@ -24,6 +24,7 @@ from solarmap.training.finetune import FinetuneConfig
 from solarmap.training.pretrained import init_from_imagenet
 from solarmap.training.real_data import load_all, synthetic_images
 from solarmap.training.real_recipe import train_real_model
+from solarmap.training.views import ViewConfig
 
 
 def main() -> None:
@@ -38,6 +39,10 @@ def main() -> None:
     parser.add_argument("--views", action="append", default=[], metavar="SOURCE:LABEL=N",
                         help="Views per epoch of one source's class instead of the recipe's (e.g. fresno:1=900); "
                              "repeatable.")
+    parser.add_argument("--look-coarser", type=float, default=ViewConfig.p_coarser, metavar="P",
+                        help="Share of fine-tuning views shown at a coarser GSD and back (default %(default)s).")
+    parser.add_argument("--look-jpeg", type=float, default=ViewConfig.p_jpeg, metavar="P",
+                        help="Share of fine-tuning views JPEG-compressed (default %(default)s).")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--synthetic-towns", type=int, default=0,
                         help="Also train on this many synthetic towns (a supplement; validation towns 101-104).")
@@ -59,6 +64,8 @@ def main() -> None:
     t0 = time.perf_counter()
     images = load_all(args.data, gsd_m=config.gsd_m, cache_dir=args.workdir / "cache")
     say(f"{len(images)} real images in {time.perf_counter() - t0:.0f} s")
+    if not (0 <= args.look_coarser <= 1 and 0 <= args.look_jpeg <= 1):
+        parser.error("--look-coarser and --look-jpeg are shares between 0 and 1")
     per_source = dict(FinetuneConfig().per_source)
     for item in args.views:
         key, _, count = item.partition("=")
@@ -71,9 +78,10 @@ def main() -> None:
         images += synthetic_images(towns, seeds=range(101, 105), split="val", gsd_m=config.gsd_m)
         per_source.update({"synthetic:1": 200, "synthetic:0": 200})
         say(f"with synthetic chips: {sum(im.source == 'synthetic' for im in images)}")
+    looks = ViewConfig(p_coarser=args.look_coarser, p_jpeg=args.look_jpeg)
+    finetune = FinetuneConfig(epochs=args.epochs, lr=args.lr, per_source=per_source, view=looks)
     net = init_from_imagenet(SolarNet(config))
-    info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say,
-                            finetune=FinetuneConfig(epochs=args.epochs, lr=args.lr, per_source=per_source),
+    info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say, finetune=finetune,
                             seg_negatives_per_source=args.seg_negatives)
     net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
                          else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
