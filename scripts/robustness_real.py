@@ -19,20 +19,17 @@ import json
 import tempfile
 from pathlib import Path
 
-import geopandas as gpd
 import numpy as np
-import rasterio
-import shapely
 from PIL import Image, ImageFilter
-from validate_real import with_seg_rule, write_scene  # this folder's real-data table
+from validate_real import negative_mosaic, pv01_detection, with_seg_rule, write_scene  # the real-data table
 
 from solarmap.model import load
 from solarmap.model.scorer import build_scorer, classify_images, resample
 from solarmap.pipeline import DetectConfig, detect_scene
-from solarmap.training.real_data import load_all, write_pv01_scenes
+from solarmap.training.real_data import load_all
 
 CACHE_GSD_M = 0.3  # load_all resamples every source to this
-PV01_GSD_M, PV01_CELL_M = 0.1, 25.6  # the mosaics' pixels and the side of one source image in them
+PV01_GSD_M = 0.1  # the mosaics' own pixels
 
 
 def _jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
@@ -50,6 +47,11 @@ def _coarser(pixels: np.ndarray, gsd_m: float) -> np.ndarray:
     return resample(pixels.astype(np.float32), CACHE_GSD_M / gsd_m)
 
 
+def _coarser_uint8(pixels: np.ndarray, gsd_m: float) -> np.ndarray:
+    """As a coarser 8-bit raster holds it."""
+    return np.clip(np.rint(_coarser(pixels, gsd_m)), 0, 255).astype(np.uint8)
+
+
 # look -> (what it does to a uint8 (3, h, w) image at 0.3 m, as float in [0, 1]; the GSD it is then at)
 LOOKS = {
     "as is (0.3 m)": (lambda p: p / 255.0, CACHE_GSD_M),
@@ -57,8 +59,7 @@ LOOKS = {
     "0.6 m (NAIP)": (lambda p: _coarser(p, 0.6) / 255.0, 0.6),
     "JPEG quality 50": (lambda p: _jpeg(p, 50) / 255.0, CACHE_GSD_M),
     "JPEG quality 25": (lambda p: _jpeg(p, 25) / 255.0, CACHE_GSD_M),
-    "0.6 m, JPEG quality 50": (lambda p: _jpeg(np.clip(np.rint(_coarser(p, 0.6)), 0, 255).astype(np.uint8), 50) / 255.0,
-                               0.6),
+    "0.6 m, JPEG quality 50": (lambda p: _jpeg(_coarser_uint8(p, 0.6), 50) / 255.0, 0.6),
     "blur 1 px": (lambda p: _blur(p, 1.0) / 255.0, CACHE_GSD_M),
 }
 
@@ -83,50 +84,27 @@ def classification_by_look(net, images) -> dict:
 
 
 def pv01_by_gsd(scorer, data: Path, names: list[str], workdir: Path, gsds=(0.1, 0.3, 0.5, 0.6)) -> dict:
-    """PV01 validation mosaics detected at each GSD: tiles are the source images (2 m² or more of
-    panels is a positive, drawn or true), pixel IoU and area pooled."""
-    config = DetectConfig.for_scorer(scorer)
+    """PV01 validation mosaics detected at each GSD (validate_real.pv01_detection): tile precision /
+    recall (each source image a tile), pooled pixel IoU and total-area error."""
+    keys = ("tile_precision", "tile_recall", "pixel_iou", "total_area_error")
     out = {}
     for gsd_m in gsds:
-        totals = dict(truth=0.0, predicted=0.0, intersection=0.0, union=0.0)
-        labels, called = [], []
-        pairs = write_pv01_scenes(data, names, workdir, gsd_m=gsd_m if gsd_m != PV01_GSD_M else None)
-        for index, (scene, truth_path) in enumerate(pairs):
-            frame, _ = detect_scene(scene, scorer=scorer, config=config)
-            predicted = shapely.union_all(frame.geometry.to_numpy()) if len(frame) else shapely.Polygon()
-            truth = shapely.union_all(gpd.read_file(truth_path, layer="panels").geometry.to_numpy())
-            with rasterio.open(scene) as src:
-                left, bottom, right, top = src.bounds
-            images_here = len(names[16 * index: 16 * (index + 1)])
-            cells = [shapely.box(left + c * PV01_CELL_M, top - (r + 1) * PV01_CELL_M, left + (c + 1) * PV01_CELL_M,
-                                 top - r * PV01_CELL_M)
-                     for r in range(round((top - bottom) / PV01_CELL_M)) for c in range(round((right - left) / PV01_CELL_M))]
-            for cell in cells[:images_here]:
-                labels.append(truth.intersection(cell).area >= 2.0)
-                called.append(predicted.intersection(cell).area >= 2.0)
-            totals["truth"] += truth.area
-            totals["predicted"] += predicted.area
-            totals["intersection"] += truth.intersection(predicted).area
-            totals["union"] += truth.union(predicted).area
-        labels, called = np.array(labels), np.array(called)
-        out[f"{gsd_m:g} m"] = {
-            "tile_precision": float(labels[called].mean()) if called.any() else float("nan"),
-            "tile_recall": float(called[labels].mean()), "pixel_iou": totals["intersection"] / max(totals["union"], 1e-9),
-            "total_area_error": (totals["predicted"] - totals["truth"]) / max(totals["truth"], 1e-9)}
+        row = pv01_detection(scorer, data, names, workdir, gsd_m=gsd_m if gsd_m != PV01_GSD_M else None)
+        out[f"{gsd_m:g} m"] = {key: row[key] for key in keys}
     return out
 
 
-def negative_scene_by_gsd(scorer, negatives, workdir: Path, gsds=(0.3, 0.5, 0.6), side: int = 8) -> dict:
-    """The real-data table's negative scene (UC Merced validation images, no panels, 256 px crops at
-    0.3 m) resampled to each GSD and detected: share of tiles called positive and area drawn."""
-    crops = [im.pixels[:, :256, :256] for im in negatives if min(im.pixels.shape[1:]) >= 256][: side * side]
-    side = int(np.sqrt(len(crops)))
-    mosaic = np.concatenate([np.concatenate(crops[r * side:(r + 1) * side], axis=2) for r in range(side)], axis=1)
+def negative_scene_by_gsd(scorer, negatives, workdir: Path, gsds=(0.3, 0.5, 0.6)) -> dict:
+    """The real-data table's negative scene (validate_real.negative_mosaic: UC Merced validation
+    images, no panels, at 0.3 m) resampled to each GSD and detected: share of tiles called positive
+    and area drawn."""
+    mosaic = negative_mosaic(negatives)
+    size_m = mosaic.shape[1] * CACHE_GSD_M
     out = {}
     for gsd_m in gsds:
-        pixels = np.clip(np.rint(_coarser(mosaic, gsd_m)), 0, 255).astype(np.uint8)
-        size_m = mosaic.shape[1] * CACHE_GSD_M
-        scene = write_scene(workdir / f"negatives_{gsd_m:g}m.tif", pixels, size_m / pixels.shape[1], (500_000.0, 4_100_000.0))
+        pixels = _coarser_uint8(mosaic, gsd_m)
+        scene = write_scene(workdir / f"negatives_{gsd_m:g}m.tif", pixels, size_m / pixels.shape[1],
+                            (500_000.0, 4_100_000.0))
         frame, stats = detect_scene(scene, scorer=scorer, config=DetectConfig.for_scorer(scorer))
         out[f"{gsd_m:g} m"] = {"positive_share": stats.tiles_positive / max(stats.tiles_read, 1),
                                "area_m2": float(frame["area_m2"].sum()) if len(frame) else 0.0}

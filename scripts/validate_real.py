@@ -53,27 +53,31 @@ def write_scene(path: Path, pixels: np.ndarray, gsd_m: float, origin: tuple[floa
                              overwrite=True))
 
 
-def pv01_detection(scorer, data: Path, names: list[str], workdir: Path) -> dict:
+PV01_IMAGE_M = 25.6  # one PV01 image (256 px at 0.1 m) on the ground: a cell of the mosaics
+
+
+def pv01_detection(scorer, data: Path, names: list[str], workdir: Path, *, gsd_m: float | None = None) -> dict:
     """Detect on PV01 mosaics at their own 0.1 m (write_pv01_scenes: whole images side by side, so
-    the model sees them inside a raster as it would a user's, not padded with nothing); each image is
-    a tile for tile precision / recall (and has its truth and predicted area in ``per_image``);
-    intersections and unions are pooled over all images."""
+    the model sees them inside a raster as it would a user's, not padded with nothing), or resampled
+    to ``gsd_m``; each image is a tile for tile precision / recall (and has its truth and predicted
+    area in ``per_image``); intersections and unions are pooled over all images."""
     config = DetectConfig.for_scorer(scorer)
     totals = dict(truth=0.0, predicted=0.0, intersection=0.0, union=0.0, away=0.0)
     labels, called, arrays, per_image = [], [], [], []
-    for index, (scene, truth_path) in enumerate(write_pv01_scenes(data, names, workdir, per_side=4)):
+    for index, (scene, truth_path) in enumerate(write_pv01_scenes(data, names, workdir, per_side=4, gsd_m=gsd_m)):
         images_here = len(names[16 * index: 16 * (index + 1)])
         frame, _ = detect_scene(scene, scorer=scorer, config=config)
         predicted = shapely.union_all(frame.geometry.to_numpy()) if len(frame) else shapely.Polygon()
         truth_arrays = gpd.read_file(truth_path, layer="panels").geometry.to_numpy()
         truth = shapely.union_all(truth_arrays)
         arrays += per_array(truth_arrays, predicted)
-        grid = describe_scene(scene).grid
-        for r in range(0, grid.height, 256):
-            for c in range(0, grid.width, 256):
-                x0, y0 = grid.transform @ (c, r)
-                cell = shapely.box(x0, y0 - 25.6, x0 + 25.6, y0)
-                if (r // 256) * (grid.width // 256) + c // 256 >= images_here:
+        left, bottom, right, top = describe_scene(scene).grid.bounds
+        columns = round((right - left) / PV01_IMAGE_M)
+        for r in range(round((top - bottom) / PV01_IMAGE_M)):
+            for c in range(columns):
+                x0, y0 = left + c * PV01_IMAGE_M, top - r * PV01_IMAGE_M
+                cell = shapely.box(x0, y0 - PV01_IMAGE_M, x0 + PV01_IMAGE_M, y0)
+                if r * columns + c >= images_here:
                     continue  # an empty cell of the mosaic's last row
                 here = {"truth_m2": truth.intersection(cell).area, "predicted_m2": predicted.intersection(cell).area}
                 per_image.append(here)
@@ -132,12 +136,16 @@ def by_array_size(arrays: np.ndarray) -> dict:
     return groups
 
 
-def negative_scene(scorer, negatives: list[RealImage], workdir: Path, side: int = 8) -> dict:
-    """A scene tiled from negative images (256 px crops at the model's GSD): share of tiles positive."""
+def negative_mosaic(negatives: list[RealImage], side: int = 8) -> np.ndarray:
+    """Up to ``side`` x ``side`` negative images (256 px crops at 0.3 m) side by side: a scene with no panels."""
     crops = [im.pixels[:, :256, :256] for im in negatives if min(im.pixels.shape[1:]) >= 256][: side * side]
     side = int(np.sqrt(len(crops)))
-    rows = [np.concatenate(crops[r * side:(r + 1) * side], axis=2) for r in range(side)]
-    scene = write_scene(workdir / "negatives.tif", np.concatenate(rows, axis=1), scorer.model.config.gsd_m,
+    return np.concatenate([np.concatenate(crops[r * side:(r + 1) * side], axis=2) for r in range(side)], axis=1)
+
+
+def negative_scene(scorer, negatives: list[RealImage], workdir: Path) -> dict:
+    """A scene tiled from negative images (:func:`negative_mosaic`): share of tiles positive."""
+    scene = write_scene(workdir / "negatives.tif", negative_mosaic(negatives), scorer.model.config.gsd_m,
                         (500_000.0, 4_100_000.0))
     frame, stats = detect_scene(scene, scorer=scorer, config=DetectConfig.for_scorer(scorer))
     return {"tiles": stats.tiles_read, "positive_share": stats.tiles_positive / max(stats.tiles_read, 1),

@@ -1,7 +1,8 @@
 """The segmentation head (``--cam-method pseudo-seg``): a per-pixel panel probability from RGB and
 the backbone's early features (and, in newer models, the CAM branch's maps and the backbone's
 stride-16 stage), gated to where the branch CAM sees a panel: pixel by pixel in older models, blob
-by blob in newer ones (:func:`gate_blobs`).
+by blob in newer ones (:func:`gate_blobs`), or not at all where the calibrated floor is 0 (the
+bundled model since version 12: the gate dropped arrays on coarser imagery).
 
 It is trained on real pixel masks (the bundled model: PV01's) or on pseudo masks made from
 image-level labels (:mod:`solarmap.training.pseudoseg`); inference needs only this module. It never

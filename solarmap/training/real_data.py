@@ -219,13 +219,10 @@ def write_pv01_scenes(data_root: str | Path, names: list[str], out_dir: str | Pa
             mask[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = _read_mask(root / "masks" / f"{name}.png")
         transform = Affine(0.1, 0, 500_000.0 + 2_000 * index, 0, -0.1, 4_000_000.0)
         scene = out_dir / (f"pv01_{index // per_scene}" + (f"_{gsd_m:g}m" if gsd_m else "") + ".tif")
-        if gsd_m:
-            coarse = _resample(pixels, 0.1 / gsd_m)
-            write_geotiff(scene, coarse, transform=transform * Affine.scale(pixels.shape[2] / coarse.shape[2],
-                                                                            pixels.shape[1] / coarse.shape[1]),
-                          crs="EPSG:32611", overwrite=True)
-        else:
-            write_geotiff(scene, pixels, transform=transform, crs="EPSG:32611", overwrite=True)
+        shown = _resample(pixels, 0.1 / gsd_m) if gsd_m else pixels
+        write_geotiff(scene, shown, transform=transform @ Affine.scale(pixels.shape[2] / shown.shape[2],
+                                                                       pixels.shape[1] / shown.shape[1]),
+                      crs="EPSG:32611", overwrite=True)
         polygons = [shapely.geometry.shape(g) for g, v in shapes(mask, mask=mask > 0, transform=transform) if v]
         truth = out_dir / f"pv01_{index // per_scene}_truth.gpkg"
         frame = gpd.GeoDataFrame({"kind": ["pv01"] * len(polygons)}, geometry=polygons, crs="EPSG:32611")
