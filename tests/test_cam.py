@@ -202,3 +202,36 @@ def test_every_method_runs_on_the_efficientnet_backbone(method):
     probs, maps = ModelScorer(net, method=method, feedback_steps=2)(windows)
     assert probs.shape == (2,) and maps.shape == (2, 160, 160)
     assert np.isfinite(maps).all() and maps.any()
+
+
+def test_pseudo_seg_falls_back_to_the_branch_cam_where_the_head_draws_nothing():
+    """--cam-fallback: a positive tile whose head map stays below its threshold gets the branch CAM,
+    scaled so the CAM's own threshold lands on the head's; tiles the head draws on keep its map."""
+    from solarmap.errors import OptionError
+    from solarmap.model.network import ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig.for_backbone("efficientnet-lite0", branch_levels=2, pseudo_seg=True, context_px=32,
+                                      decision_threshold=0.0, cam_scale=1e-6, cam_threshold=0.5,
+                                      seg_attention_floor=0.0)
+    windows = np.random.default_rng(0).random((2, 3, 160, 160), dtype=np.float32)
+
+    def maps(method, seg_threshold=0.6, **options):
+        net = M.SolarNet(replace(config, mask_rules={"pseudo-seg": (seg_threshold, None)}))
+        net.load_state_dict(base.state_dict())
+        return ModelScorer(net.eval(), method=method, **options)(windows)[1]
+
+    base = M.SolarNet(config)
+    branch = maps("branch")
+    # the head never reaches 1.5 (a probability): every tile falls back, to the CAM x 1.5 / 0.5
+    assert np.allclose(maps("pseudo-seg", 1.5, cam_fallback=True), branch * 3.0, atol=1e-5)
+    # the head reaches 0 everywhere: no tile falls back
+    head = maps("pseudo-seg", 0.0)
+    assert np.array_equal(maps("pseudo-seg", 0.0, cam_fallback=True), head)
+    assert not np.allclose(head, branch * 3.0)
+    # off unless asked for or the checkpoint says so; refused for other methods
+    assert np.array_equal(maps("pseudo-seg", 1.5), maps("pseudo-seg", 1.5, cam_fallback=False))
+    on = M.SolarNet(replace(config, seg_cam_fallback=True))
+    assert ModelScorer(on, method="pseudo-seg").cam_fallback and not ModelScorer(on, method="branch").cam_fallback
+    with pytest.raises(OptionError, match="--cam-fallback"):
+        ModelScorer(on, method="branch", cam_fallback=True)

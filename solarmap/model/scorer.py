@@ -61,6 +61,7 @@ class ModelScorer:
     seg_scales: tuple[float, ...] = (1.0,)  # pseudo-seg: e.g. (0.5, 0.75, 1.0), fused by maximum
     cam_scale: float | None = None  # None: the checkpoint's scale for the method
     refine: bool | None = None  # colour refinement: None = the method's default
+    cam_fallback: bool | None = None  # pseudo-seg: branch CAM where the head draws nothing (None: the checkpoint's)
 
     def __post_init__(self) -> None:
         self.method = CamMethod(self.method)
@@ -82,6 +83,10 @@ class ModelScorer:
         self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
         if self.decision_threshold is None:
             self.decision_threshold = config.decision_threshold
+        if self.cam_fallback is None:
+            self.cam_fallback = self.method is CamMethod.PSEUDO_SEG and config.seg_cam_fallback
+        elif self.cam_fallback and self.method is not CamMethod.PSEUDO_SEG:
+            raise OptionError("--cam-fallback: only the pseudo-seg method falls back to the branch CAM")
 
     @property
     def colour_prior(self) -> np.ndarray | None:
@@ -122,6 +127,7 @@ class ModelScorer:
                 "branch_levels": self.branch_levels or self.model.config.branch_levels}
         if self.method is CamMethod.PSEUDO_SEG:
             meta["seg_gate"] = seg_gate_text(self.model.config)
+            meta["cam_fallback"] = "branch CAM where the head draws nothing" if self.cam_fallback else "none"
         return meta
 
     def autocast(self):
@@ -146,12 +152,36 @@ class ModelScorer:
             aligned = align_to_window(raw, tuple(pixels.shape[2:]), self.geometry, self.shift_px)
             normalised = self.impl.normalise(aligned, self.model.config, self.cam_scale)
             maps[positive.cpu().numpy()] = normalised.cpu().numpy()
+            if self.cam_fallback:
+                self._fall_back_to_cam(x, maps, positive.cpu().numpy())
         return probs.cpu().numpy(), maps
+
+    def _fall_back_to_cam(self, x: torch.Tensor, maps: np.ndarray, positive: np.ndarray) -> None:
+        """Positive tiles whose head map never reaches its mask threshold inside the tile take the
+        branch CAM instead, rescaled so that the CAM's own calibrated threshold lands on the head's.
+
+        Why: the head learnt outlines from one UAV set (PV01) and draws nothing on many arrays in
+        other imagery (residential roofs at 0.3 m), where the classifier and its CAM branch, trained
+        on every real set, still point at them; a rough outline beats none for an inventory."""
+        config, c = self.model.config, self.context_px
+        seg_threshold = self.impl.mask_rule(config)[0]
+        cam_threshold = METHODS[CamMethod.BRANCH].mask_rule(config)[0]
+        cores = maps[positive][:, c: maps.shape[1] - c, c: maps.shape[2] - c] if c else maps[positive]
+        empty = positive[cores.reshape(len(positive), -1).max(axis=1) < seg_threshold]
+        if not len(empty):
+            return
+        branch = METHODS[CamMethod.BRANCH]
+        raw = branch.raw_maps(self, x[torch.from_numpy(empty).to(x.device)], None)
+        geometry = branch.geometry(self)
+        shift = tuple(config.cam_shifts.get(CamMethod.BRANCH.value, (0.0, 0.0)))
+        aligned = align_to_window(raw, tuple(maps.shape[1:]), geometry, shift)
+        cam = branch.normalise(aligned, config) * (seg_threshold / cam_threshold)
+        maps[empty] = cam.cpu().numpy()
 
 
 def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | CamMethod | None = None,
                  device: str = "auto", decision_threshold: float | None = None, branch_levels: int | None = None,
-                 refine: bool | None = None) -> ModelScorer:
+                 refine: bool | None = None, cam_fallback: bool | None = None) -> ModelScorer:
     """A scorer from a checkpoint path (None: the bundled model) or a loaded network, named for
     the run metadata. Every option left at None takes the checkpoint's calibrated value (``method``:
     the checkpoint's default outline method)."""
@@ -159,7 +189,8 @@ def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | Ca
     name = "bundled" if model is None else str(model) if not isinstance(model, SolarNet) else "solarmap"
     method = CamMethod(method or net.config.default_cam_method)
     return ModelScorer(net, method=method, device=resolve_device(str(device)),
-                       decision_threshold=decision_threshold, branch_levels=branch_levels, refine=refine, name=name)
+                       decision_threshold=decision_threshold, branch_levels=branch_levels, refine=refine, name=name,
+                       cam_fallback=cam_fallback)
 
 
 @dataclass(frozen=True)
@@ -173,6 +204,7 @@ class ScorerSpec:
     decision_threshold: float | None = None
     branch_levels: int | None = None
     refine: bool | None = None
+    cam_fallback: bool | None = None
 
     def build(self) -> ModelScorer:
         options = asdict(self)
