@@ -49,6 +49,11 @@ def main() -> None:
     parser.add_argument("--seg-negatives", type=int, default=60,
                         help="Background-only views per other source (Fresno, UC Merced, OpenAerialMap negatives) "
                              "beside PV01's masks when training the segmentation head (0: masks only).")
+    parser.add_argument("--seg-pseudo-positives", type=int, default=0, metavar="N",
+                        help="Also N views each of Bern and Fresno training positives, labelled by the network's own "
+                             "pseudo masks (CAM x saliency), for the segmentation head (default 0: none).")
+    parser.add_argument("--seg-pseudo-high", type=float, default=0.5, metavar="F",
+                        help="Pseudo masks: panel where CAM x saliency reaches F of its peak (default %(default)s).")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "train.log"
@@ -82,7 +87,8 @@ def main() -> None:
     finetune = FinetuneConfig(epochs=args.epochs, lr=args.lr, per_source=per_source, view=looks)
     net = init_from_imagenet(SolarNet(config))
     info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say, finetune=finetune,
-                            seg_negatives_per_source=args.seg_negatives)
+                            seg_negatives_per_source=args.seg_negatives, seg_pseudo_per_source=args.seg_pseudo_positives,
+                            seg_pseudo_high=args.seg_pseudo_high)
     net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
                          else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
                          else {}, provenance={"script": "scripts/train_default.py", "trained": time.strftime("%Y-%m-%d"),

@@ -208,3 +208,33 @@ def test_the_heads_negative_views_come_from_negatives_of_each_other_source_and_a
     assert len(used) == 5  # each negative drawn once, not repeated
     none, nothing = seg_negative_windows(images[5:10], per_source=3, size_px=64)
     assert none.shape == (0, 3, 64, 64) and nothing.shape == (0, 64, 64)
+
+
+def test_the_heads_pseudo_masked_views_come_from_bern_and_fresno_positives_labelled_by_the_network(monkeypatch):
+    import torch
+    from conftest import tiny_net
+
+    from solarmap.training import real_recipe
+    from solarmap.training.pseudoseg import IGNORE
+    from solarmap.training.real_recipe import seg_pseudo_windows
+
+    def square_cam(net, pixels):  # a random branch's CAM is mostly below zero: a known one instead
+        cam = torch.zeros(pixels.shape[0], *pixels.shape[-2:])
+        cam[:, 20:40, 20:40] = 1.0
+        return cam
+
+    monkeypatch.setattr(real_recipe, "class_attention", square_cam)
+    net = tiny_net(branch_levels=2)
+    images = ([image(i, "g", label=1, source="bern") for i in range(4)]
+              + [image(10 + i, "g", label=1, source="fresno") for i in range(2)]
+              + [image(20 + i, "g", label=0, source="fresno") for i in range(3)]  # negatives: never used
+              + [image(30 + i, "g", label=1, source="pv01") for i in range(3)])  # masked elsewhere: not here
+    pixels, labels = seg_pseudo_windows(net, images, per_source=3, size_px=80)
+    assert pixels.shape == (3 + 2, 3, 80, 80) and labels.shape == (5, 80, 80) and labels.dtype == torch.uint8
+    assert set(labels.unique().tolist()) <= {0, 1, IGNORE} and (labels == 1).any()
+    assert not labels[:, :20].any() and not labels[:, 40:].any()  # no CAM: background; panel only inside it
+    assert len({float(v.float().mean()) for v in pixels}) == 5  # each positive drawn once
+    again = seg_pseudo_windows(net, images, per_source=3, size_px=80)
+    assert torch.equal(again[0], pixels) and torch.equal(again[1], labels)  # deterministic
+    none, nothing = seg_pseudo_windows(net, images[6:], per_source=3, size_px=80)
+    assert none.shape == (0, 3, 80, 80) and nothing.shape == (0, 80, 80)
