@@ -97,7 +97,7 @@ class _RegionalProgress:
                    "CAM when the model has a colour prior, as the bundled one does).")
 @click.option("--cam-fallback/--no-cam-fallback", default=None,
               help="pseudo-seg: where the segmentation head draws nothing on a positive tile, outline the branch "
-                   "CAM instead (default: the model's; on for the bundled one).")
+                   "CAM instead (default: the model's; off for the bundled one).")
 @click.option("--score-threshold", type=float, default=None, callback=unit_interval,
               help="Tile probability above which a tile is positive (default: the model's calibrated one).")
 @click.option("--min-area", "min_area_m2", type=float, default=1.0, show_default=True, help="Drop polygons below this many m².")

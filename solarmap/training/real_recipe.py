@@ -64,18 +64,26 @@ def seg_windows(images: Sequence[RealImage], *, views: int, size_px: int, seed: 
     return torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.stack(labels))
 
 
+def one_view_each(images: Sequence[RealImage], *, sources: Sequence[str], label: int, per_source: int,
+                  size_px: int, seed: int) -> list[np.ndarray]:
+    """One random view each of ``per_source`` images of each source with that label (chosen at random)."""
+    rng = np.random.default_rng(seed)
+    config = ViewConfig(size_px=size_px)
+    views = []
+    for source in sources:
+        pool = [image for image in images if image.source == source and image.label == label]
+        for index in rng.choice(len(pool), size=min(per_source, len(pool)), replace=False):
+            views.append(random_view(pool[index].pixels, rng, config)[0])
+    return views
+
+
 def seg_negative_windows(images: Sequence[RealImage], *, per_source: int, size_px: int, seed: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of ``per_source`` negative images from each of the ``NEGATIVE_SOURCES`` (chosen at
     random, each once), labelled background everywhere: roofs, pavement and fields from other places
     and sensors than the masks' one UAV set."""
-    rng = np.random.default_rng(seed)
-    config = ViewConfig(size_px=size_px)
-    views = []
-    for source in NEGATIVE_SOURCES:
-        pool = [image for image in images if image.source == source and not image.label]
-        for index in rng.choice(len(pool), size=min(per_source, len(pool)), replace=False):
-            views.append(random_view(pool[index].pixels, rng, config)[0])
+    views = one_view_each(images, sources=NEGATIVE_SOURCES, label=0, per_source=per_source, size_px=size_px,
+                          seed=seed)
     pixels = torch.from_numpy(np.stack(views)) if views else torch.zeros((0, 3, size_px, size_px))
     return pixels, torch.zeros((len(pixels), size_px, size_px), dtype=torch.uint8)
 
@@ -94,13 +102,8 @@ def seg_pseudo_windows(net: SolarNet, images: Sequence[RealImage], *, per_source
     arrays elsewhere, though the classifier finds them (version 12 on Fresno / Bern validation chips
     detected alone: a polygon on 0.37 / 0.58 of the positives; with 120 such views per source 0.88 /
     0.88, but PV01 pixel IoU 0.762 -> 0.681: the CAM-made labels are blobs; docs/real-imagery.md)."""
-    rng = np.random.default_rng(seed)
-    config = ViewConfig(size_px=size_px)
-    views = []
-    for source in PSEUDO_SOURCES:
-        pool = [image for image in images if image.source == source and image.label]
-        for index in rng.choice(len(pool), size=min(per_source, len(pool)), replace=False):
-            views.append(random_view(pool[index].pixels, rng, config)[0])
+    views = one_view_each(images, sources=PSEUDO_SOURCES, label=1, per_source=per_source, size_px=size_px,
+                          seed=seed)
     if not views:
         return torch.zeros((0, 3, size_px, size_px)), torch.zeros((0, size_px, size_px), dtype=torch.uint8)
     pixels = torch.from_numpy(np.stack(views))
