@@ -199,6 +199,7 @@ def test_the_head_rule_and_its_attention_gate_are_chosen_together(monkeypatch):
 
     def fake_sweep(scorer, scenes, *, thresholds, peak_fractions, min_tile_recall=0.9):
         assert scorer.model.config.seg_blob_levels == tuple(thresholds)  # exact at every threshold swept
+        assert tuple(peak_fractions) == (None,)  # no weak-tile blob on every positive tile
         floor = scorer.model.config.seg_attention_floor
         table = {(t, None): {"pixel_iou": 0.7 - abs(t - (0.85 if floor == 0 else 0.8)) - floor, "tile_recall": 1.0,
                              "total_area_error": 0.5 - t} for t in thresholds}
