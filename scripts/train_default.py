@@ -54,8 +54,6 @@ def main() -> None:
                              "pseudo masks (CAM x saliency), for the segmentation head (default 0: none).")
     parser.add_argument("--seg-pseudo-high", type=float, default=0.5, metavar="F",
                         help="Pseudo masks: panel where CAM x saliency reaches F of its peak (default %(default)s).")
-    parser.add_argument("--seg-coarse-negatives", type=int, default=0, metavar="N",
-                        help="Segmentation head: N more negative views per source, each at a coarser look (default 0).")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "train.log"
@@ -90,8 +88,7 @@ def main() -> None:
     net = init_from_imagenet(SolarNet(config))
     info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say, finetune=finetune,
                             seg_negatives_per_source=args.seg_negatives, seg_pseudo_per_source=args.seg_pseudo_positives,
-                            seg_pseudo_high=args.seg_pseudo_high,
-                            seg_coarse_negatives_per_source=args.seg_coarse_negatives)
+                            seg_pseudo_high=args.seg_pseudo_high)
     net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
                          else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
                          else {}, provenance={"script": "scripts/train_default.py", "trained": time.strftime("%Y-%m-%d"),

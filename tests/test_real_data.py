@@ -238,18 +238,3 @@ def test_the_heads_pseudo_masked_views_come_from_bern_and_fresno_positives_label
     assert torch.equal(again[0], pixels) and torch.equal(again[1], labels)  # deterministic
     none, nothing = seg_pseudo_windows(net, images[6:], per_source=3, size_px=80)
     assert none.shape == (0, 3, 80, 80) and nothing.shape == (0, 80, 80)
-
-
-def test_the_heads_coarse_negative_views_are_all_seen_at_a_coarser_look():
-    from solarmap.training.real_recipe import COARSE_LOOK, seg_negative_windows
-    from solarmap.training.views import ViewConfig
-
-    images = [image(i, "g", label=0, source="fresno", size=101) for i in range(8)]
-
-    def roughness(pixels):  # mean step between neighbouring pixels: what resampling to a coarser GSD takes away
-        return (pixels[..., 1:] - pixels[..., :-1]).abs().mean(dim=(1, 2, 3))
-
-    sharp, _ = seg_negative_windows(images, per_source=8, size_px=64, look=ViewConfig(p_coarser=0.0, p_blur=0.0))
-    coarse, labels = seg_negative_windows(images, per_source=8, size_px=64, look=COARSE_LOOK)
-    assert coarse.shape == (8, 3, 64, 64) and not labels.any()
-    assert roughness(coarse).max() < roughness(sharp).min()

@@ -65,11 +65,10 @@ def seg_windows(images: Sequence[RealImage], *, views: int, size_px: int, seed: 
 
 
 def one_view_each(images: Sequence[RealImage], *, sources: Sequence[str], label: int, per_source: int,
-                  size_px: int, seed: int, look: ViewConfig = ViewConfig()) -> list[np.ndarray]:
-    """One random view each (``look``'s augmentation at ``size_px``) of ``per_source`` images of each
-    source with that label (chosen at random)."""
+                  size_px: int, seed: int) -> list[np.ndarray]:
+    """One random view each of ``per_source`` images of each source with that label (chosen at random)."""
     rng = np.random.default_rng(seed)
-    config = replace(look, size_px=size_px)
+    config = ViewConfig(size_px=size_px)
     views = []
     for source in sources:
         pool = [image for image in images if image.source == source and image.label == label]
@@ -78,16 +77,13 @@ def one_view_each(images: Sequence[RealImage], *, sources: Sequence[str], label:
     return views
 
 
-COARSE_LOOK = ViewConfig(p_coarser=1.0, coarser=(1.6, 2.5))  # always seen as if taken at 0.5-0.75 m
-
-
-def seg_negative_windows(images: Sequence[RealImage], *, per_source: int, size_px: int, seed: int = 1,
-                         look: ViewConfig = ViewConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+def seg_negative_windows(images: Sequence[RealImage], *, per_source: int, size_px: int, seed: int = 1
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of ``per_source`` negative images from each of the ``NEGATIVE_SOURCES`` (chosen at
     random, each once), labelled background everywhere: roofs, pavement and fields from other places
     and sensors than the masks' one UAV set."""
     views = one_view_each(images, sources=NEGATIVE_SOURCES, label=0, per_source=per_source, size_px=size_px,
-                          seed=seed, look=look)
+                          seed=seed)
     pixels = torch.from_numpy(np.stack(views)) if views else torch.zeros((0, 3, size_px, size_px))
     return pixels, torch.zeros((len(pixels), size_px, size_px), dtype=torch.uint8)
 
@@ -120,8 +116,7 @@ def seg_pseudo_windows(net: SolarNet, images: Sequence[RealImage], *, per_source
 def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: Path, say: Callable[[str], None],
                        views: int = 8, epochs: int = 8, reads_branch: bool = True, reads_context: bool = True,
                        negatives: Sequence[RealImage] = (), negatives_per_source: int = 0,
-                       pseudo_per_source: int = 0, pseudo_high: float = 0.5,
-                       coarse_negatives_per_source: int = 0) -> dict:
+                       pseudo_per_source: int = 0, pseudo_high: float = 0.5) -> dict:
     """The segmentation head on real pixel masks (views of ``images`` as windows the size detection
     reads), kept under ``workdir`` and reused when rerun.
 
@@ -135,10 +130,7 @@ def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: P
     (:func:`seg_negative_windows`) beside the masks: the masks' one UAV set is the head's only notion
     of what is not a panel otherwise (negative scene on validation: 112 -> 3 m²; docs/real-imagery.md).
     ``pseudo_per_source``: that many pseudo-masked views of ``negatives``' Bern and Fresno positives
-    (:func:`seg_pseudo_windows`, panel at ``pseudo_high`` of the peak).
-    ``coarse_negatives_per_source``: that many more negative views per source, each at a coarser look
-    (``COARSE_LOOK``): a head that learnt Bern and Fresno's arrays from pseudo masks drew 60 m² on the
-    negative scene seen at 0.5 / 0.6 m against 33 m² at 0.3 m (docs/real-imagery.md)."""
+    (:func:`seg_pseudo_windows`, panel at ``pseudo_high`` of the peak)."""
     net.config = replace(net.config, seg_reads_branch=reads_branch, seg_reads_context=reads_context)
 
     def train() -> dict:
@@ -148,25 +140,17 @@ def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: P
             extra, background = seg_negative_windows(negatives, per_source=negatives_per_source, size_px=window)
             say(f"segmentation head: {len(windows)} masked views + {len(extra)} negative views")
             windows, masks = torch.cat([windows, extra]), torch.cat([masks, background])
-        if coarse_negatives_per_source:
-            extra, background = seg_negative_windows(negatives, per_source=coarse_negatives_per_source,
-                                                     size_px=window, seed=3, look=COARSE_LOOK)
-            say(f"segmentation head: {len(extra)} negative views at coarser looks")
-            windows, masks = torch.cat([windows, extra]), torch.cat([masks, background])
         if pseudo_per_source:
             extra, pseudo = seg_pseudo_windows(net, negatives, per_source=pseudo_per_source, size_px=window,
                                                high=pseudo_high)
             say(f"segmentation head: {len(extra)} pseudo-masked views of {', '.join(PSEUDO_SOURCES)} positives")
             windows, masks = torch.cat([windows, extra]), torch.cat([masks, pseudo])
         return {**train_pseudo_seg(net, windows, masks=masks, epochs=epochs, progress=say),
-                "negatives_per_source": negatives_per_source, "pseudo_per_source": pseudo_per_source,
-                "coarse_negatives_per_source": coarse_negatives_per_source}
+                "negatives_per_source": negatives_per_source, "pseudo_per_source": pseudo_per_source}
 
     # a head of another shape or data is another stage: a working directory of an older recipe keeps its own
     name = "seg_masks" + ("_context" if reads_context else "") + (f"_neg{negatives_per_source}"
                                                                   if negatives_per_source else "")
-    if coarse_negatives_per_source:
-        name += f"_coarse{coarse_negatives_per_source}"
     if pseudo_per_source:
         name += f"_pseudo{pseudo_per_source}" + (f"_high{pseudo_high:g}" if pseudo_high != 0.5 else "")
     return cached_seg_head(net, workdir, name, train, say)
@@ -214,7 +198,7 @@ def choose_gate_floor_across_gsds(net: SolarNet, scenes: Sequence[tuple[str, str
 def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: str | Path, workdir: str | Path,
                      say: Callable[[str], None], finetune: FinetuneConfig = FinetuneConfig(),
                      seg_negatives_per_source: int = 60, seg_pseudo_per_source: int = 0,
-                     seg_pseudo_high: float = 0.5, seg_coarse_negatives_per_source: int = 0) -> dict:
+                     seg_pseudo_high: float = 0.5) -> dict:
     """The whole recipe on ``images`` (every split; only train and val are read)."""
     workdir = Path(workdir)
     train = [im for im in images if im.split == "train"]
@@ -234,8 +218,7 @@ def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: s
     masked = [im for im in train if im.source == "pv01" and im.mask is not None]
     info["seg_head"] = train_seg_on_masks(net, masked, workdir=workdir, say=say, negatives=train,
                                           negatives_per_source=seg_negatives_per_source,
-                                          pseudo_per_source=seg_pseudo_per_source, pseudo_high=seg_pseudo_high,
-                                          coarse_negatives_per_source=seg_coarse_negatives_per_source)
+                                          pseudo_per_source=seg_pseudo_per_source, pseudo_high=seg_pseudo_high)
     pv01_val = [im.key.split(":")[1] for im in val if im.source == "pv01"]
     scenes = write_pv01_scenes(data_root, pv01_val, workdir / "pv01_val")
     info["calibration"] = calibrate_model(net, train=train_samples, val=(), val_scenes=scenes, workdir=workdir, say=say)
