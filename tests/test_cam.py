@@ -235,3 +235,9 @@ def test_pseudo_seg_falls_back_to_the_branch_cam_where_the_head_draws_nothing():
     assert ModelScorer(on, method="pseudo-seg").cam_fallback and not ModelScorer(on, method="branch").cam_fallback
     with pytest.raises(OptionError, match="--cam-fallback"):
         ModelScorer(on, method="branch", cam_fallback=True)
+    # at one branch level the fallback is that level's CAM, at that level's measured offset
+    config = replace(config, cam_shifts={"branch": (0.0, 0.0), "branch1": (8.0, -8.0)})
+    base = M.SolarNet(config)
+    one_level = maps("branch", branch_levels=1)
+    assert not np.allclose(one_level, maps("branch"))
+    assert np.allclose(maps("pseudo-seg", 1.5, cam_fallback=True, branch_levels=1), one_level * 3.0, atol=1e-5)

@@ -107,9 +107,14 @@ class ModelScorer:
     @property
     def shift_key(self) -> str:
         """Which measured offset applies: per method, and per branch depth when not the deepest."""
-        if self.method is CamMethod.BRANCH and self.branch_levels not in (None, self.model.config.branch_levels):
+        return self.branch_shift_key if self.method is CamMethod.BRANCH else self.method.value
+
+    @property
+    def branch_shift_key(self) -> str:
+        """The branch CAM's offset at this scorer's depth (the fallback reads it whatever the method)."""
+        if self.branch_levels not in (None, self.model.config.branch_levels):
             return f"branch{self.branch_levels}"
-        return self.method.value
+        return CamMethod.BRANCH.value
 
     def detect_settings(self) -> dict:
         """The detection settings the checkpoint was calibrated for with this method (solarmap.pipeline's
@@ -173,7 +178,8 @@ class ModelScorer:
         branch = METHODS[CamMethod.BRANCH]
         raw = branch.raw_maps(self, x[torch.from_numpy(empty).to(x.device)], None)
         geometry = branch.geometry(self)
-        shift = tuple(config.cam_shifts.get(CamMethod.BRANCH.value, (0.0, 0.0)))
+        shift = tuple(config.cam_shifts.get(self.branch_shift_key, config.cam_shifts.get(CamMethod.BRANCH.value,
+                                                                                         (0.0, 0.0))))
         aligned = align_to_window(raw, tuple(maps.shape[1:]), geometry, shift)
         cam = branch.normalise(aligned, config) * (seg_threshold / cam_threshold)
         maps[empty] = cam.cpu().numpy()
