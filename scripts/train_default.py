@@ -54,6 +54,9 @@ def main() -> None:
                              "pseudo masks (CAM x saliency), for the segmentation head (default 0: none).")
     parser.add_argument("--seg-pseudo-high", type=float, default=0.5, metavar="F",
                         help="Pseudo masks: panel where CAM x saliency reaches F of its peak (default %(default)s).")
+    parser.add_argument("--seg-hard-negatives", type=int, default=0, metavar="N",
+                        help="Segmentation head, second round: N hard negative views per source mined by the first "
+                             "round's head from training negatives (default 0: one round).")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "train.log"
@@ -88,7 +91,8 @@ def main() -> None:
     net = init_from_imagenet(SolarNet(config))
     info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say, finetune=finetune,
                             seg_negatives_per_source=args.seg_negatives, seg_pseudo_per_source=args.seg_pseudo_positives,
-                            seg_pseudo_high=args.seg_pseudo_high)
+                            seg_pseudo_high=args.seg_pseudo_high,
+                            seg_hard_negatives_per_source=args.seg_hard_negatives)
     net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
                          else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
                          else {}, provenance={"script": "scripts/train_default.py", "trained": time.strftime("%Y-%m-%d"),

@@ -238,3 +238,31 @@ def test_the_heads_pseudo_masked_views_come_from_bern_and_fresno_positives_label
     assert torch.equal(again[0], pixels) and torch.equal(again[1], labels)  # deterministic
     none, nothing = seg_pseudo_windows(net, images[6:], per_source=3, size_px=80)
     assert none.shape == (0, 3, 80, 80) and nothing.shape == (0, 80, 80)
+
+
+def test_hard_negative_views_are_those_the_head_draws_most_on_and_never_those_it_draws_nothing_on(monkeypatch):
+    import torch
+
+    from solarmap.training import real_recipe
+    from solarmap.training.real_recipe import seg_hard_negative_windows
+
+    def bright_is_panel(net, pixels, attention_floor=None):  # a stand-in head: panel where a view is bright
+        assert attention_floor == 0.0  # mined without the gate, as the head alone draws
+        return pixels.mean(dim=1)
+
+    def negative(i, bright_rows, source="fresno", label=0):
+        pixels = np.full((3, 90, 90), 10, np.uint8)
+        pixels[:, :bright_rows] = 250
+        return RealImage(pixels, label, source, f"{source}:{i}", "g", None)
+
+    monkeypatch.setattr(real_recipe, "segment", bright_is_panel)
+    images = [negative(0, 45), negative(1, 90), negative(2, 0), negative(3, 0),
+              negative(4, 90, label=1),  # a positive: never a negative view
+              negative(5, 90, source="pv01"),  # the masks' own set: not a negative source
+              negative(6, 30, source="ucmerced"), negative(7, 0, source="ucmerced")]
+    pixels, labels = seg_hard_negative_windows(torch.nn.Module(), images, per_source=5, size_px=64)
+    assert pixels.shape == (3, 3, 64, 64) and labels.shape == (3, 64, 64) and not labels.any()
+    shares = [float((v.mean(dim=0) >= 0.5).float().mean()) for v in pixels]
+    assert shares[0] > 0.9 and 0.3 < shares[1] < 0.7 and 0.1 < shares[2] < 0.5  # fresno most first, then ucmerced
+    one, _ = seg_hard_negative_windows(torch.nn.Module(), images, per_source=1, size_px=64)
+    assert one.shape[0] == 2 and torch.equal(one[0], pixels[0])

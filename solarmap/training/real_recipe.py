@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from solarmap.model.network import SolarNet
-from solarmap.model.seg import class_attention
+from solarmap.model.seg import class_attention, segment
 from solarmap.model.scorer import ModelScorer
 from solarmap.pipeline import DetectConfig
 from solarmap.training.calibrate import sweep_detect_configs
@@ -113,10 +113,37 @@ def seg_pseudo_windows(net: SolarNet, images: Sequence[RealImage], *, per_source
     return pixels, labels
 
 
+def seg_hard_negative_windows(net: SolarNet, images: Sequence[RealImage], *, per_source: int, size_px: int,
+                              level: float = 0.5, seed: int = 4, batch_size: int = 32
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``per_source`` views of negative images, one view each of every image of each of the
+    ``NEGATIVE_SOURCES``, on which ``net``'s trained head draws most (share of pixels with panel
+    probability >= ``level``, no gate; views where it draws nothing are never taken), labelled
+    background everywhere: hard negatives mined from the images given (the training split).
+
+    Why: heads that learnt Bern's and Fresno's arrays from CAM-made labels outline dark roof planes
+    and building shadows in negative imagery (UC Merced validation chips with a polygon: version 12
+    8 of 150, such a head 13); random negative views hold few of them."""
+    pixels = []
+    net.eval()
+    for source in NEGATIVE_SOURCES:
+        pool = [image for image in images if image.source == source and image.label == 0]
+        if not pool:
+            continue
+        views = torch.from_numpy(np.stack(one_view_each(pool, sources=(source,), label=0, per_source=len(pool),
+                                                        size_px=size_px, seed=seed)))
+        drawn = torch.cat([(segment(net, x.float(), attention_floor=0.0) >= level).float().mean(dim=(1, 2))
+                           for x in views.split(batch_size)])
+        order = [int(i) for i in torch.argsort(drawn, descending=True, stable=True) if drawn[i] > 0][:per_source]
+        pixels.append(views[order])
+    pixels = torch.cat(pixels) if pixels else torch.zeros((0, 3, size_px, size_px))
+    return pixels, torch.zeros((len(pixels), size_px, size_px), dtype=torch.uint8)
+
+
 def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: Path, say: Callable[[str], None],
                        views: int = 8, epochs: int = 8, reads_branch: bool = True, reads_context: bool = True,
                        negatives: Sequence[RealImage] = (), negatives_per_source: int = 0,
-                       pseudo_per_source: int = 0, pseudo_high: float = 0.5) -> dict:
+                       pseudo_per_source: int = 0, pseudo_high: float = 0.5, hard_negatives_per_source: int = 0) -> dict:
     """The segmentation head on real pixel masks (views of ``images`` as windows the size detection
     reads), kept under ``workdir`` and reused when rerun.
 
@@ -130,7 +157,15 @@ def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: P
     (:func:`seg_negative_windows`) beside the masks: the masks' one UAV set is the head's only notion
     of what is not a panel otherwise (negative scene on validation: 112 -> 3 m²; docs/real-imagery.md).
     ``pseudo_per_source``: that many pseudo-masked views of ``negatives``' Bern and Fresno positives
-    (:func:`seg_pseudo_windows`, panel at ``pseudo_high`` of the peak)."""
+    (:func:`seg_pseudo_windows`, panel at ``pseudo_high`` of the peak).
+    ``hard_negatives_per_source``: a second round: the head trained as above (its own cached stage)
+    mines that many hard negative views per source from ``negatives`` (:func:`seg_hard_negative_windows`),
+    and a new head learns from everything plus those."""
+    options = dict(views=views, epochs=epochs, reads_branch=reads_branch, reads_context=reads_context,
+                   negatives=negatives, negatives_per_source=negatives_per_source,
+                   pseudo_per_source=pseudo_per_source, pseudo_high=pseudo_high)
+    if hard_negatives_per_source:
+        train_seg_on_masks(net, images, workdir=workdir, say=say, **options)  # round 1: loaded, or trained and kept
     net.config = replace(net.config, seg_reads_branch=reads_branch, seg_reads_context=reads_context)
 
     def train() -> dict:
@@ -145,14 +180,22 @@ def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: P
                                                high=pseudo_high)
             say(f"segmentation head: {len(extra)} pseudo-masked views of {', '.join(PSEUDO_SOURCES)} positives")
             windows, masks = torch.cat([windows, extra]), torch.cat([masks, pseudo])
+        if hard_negatives_per_source:
+            extra, background = seg_hard_negative_windows(net, negatives, per_source=hard_negatives_per_source,
+                                                          size_px=window)
+            say(f"segmentation head, round 2: {len(extra)} hard negative views mined by round 1's head")
+            windows, masks = torch.cat([windows, extra]), torch.cat([masks, background])
         return {**train_pseudo_seg(net, windows, masks=masks, epochs=epochs, progress=say),
-                "negatives_per_source": negatives_per_source, "pseudo_per_source": pseudo_per_source}
+                "negatives_per_source": negatives_per_source, "pseudo_per_source": pseudo_per_source,
+                "hard_negatives_per_source": hard_negatives_per_source}
 
     # a head of another shape or data is another stage: a working directory of an older recipe keeps its own
     name = "seg_masks" + ("_context" if reads_context else "") + (f"_neg{negatives_per_source}"
                                                                   if negatives_per_source else "")
     if pseudo_per_source:
         name += f"_pseudo{pseudo_per_source}" + (f"_high{pseudo_high:g}" if pseudo_high != 0.5 else "")
+    if hard_negatives_per_source:
+        name += f"_hard{hard_negatives_per_source}"
     return cached_seg_head(net, workdir, name, train, say)
 
 
@@ -198,7 +241,7 @@ def choose_gate_floor_across_gsds(net: SolarNet, scenes: Sequence[tuple[str, str
 def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: str | Path, workdir: str | Path,
                      say: Callable[[str], None], finetune: FinetuneConfig = FinetuneConfig(),
                      seg_negatives_per_source: int = 60, seg_pseudo_per_source: int = 0,
-                     seg_pseudo_high: float = 0.5) -> dict:
+                     seg_pseudo_high: float = 0.5, seg_hard_negatives_per_source: int = 0) -> dict:
     """The whole recipe on ``images`` (every split; only train and val are read)."""
     workdir = Path(workdir)
     train = [im for im in images if im.split == "train"]
@@ -218,7 +261,8 @@ def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: s
     masked = [im for im in train if im.source == "pv01" and im.mask is not None]
     info["seg_head"] = train_seg_on_masks(net, masked, workdir=workdir, say=say, negatives=train,
                                           negatives_per_source=seg_negatives_per_source,
-                                          pseudo_per_source=seg_pseudo_per_source, pseudo_high=seg_pseudo_high)
+                                          pseudo_per_source=seg_pseudo_per_source, pseudo_high=seg_pseudo_high,
+                                          hard_negatives_per_source=seg_hard_negatives_per_source)
     pv01_val = [im.key.split(":")[1] for im in val if im.source == "pv01"]
     scenes = write_pv01_scenes(data_root, pv01_val, workdir / "pv01_val")
     info["calibration"] = calibrate_model(net, train=train_samples, val=(), val_scenes=scenes, workdir=workdir, say=say)
