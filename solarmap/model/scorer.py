@@ -78,8 +78,7 @@ class ModelScorer:
         if self.gradcam_layer is None:
             self.gradcam_layer = self.model.backbone.default_gradcam_layer
         self.geometry = self.impl.geometry(self)
-        self.shift_px = tuple(config.cam_shifts.get(self.shift_key, config.cam_shifts.get(self.method.value,
-                                                                                          (0.0, 0.0))))
+        self.shift_px = self._measured_shift(self.shift_key, self.method)
         self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
         if self.decision_threshold is None:
             self.decision_threshold = config.decision_threshold
@@ -115,6 +114,11 @@ class ModelScorer:
         if self.branch_levels not in (None, self.model.config.branch_levels):
             return f"branch{self.branch_levels}"
         return CamMethod.BRANCH.value
+
+    def _measured_shift(self, key: str, method: CamMethod) -> tuple[float, ...]:
+        """A CAM offset measured at calibration: ``key``'s, else the method's at full depth, else none."""
+        shifts = self.model.config.cam_shifts
+        return tuple(shifts.get(key, shifts.get(method.value, (0.0, 0.0))))
 
     def detect_settings(self) -> dict:
         """The detection settings the checkpoint was calibrated for with this method (solarmap.pipeline's
@@ -178,8 +182,7 @@ class ModelScorer:
         branch = METHODS[CamMethod.BRANCH]
         raw = branch.raw_maps(self, x[torch.from_numpy(empty).to(x.device)], None)
         geometry = branch.geometry(self)
-        shift = tuple(config.cam_shifts.get(self.branch_shift_key, config.cam_shifts.get(CamMethod.BRANCH.value,
-                                                                                         (0.0, 0.0))))
+        shift = self._measured_shift(self.branch_shift_key, CamMethod.BRANCH)
         aligned = align_to_window(raw, tuple(maps.shape[1:]), geometry, shift)
         cam = branch.normalise(aligned, config) * (seg_threshold / cam_threshold)
         maps[empty] = cam.cpu().numpy()

@@ -161,14 +161,14 @@ def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: P
     ``hard_negatives_per_source``: a second round: the head trained as above (its own cached stage)
     mines that many hard negative views per source from ``negatives`` (:func:`seg_hard_negative_windows`),
     and a new head learns from everything plus those."""
-    options = dict(views=views, epochs=epochs, reads_branch=reads_branch, reads_context=reads_context,
-                   negatives=negatives, negatives_per_source=negatives_per_source,
-                   pseudo_per_source=pseudo_per_source, pseudo_high=pseudo_high)
-    if hard_negatives_per_source:
-        train_seg_on_masks(net, images, workdir=workdir, say=say, **options)  # round 1: loaded, or trained and kept
     net.config = replace(net.config, seg_reads_branch=reads_branch, seg_reads_context=reads_context)
 
     def train() -> dict:
+        if hard_negatives_per_source:  # round 1 (loaded, or trained and kept): only when round 2 is not kept yet
+            train_seg_on_masks(net, images, workdir=workdir, say=say, views=views, epochs=epochs,
+                               reads_branch=reads_branch, reads_context=reads_context, negatives=negatives,
+                               negatives_per_source=negatives_per_source, pseudo_per_source=pseudo_per_source,
+                               pseudo_high=pseudo_high)
         window = net.config.train_tile_px + 2 * net.backbone.inference_geometry["context_px"]
         windows, masks = seg_windows(images, views=views, size_px=window)
         if negatives_per_source:
