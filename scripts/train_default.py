@@ -23,7 +23,7 @@ from solarmap.model import ModelConfig, SolarNet, save
 from solarmap.training.finetune import FinetuneConfig
 from solarmap.training.pretrained import init_from_imagenet
 from solarmap.training.real_data import load_all, synthetic_images
-from solarmap.training.real_recipe import SEG_MASK_VIEWS, train_real_model
+from solarmap.training.real_recipe import train_real_model
 from solarmap.training.views import ViewConfig
 
 
@@ -57,14 +57,7 @@ def main() -> None:
     parser.add_argument("--seg-hard-negatives", type=int, default=0, metavar="N",
                         help="Segmentation head, second round: N hard negative views per source mined by the first "
                              "round's head from training negatives (default 0: one round).")
-    parser.add_argument("--seg-mask-views", type=int, default=SEG_MASK_VIEWS, metavar="N",
-                        help="Segmentation head: N random views of each PV01 training image with a mask "
-                             "(default %(default)s).")
     args = parser.parse_args()
-    if not (0 <= args.look_coarser <= 1 and 0 <= args.look_jpeg <= 1):
-        parser.error("--look-coarser and --look-jpeg are shares between 0 and 1")
-    if args.seg_mask_views < 1:
-        parser.error("--seg-mask-views: at least 1 view of each masked image")
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "train.log"
 
@@ -79,6 +72,8 @@ def main() -> None:
     t0 = time.perf_counter()
     images = load_all(args.data, gsd_m=config.gsd_m, cache_dir=args.workdir / "cache")
     say(f"{len(images)} real images in {time.perf_counter() - t0:.0f} s")
+    if not (0 <= args.look_coarser <= 1 and 0 <= args.look_jpeg <= 1):
+        parser.error("--look-coarser and --look-jpeg are shares between 0 and 1")
     per_source = dict(FinetuneConfig().per_source)
     for item in args.views:
         key, _, count = item.partition("=")
@@ -97,8 +92,7 @@ def main() -> None:
     info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say, finetune=finetune,
                             seg_negatives_per_source=args.seg_negatives, seg_pseudo_per_source=args.seg_pseudo_positives,
                             seg_pseudo_high=args.seg_pseudo_high,
-                            seg_hard_negatives_per_source=args.seg_hard_negatives,
-                            seg_mask_views=args.seg_mask_views)
+                            seg_hard_negatives_per_source=args.seg_hard_negatives)
     net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
                          else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
                          else {}, provenance={"script": "scripts/train_default.py", "trained": time.strftime("%Y-%m-%d"),

@@ -266,28 +266,3 @@ def test_hard_negative_views_are_those_the_head_draws_most_on_and_never_those_it
     assert shares[0] > 0.9 and 0.3 < shares[1] < 0.7 and 0.1 < shares[2] < 0.5  # fresno most first, then ucmerced
     one, _ = seg_hard_negative_windows(torch.nn.Module(), images, per_source=1, size_px=64)
     assert one.shape[0] == 2 and torch.equal(one[0], pixels[0])
-
-
-def test_the_head_weighs_the_masks_by_views_per_masked_image_and_keeps_each_count_as_its_own_stage(
-        monkeypatch, tmp_path):
-    from conftest import tiny_net
-
-    from solarmap.training import real_recipe
-
-    trained = []
-
-    def stand_in_training(net, windows, masks, epochs, progress):
-        trained.append(len(windows))
-        net.seg_head = net.new_seg_head()
-        return {"windows": len(windows), "seconds": 0.0}
-
-    monkeypatch.setattr(real_recipe, "train_pseudo_seg", stand_in_training)
-    net = tiny_net()
-    masked = [image(i, f"g{i}", label=1, source="pv01", mask=np.zeros((90, 90), np.uint8)) for i in range(3)]
-    say = lambda text: None  # noqa: E731
-    real_recipe.train_seg_on_masks(net, masked, workdir=tmp_path, say=say)
-    real_recipe.train_seg_on_masks(net, masked, workdir=tmp_path, say=say, views=5)
-    real_recipe.train_seg_on_masks(net, masked, workdir=tmp_path, say=say, views=5)  # kept: not trained again
-    assert trained == [3 * real_recipe.SEG_MASK_VIEWS, 3 * 5]
-    assert sorted(p.name for p in tmp_path.glob("*.done.json")) == ["seg_masks_context.done.json",
-                                                                     "seg_masks_context_views5.done.json"]

@@ -140,18 +140,13 @@ def seg_hard_negative_windows(net: SolarNet, images: Sequence[RealImage], *, per
     return pixels, torch.zeros((len(pixels), size_px, size_px), dtype=torch.uint8)
 
 
-SEG_MASK_VIEWS = 8  # views of each masked image for the segmentation head (versions 10-12)
-
-
 def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: Path, say: Callable[[str], None],
-                       views: int = SEG_MASK_VIEWS, epochs: int = 8, reads_branch: bool = True, reads_context: bool = True,
+                       views: int = 8, epochs: int = 8, reads_branch: bool = True, reads_context: bool = True,
                        negatives: Sequence[RealImage] = (), negatives_per_source: int = 0,
                        pseudo_per_source: int = 0, pseudo_high: float = 0.5, hard_negatives_per_source: int = 0) -> dict:
     """The segmentation head on real pixel masks (views of ``images`` as windows the size detection
     reads), kept under ``workdir`` and reused when rerun.
 
-    ``views``: random views of each masked image: how much the real outline truth weighs beside the
-    negative, pseudo-masked and hard negative views.
     ``reads_branch``: the head also reads the CAM branch's maps. On version 8's network, PV01
     validation pixel IoU was the same either way (0.69 / 0.68), but a head on RGB + stem alone learns
     colour and edges from one UAV set's 41 images; the branch's maps were trained on all five sets.
@@ -197,8 +192,6 @@ def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: P
     # a head of another shape or data is another stage: a working directory of an older recipe keeps its own
     name = "seg_masks" + ("_context" if reads_context else "") + (f"_neg{negatives_per_source}"
                                                                   if negatives_per_source else "")
-    if views != SEG_MASK_VIEWS:
-        name += f"_views{views}"
     if pseudo_per_source:
         name += f"_pseudo{pseudo_per_source}" + (f"_high{pseudo_high:g}" if pseudo_high != 0.5 else "")
     if hard_negatives_per_source:
@@ -248,8 +241,7 @@ def choose_gate_floor_across_gsds(net: SolarNet, scenes: Sequence[tuple[str, str
 def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: str | Path, workdir: str | Path,
                      say: Callable[[str], None], finetune: FinetuneConfig = FinetuneConfig(),
                      seg_negatives_per_source: int = 60, seg_pseudo_per_source: int = 0,
-                     seg_pseudo_high: float = 0.5, seg_hard_negatives_per_source: int = 0,
-                     seg_mask_views: int = SEG_MASK_VIEWS) -> dict:
+                     seg_pseudo_high: float = 0.5, seg_hard_negatives_per_source: int = 0) -> dict:
     """The whole recipe on ``images`` (every split; only train and val are read)."""
     workdir = Path(workdir)
     train = [im for im in images if im.split == "train"]
@@ -267,7 +259,7 @@ def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: s
     # real masks only: adding synthetic chips' masks (twice as many as PV01's) took the head's PV01
     # validation pixel IoU from about 0.77 to 0.58 (area -5 % to -31 %)
     masked = [im for im in train if im.source == "pv01" and im.mask is not None]
-    info["seg_head"] = train_seg_on_masks(net, masked, workdir=workdir, say=say, negatives=train, views=seg_mask_views,
+    info["seg_head"] = train_seg_on_masks(net, masked, workdir=workdir, say=say, negatives=train,
                                           negatives_per_source=seg_negatives_per_source,
                                           pseudo_per_source=seg_pseudo_per_source, pseudo_high=seg_pseudo_high,
                                           hard_negatives_per_source=seg_hard_negatives_per_source)
