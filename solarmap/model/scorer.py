@@ -157,9 +157,8 @@ class ModelScorer:
         maps = np.zeros((len(pixels), *pixels.shape[2:]), dtype=np.float32)
         positive = (probs >= self.decision_threshold).nonzero().flatten()
         if len(positive):
-            raw = self.raw_maps(x[positive], None if c else features[positive])
-            aligned = align_to_window(raw, tuple(pixels.shape[2:]), self.geometry, self.shift_px)
-            normalised = self.impl.normalise(aligned, self.model.config, self.cam_scale)
+            normalised = self._window_maps(self.impl, x[positive], None if c else features[positive],
+                                           geometry=self.geometry, shift=self.shift_px, scale=self.cam_scale)
             maps[positive.cpu().numpy()] = normalised.cpu().numpy()
             if self.cam_fallback:
                 self._fall_back_to_cam(x, maps, positive.cpu().numpy())
@@ -180,12 +179,17 @@ class ModelScorer:
         if not len(empty):
             return
         branch = METHODS[CamMethod.BRANCH]
-        raw = branch.raw_maps(self, x[torch.from_numpy(empty).to(x.device)], None)
-        geometry = branch.geometry(self)
-        shift = self._measured_shift(self.branch_shift_key, CamMethod.BRANCH)
-        aligned = align_to_window(raw, tuple(maps.shape[1:]), geometry, shift)
-        cam = branch.normalise(aligned, config) * (seg_threshold / cam_threshold)
-        maps[empty] = cam.cpu().numpy()
+        cam = self._window_maps(branch, x[torch.from_numpy(empty).to(x.device)], None, geometry=branch.geometry(self),
+                                shift=self._measured_shift(self.branch_shift_key, CamMethod.BRANCH))
+        maps[empty] = (cam * (seg_threshold / cam_threshold)).cpu().numpy()
+
+    def _window_maps(self, impl, x: torch.Tensor, features: torch.Tensor | None, *, geometry: tuple[int, int] | None,
+                     shift: tuple[float, ...], scale: float | None = None) -> torch.Tensor:
+        """One method's maps for whole windows ``x``: raw, aligned to the window's pixels with the
+        method's measured offset, normalised so its calibrated mask threshold applies."""
+        raw = impl.raw_maps(self, x, features)
+        aligned = align_to_window(raw, tuple(x.shape[2:]), geometry, shift)
+        return impl.normalise(aligned, self.model.config, scale)
 
 
 def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | CamMethod | None = None,
