@@ -279,3 +279,18 @@ def test_train_and_detect_with_the_pretrained_efficientnet(runner, tmp_path, geo
     detected = runner.invoke(main, ["detect", raster, "--out", str(tmp_path / "p.gpkg"), "--model", str(out),
                                     "--cam-method", "gap", "--quiet"])
     assert detected.exit_code == 0, detected.output
+
+
+def test_the_summary_says_how_many_positive_tiles_got_no_outline_and_what_to_try():
+    from types import SimpleNamespace
+
+    from solarmap.cli.detect import _unoutlined_note
+    from solarmap.model.cam import CamMethod
+
+    head = SimpleNamespace(method=CamMethod.PSEUDO_SEG, cam_fallback=False)
+    assert _unoutlined_note(0, head) == ""
+    assert "3 with nothing outlined" in _unoutlined_note(3, head) and "--cam-fallback" in _unoutlined_note(3, head)
+    for scorer in (SimpleNamespace(method=CamMethod.PSEUDO_SEG, cam_fallback=True),
+                   SimpleNamespace(method=CamMethod.BRANCH, cam_fallback=False)):
+        assert "3 with nothing outlined" in _unoutlined_note(3, scorer)
+        assert "--cam-fallback" not in _unoutlined_note(3, scorer)  # on already, or not the head's method

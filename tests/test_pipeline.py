@@ -118,6 +118,22 @@ def test_all_nodata_raster_gives_an_empty_geopackage(geotiff, tmp_path):
     assert len(frame) == 0 and frame.crs.to_epsg() == 32611
 
 
+def test_positive_tiles_with_nothing_outlined_in_them_are_counted(geotiff):
+    from solarmap.pipeline import SceneRun
+
+    class CallsEveryTile(BandOneScorer):  # every tile positive; the map (band 1) marks only the rectangle
+        context_px = 4
+
+        def __call__(self, pixels):
+            return np.ones(len(pixels), np.float32), super().__call__(pixels)[1]
+
+    array = np.full((3, 48, 48), 0.2, np.float32)
+    array[:, 18:30, 18:30] = 1.0  # in the middle tile's core, and in its neighbours' context only
+    config = DetectConfig(tile_size_px=16, overlap_px=0, batch_size=4, min_area_m2=0.0, context_px=4)
+    stats = SceneRun(geotiff(array), scorer=CallsEveryTile(), config=config).run(lambda frame: None)
+    assert stats.tiles_positive == 9 and stats.tiles_positive_unoutlined == 8  # the context alone outlines nothing
+
+
 def test_batches_with_nodata_tiles_score_only_the_tiles_with_data(geotiff):
     from solarmap.geo.raster import SceneReader
     from solarmap.pipeline import SceneRun

@@ -109,8 +109,11 @@ def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
     resumed, stats = detect_regional([raster], out, scorer_spec=SpectralBaseline(), config=CONFIG, rows_per_chunk=1,
                                      resume=True)
     assert stats.chunks_resumed == 2 and ran == [2, 3, 4, 5]  # only the chunks not recorded are run again
-    single, _ = detect_scene(raster, scorer=SpectralBaseline(), config=CONFIG)
+    single, single_stats = detect_scene(raster, scorer=SpectralBaseline(), config=CONFIG)
     same_polygons(resumed, single)
+    assert single_stats.tiles_positive > 0  # resumed chunks' tiles counted too
+    assert (stats.tiles_positive, stats.tiles_positive_unoutlined) == (single_stats.tiles_positive,
+                                                                       single_stats.tiles_positive_unoutlined)
     assert not (tmp_path / ".r.gpkg.partial").exists()
 
 

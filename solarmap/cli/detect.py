@@ -44,6 +44,17 @@ def _sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _unoutlined_note(count: int, scorer) -> str:
+    """What the summary says of positive tiles with nothing drawn in them: either a false call the outline
+    stage rejected or an array it misses (the pseudo-seg head, taught outlines by one UAV set, draws nothing
+    on many residential arrays), so the user knows where to look and what to try."""
+    if not count:
+        return ""
+    hint = ("; --cam-fallback outlines them roughly" if scorer.method.value == "pseudo-seg" and not scorer.cam_fallback
+            else "")
+    return f" ({count} with nothing outlined: a false call or an array the outline stage misses{hint})"
+
+
 class _RegionalProgress:
     """Progress of a regional run: chunks and tiles done across the cluster."""
 
@@ -181,7 +192,8 @@ def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, ou
                                     metadata={"cam_method": scorer.method.value}, progress=_RegionalProgress(quiet))
         if not quiet:
             click.echo(f"rasters: {rstats.rasters}, chunks: {rstats.chunks_done} ({rstats.chunks_resumed} resumed), "
-                       f"tiles: {rstats.tiles_total}", err=True)
+                       f"tiles: {rstats.tiles_total}, {rstats.tiles_positive} positive"
+                       f"{_unoutlined_note(rstats.tiles_positive_unoutlined, scorer)}", err=True)
             click.echo(f"panels: {rstats.polygons} polygons, {rstats.area_m2:.1f} m² in total; "
                        f"time {rstats.seconds:.1f} s", err=True)
         click.echo(f"wrote {out_path}")
@@ -196,7 +208,8 @@ def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, ou
         resumed = (f" ({stats.tiles_resumed} done before the interruption, {stats.tiles_read - stats.tiles_resumed} "
                    f"now)" if resume else "")
         click.echo(f"tiles: {stats.tiles_read} read{resumed}, {stats.tiles_skipped_nodata} skipped as nodata, "
-                   f"{stats.tiles_positive} positive", err=True)
+                   f"{stats.tiles_positive} positive{_unoutlined_note(stats.tiles_positive_unoutlined, scorer)}",
+                   err=True)
         click.echo(f"panels: {stats.polygons} polygons, {stats.area_m2:.1f} m² in total", err=True)
         click.echo(f"time: {stats.seconds:.1f} s (read {st['read']:.1f}, model {st['model']:.1f}, "
                    f"vectorize {st['vectorize']:.1f}, write {st['write']:.1f})", err=True)

@@ -104,6 +104,7 @@ class DetectStats:
     tiles_resumed: int = 0  # of tiles_read, those done before the run was interrupted and resumed
     tiles_skipped_nodata: int = 0
     tiles_positive: int = 0
+    tiles_positive_unoutlined: int = 0  # of tiles_positive, those the outline stage drew nothing in
     polygons: int = 0
     area_m2: float = 0.0
     seconds: float = 0.0

@@ -107,6 +107,7 @@ class ChunkResult:
     pieces: list[Piece]  # in grid pixels, not yet filtered
     tiles_positive: int
     seconds: float
+    tiles_positive_unoutlined: int = 0
 
 
 def plan_chunks(rasters: Sequence[str], config: DetectConfig, *, rows_per_chunk: int = 8) -> list[Chunk]:
@@ -139,6 +140,7 @@ def run_chunk(chunk: Chunk, scorer_spec) -> ChunkResult:
     run = SceneRun(chunk.raster, scorer=scorer, config=chunk.config)
     stats = run.run(pieces.extend, rows=(chunk.row_start, chunk.row_stop), pieces_only=True)
     return ChunkResult(chunk=chunk, pieces=pieces, tiles_positive=stats.tiles_positive,
+                       tiles_positive_unoutlined=stats.tiles_positive_unoutlined,
                        seconds=time.perf_counter() - started)
 
 
@@ -246,6 +248,7 @@ class RegionalStats:
     tiles_total: int = 0
     tiles_done: int = 0
     tiles_positive: int = 0
+    tiles_positive_unoutlined: int = 0
     polygons: int = 0
     area_m2: float = 0.0
     seconds: float = 0.0
@@ -297,6 +300,8 @@ def _run_chunks(chunks: Sequence[Chunk], journal: Journal, key: str, *, resume: 
             stats.chunks_done += 1
             stats.chunks_resumed += 1
             stats.tiles_done += chunk.tiles
+            stats.tiles_positive += part.tiles_positive
+            stats.tiles_positive_unoutlined += part.tiles_positive_unoutlined
     todo = [c for c in chunks if c.key not in results]
 
     def finished(result: ChunkResult) -> None:
@@ -306,6 +311,7 @@ def _run_chunks(chunks: Sequence[Chunk], journal: Journal, key: str, *, resume: 
         stats.chunks_done += 1
         stats.tiles_done += result.chunk.tiles
         stats.tiles_positive += result.tiles_positive
+        stats.tiles_positive_unoutlined += result.tiles_positive_unoutlined
         stats.seconds = time.perf_counter() - started
         if progress is not None:
             progress(stats)

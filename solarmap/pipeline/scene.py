@@ -157,6 +157,7 @@ class PostProcessor:
                 stats.tiles_read += 1
                 stats.tiles_skipped_nodata += index not in scored_tiles
                 stats.tiles_positive += index in pieces_of
+                stats.tiles_positive_unoutlined += index in pieces_of and not pieces_of[index]
                 self.finished.extend(self.merger.add(image.tile.core, pieces_of.get(index, [])))
         if len(self.finished) >= self.chunk_polygons:
             self.flush()
