@@ -57,7 +57,12 @@ def main() -> None:
     parser.add_argument("--seg-hard-negatives", type=int, default=0, metavar="N",
                         help="Segmentation head, second round: N hard negative views per source mined by the first "
                              "round's head from training negatives (default 0: one round).")
+    parser.add_argument("--seg-relabel", action="store_true",
+                        help="With --seg-hard-negatives and --seg-pseudo-positives: the second round's pseudo masks "
+                             "tightened by the first round's head where it sees the array.")
     args = parser.parse_args()
+    if args.seg_relabel and not (args.seg_hard_negatives and args.seg_pseudo_positives):
+        parser.error("--seg-relabel needs --seg-hard-negatives and --seg-pseudo-positives")
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "train.log"
 
@@ -92,7 +97,7 @@ def main() -> None:
     info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say, finetune=finetune,
                             seg_negatives_per_source=args.seg_negatives, seg_pseudo_per_source=args.seg_pseudo_positives,
                             seg_pseudo_high=args.seg_pseudo_high,
-                            seg_hard_negatives_per_source=args.seg_hard_negatives)
+                            seg_hard_negatives_per_source=args.seg_hard_negatives, seg_relabel=args.seg_relabel)
     net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
                          else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
                          else {}, provenance={"script": "scripts/train_default.py", "trained": time.strftime("%Y-%m-%d"),

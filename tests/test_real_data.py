@@ -266,3 +266,28 @@ def test_hard_negative_views_are_those_the_head_draws_most_on_and_never_those_it
     assert shares[0] > 0.9 and 0.3 < shares[1] < 0.7 and 0.1 < shares[2] < 0.5  # fresno most first, then ucmerced
     one, _ = seg_hard_negative_windows(torch.nn.Module(), images, per_source=1, size_px=64)
     assert one.shape[0] == 2 and torch.equal(one[0], pixels[0])
+
+
+def test_cam_made_labels_are_tightened_where_the_head_sees_the_array_and_kept_where_it_misses_it():
+    import torch
+
+    from solarmap.training.pseudoseg import IGNORE
+    from solarmap.training.real_recipe import relabel_by_head
+
+    labels = torch.zeros((3, 40, 40), dtype=torch.uint8)
+    labels[:, 10:30, 10:30] = 1  # a CAM blob, twice the array's side
+    labels[:, 8:10, :] = IGNORE
+    labels[2] = 0  # a view with no panel label at all
+    head = torch.zeros((3, 40, 40))
+    head[0, 15:25, 15:25] = 0.9  # the head sees the array, tighter than the blob
+    head[0, 10:15, 10:30] = 0.3  # unsure on part of the blob's rim
+    head[0, 0:5, 0:5] = 0.9  # and draws outside the blob, where the label says background
+    head[1, 10:12, 10:12] = 0.9  # a head that barely touches view 1's array: 4 of 400 pixels
+    tightened = relabel_by_head(labels, head)
+    inner = torch.zeros((40, 40), dtype=torch.bool)
+    inner[15:25, 15:25] = True
+    assert bool((tightened[0][inner] == 1).all()) and int((tightened[0] == 1).sum()) == 100
+    assert bool((tightened[0, 10:15, 10:30] == IGNORE).all())  # unsure where the head is unsure
+    assert bool((tightened[0, 25:30, 10:30] == 0).all())  # the blob's rim the head rejects: background
+    assert bool((tightened[0, 0:5, 0:5] == 0).all()) and bool((tightened[0, 8:10] == IGNORE).all())
+    assert torch.equal(tightened[1], labels[1]) and torch.equal(tightened[2], labels[2])  # missed / nothing: as before
