@@ -3,8 +3,9 @@ gives a user (or an evaluation) whose rasters are the size of one chip.
 
     python scripts/chips_alone.py [--model FILE] [--cam-fallback] [--split val|test] [--per-source 150] [--json OUT]
 
-Per source: the share of positive chips with at least one polygon ("found"), the share of negative chips
-with one, and for PV01 (pixel truth) the pooled pixel IoU and total-area error. Validation split unless
+Per source: the share of positive chips with at least one polygon ("found"), and with at least one tile
+called positive, outlined or not ("called": the gap is what the outline stage misses); the same two
+shares on negative chips; and for PV01 (pixel truth) the pooled pixel IoU and total-area error. Validation split unless
 told; a sample of ``--per-source`` chips per set (fixed seed). Bern chips keep their own Swiss LV95
 georeference; the others get a transform at their own GSD in UTM 11N.
 
@@ -48,13 +49,15 @@ def measure_source(source: str, scorer, config: DetectConfig, data: Path, split:
         chosen = np.random.default_rng(0).choice(len(images), per_source, replace=False)
         images = [images[i] for i in sorted(chosen)]
     drawn: dict[int, list[bool]] = {0: [], 1: []}
+    called: dict[int, list[bool]] = {0: [], 1: []}  # any tile called positive, outlined or not
     pooled = dict(intersection=0.0, union=0.0, truth=0.0, predicted=0.0)
     for k, image in enumerate(images):
         transform, crs = chip_transform(source, image.key, gsd_m)
         path = workdir / f"{source}_{k}.tif"
         write_geotiff(path, image.pixels, transform=transform, crs=crs, overwrite=True)
-        frame, _ = detect_scene(str(path), scorer=scorer, config=config)
+        frame, stats = detect_scene(str(path), scorer=scorer, config=config)
         drawn[image.label].append(len(frame) > 0)
+        called[image.label].append(stats.tiles_positive > 0)
         if image.mask is not None:
             shape = image.pixels.shape[1:]
             predicted = (rasterize(((g, 1) for g in frame.geometry), out_shape=shape, transform=transform)
@@ -65,7 +68,9 @@ def measure_source(source: str, scorer, config: DetectConfig, data: Path, split:
             pooled["truth"] += float(truth.sum())
             pooled["predicted"] += float(predicted.sum())
     row = {"positives": len(drawn[1]), "found": float(np.mean(drawn[1])) if drawn[1] else None,
-           "negatives": len(drawn[0]), "negatives_with_polygon": float(np.mean(drawn[0])) if drawn[0] else None}
+           "called": float(np.mean(called[1])) if called[1] else None,
+           "negatives": len(drawn[0]), "negatives_with_polygon": float(np.mean(drawn[0])) if drawn[0] else None,
+           "negatives_called": float(np.mean(called[0])) if called[0] else None}
     if pooled["union"]:
         row["pixel_iou"] = pooled["intersection"] / pooled["union"]
         row["total_area_error"] = (pooled["predicted"] - pooled["truth"]) / pooled["truth"]
