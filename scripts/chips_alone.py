@@ -6,8 +6,8 @@ gives a user (or an evaluation) whose rasters are the size of one chip.
 Per source: the share of positive chips with at least one polygon ("found"), and with at least one tile
 called positive, outlined or not ("called": the gap is what the outline stage misses); the same two
 shares on negative chips; and for PV01 (pixel truth) the pooled pixel IoU and total-area error.
-Validation split unless told; a sample of ``--per-source`` chips per set (fixed seed). Bern chips keep their own Swiss LV95
-georeference; the others get a transform at their own GSD in UTM 11N.
+Validation split unless told; a sample of ``--per-source`` chips per set (fixed seed). Bern chips keep
+their own Swiss LV95 georeference; the others get a transform at their own GSD in UTM 11N.
 
 Why: the real-data table detects PV01 inside mosaics and classifies Fresno and Bern chips; neither shows
 that the outline stage, run on a raster no larger than a chip, can draw nothing on an array the
