@@ -293,25 +293,25 @@ def _run_chunks(chunks: Sequence[Chunk], journal: Journal, key: str, *, resume: 
     (each recorded in the journal as it finishes; ``stats.seconds`` counts from ``started``)."""
     resuming = journal.open(key, resume=resume)
     results: dict[str, ChunkResult] = {}
-    for chunk in chunks if resuming else ():
-        part = journal.read(f"chunk-{chunk.key}.pkl")
-        if part is not None:
-            results[chunk.key] = part
-            stats.chunks_done += 1
-            stats.chunks_resumed += 1
-            stats.tiles_done += chunk.tiles
-            stats.tiles_positive += part.tiles_positive
-            stats.tiles_positive_unoutlined += part.tiles_positive_unoutlined
-    todo = [c for c in chunks if c.key not in results]
 
-    def finished(result: ChunkResult) -> None:
-        journal.record(f"chunk-{result.chunk.key}.pkl", result)
-        fault_point("chunk")
+    def done(result: ChunkResult) -> None:  # a chunk's result counted, whether resumed or run now
         results[result.chunk.key] = result
         stats.chunks_done += 1
         stats.tiles_done += result.chunk.tiles
         stats.tiles_positive += result.tiles_positive
         stats.tiles_positive_unoutlined += result.tiles_positive_unoutlined
+
+    for chunk in chunks if resuming else ():
+        part = journal.read(f"chunk-{chunk.key}.pkl")
+        if part is not None:
+            done(part)
+            stats.chunks_resumed += 1
+    todo = [c for c in chunks if c.key not in results]
+
+    def finished(result: ChunkResult) -> None:
+        journal.record(f"chunk-{result.chunk.key}.pkl", result)
+        fault_point("chunk")
+        done(result)
         stats.seconds = time.perf_counter() - started
         if progress is not None:
             progress(stats)

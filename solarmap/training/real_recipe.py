@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -113,6 +113,16 @@ def seg_pseudo_windows(net: SolarNet, images: Sequence[RealImage], *, per_source
     return pixels, labels
 
 
+def head_on_views(net: SolarNet, views: torch.Tensor, *, batch_size: int = 32) -> Iterator[torch.Tensor]:
+    """The trained head's panel probability on training views, as the head alone draws (no gate),
+    one batch at a time (a caller that reduces each keeps no full maps) and without gradients: what
+    mining and relabelling judge a first-round head by."""
+    for x in views.split(batch_size):
+        with torch.no_grad():
+            probability = segment(net, x.float(), attention_floor=0.0)
+        yield probability
+
+
 def relabel_by_head(labels: torch.Tensor, head: torch.Tensor, *, panel: float = 0.5, background: float = 0.2,
                     min_cover: float = 0.25) -> torch.Tensor:
     """CAM-made labels (uint8 1 / 0 / IGNORE, batch of maps) tightened by a trained head's panel
@@ -156,8 +166,8 @@ def seg_hard_negative_windows(net: SolarNet, images: Sequence[RealImage], *, per
             continue
         views = torch.from_numpy(np.stack(one_view_each(pool, sources=(source,), label=0, per_source=len(pool),
                                                         size_px=size_px, seed=seed)))
-        drawn = torch.cat([(segment(net, x.float(), attention_floor=0.0) >= level).float().mean(dim=(1, 2))
-                           for x in views.split(batch_size)])
+        drawn = torch.cat([(probability >= level).float().mean(dim=(1, 2))
+                           for probability in head_on_views(net, views, batch_size=batch_size)])
         order = [int(i) for i in torch.argsort(drawn, descending=True, stable=True) if drawn[i] > 0][:per_source]
         pixels.append(views[order])
     pixels = torch.cat(pixels) if pixels else torch.zeros((0, 3, size_px, size_px))
@@ -209,9 +219,7 @@ def train_seg_on_masks(net: SolarNet, images: Sequence[RealImage], *, workdir: P
                                                high=pseudo_high)
             say(f"segmentation head: {len(extra)} pseudo-masked views of {', '.join(PSEUDO_SOURCES)} positives")
             if relabel:  # net holds round 1's head here
-                with torch.no_grad():
-                    head = torch.cat([segment(net, x.float(), attention_floor=0.0) for x in extra.split(32)])
-                tightened = relabel_by_head(pseudo, head)
+                tightened = relabel_by_head(pseudo, torch.cat(list(head_on_views(net, extra))))
                 changed = int((tightened != pseudo).flatten(1).any(dim=1).sum())
                 say(f"segmentation head, round 2: labels of {changed} of {len(extra)} pseudo-masked views "
                     f"tightened by round 1's head")
