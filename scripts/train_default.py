@@ -4,6 +4,7 @@ shown in every look, the greedy CAM branch, a segmentation head on PV01's masks,
 on real validation data.
 
     python scripts/train_default.py --workdir ~/solarmap-real --out model.pt.xz [--data ../shared/data]
+    python scripts/train_default.py --over-model released.pt.xz --workdir DIR --out FILE --seg-...  # head only
 
 Resumable: every stage checkpoints under --workdir. Test splits are not read here
 (scripts/validate_real.py --split test reads them, once, at the end).
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from solarmap.model import ModelConfig, SolarNet, save
+from solarmap.errors import ModelError
+from solarmap.model import ModelConfig, SolarNet, load, save
 from solarmap.training.finetune import FinetuneConfig
 from solarmap.training.pretrained import init_from_imagenet
 from solarmap.training.real_data import load_all, synthetic_images
-from solarmap.training.real_recipe import train_real_model
+from solarmap.training.real_recipe import finish_model, released_network, train_real_model
 from solarmap.training.views import ViewConfig
 
 
@@ -44,6 +46,9 @@ def main() -> None:
     parser.add_argument("--look-jpeg", type=float, default=ViewConfig.p_jpeg, metavar="P",
                         help="Share of fine-tuning views JPEG-compressed (default %(default)s).")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--over-model", type=Path, metavar="FILE",
+                        help="Keep this released model's network and CAM branch (its head and calibration are "
+                             "dropped): train only the segmentation head, then calibrate everything again.")
     parser.add_argument("--synthetic-towns", type=int, default=0,
                         help="Also train on this many synthetic towns (a supplement; validation towns 101-104).")
     parser.add_argument("--seg-negatives", type=int, default=60,
@@ -63,6 +68,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.seg_relabel and not (args.seg_hard_negatives and args.seg_pseudo_positives):
         parser.error("--seg-relabel needs --seg-hard-negatives and --seg-pseudo-positives")
+    network_options = {"--backbone": args.backbone != "efficientnet-lite0", "--epochs": args.epochs != 10,
+                       "--lr": args.lr != 5e-4, "--views": bool(args.views), "--synthetic-towns": bool(args.synthetic_towns),
+                       "--look-coarser": args.look_coarser != ViewConfig.p_coarser,
+                       "--look-jpeg": args.look_jpeg != ViewConfig.p_jpeg}
+    if args.over_model and any(network_options.values()):
+        given = ", ".join(name for name, changed in network_options.items() if changed)
+        parser.error(f"--over-model keeps the model's network: {given} would change how it is trained")
+    if args.over_model:
+        try:
+            over = released_network(load(args.over_model))
+        except (ModelError, ValueError) as exc:
+            parser.error(f"--over-model: {exc}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "train.log"
 
@@ -73,7 +90,7 @@ def main() -> None:
             fh.write(line + "\n")
 
     torch.manual_seed(0)
-    config = ModelConfig.for_backbone(args.backbone)
+    config = over.config if args.over_model else ModelConfig.for_backbone(args.backbone)
     t0 = time.perf_counter()
     images = load_all(args.data, gsd_m=config.gsd_m, cache_dir=args.workdir / "cache")
     say(f"{len(images)} real images in {time.perf_counter() - t0:.0f} s")
@@ -93,11 +110,18 @@ def main() -> None:
         say(f"with synthetic chips: {sum(im.source == 'synthetic' for im in images)}")
     looks = ViewConfig(p_coarser=args.look_coarser, p_jpeg=args.look_jpeg)
     finetune = FinetuneConfig(epochs=args.epochs, lr=args.lr, per_source=per_source, view=looks)
-    net = init_from_imagenet(SolarNet(config))
-    info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say, finetune=finetune,
-                            seg_negatives_per_source=args.seg_negatives, seg_pseudo_per_source=args.seg_pseudo_positives,
-                            seg_pseudo_high=args.seg_pseudo_high,
-                            seg_hard_negatives_per_source=args.seg_hard_negatives, seg_relabel=args.seg_relabel)
+    head_options = dict(seg_negatives_per_source=args.seg_negatives, seg_pseudo_per_source=args.seg_pseudo_positives,
+                        seg_pseudo_high=args.seg_pseudo_high, seg_hard_negatives_per_source=args.seg_hard_negatives,
+                        seg_relabel=args.seg_relabel)
+    if args.over_model:
+        net = over
+        say(f"over {args.over_model}: its network and CAM branch kept, head and calibration made again")
+        info = {"over_model": args.over_model.name,
+                **finish_model(net, images, data_root=args.data, workdir=args.workdir, say=say, **head_options)}
+    else:
+        net = init_from_imagenet(SolarNet(config))
+        info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say, finetune=finetune,
+                                **head_options)
     net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
                          else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
                          else {}, provenance={"script": "scripts/train_default.py", "trained": time.strftime("%Y-%m-%d"),

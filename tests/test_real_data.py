@@ -291,3 +291,29 @@ def test_cam_made_labels_are_tightened_where_the_head_sees_the_array_and_kept_wh
     assert bool((tightened[0, 25:30, 10:30] == 0).all())  # the blob's rim the head rejects: background
     assert bool((tightened[0, 0:5, 0:5] == 0).all()) and bool((tightened[0, 8:10] == IGNORE).all())
     assert torch.equal(tightened[1], labels[1]) and torch.equal(tightened[2], labels[2])  # missed / nothing: as before
+
+
+def test_a_released_model_keeps_its_network_and_branch_and_loses_its_head_and_calibration(tmp_path):
+    """--over-model: the recipe's later steps start from the released weights (as saved, fp16) with the
+    config the recipe had before them, so the head's pseudo masks read an uncalibrated CAM as in a full run."""
+    import torch
+
+    from conftest import tiny_net
+    from solarmap.model import load, save
+    from solarmap.training.real_recipe import released_network
+
+    net = tiny_net(branch_levels=2, pseudo_seg=True, cam_scale=3.5, cam_shifts={"branch": (2.0, -1.0)},
+                   decision_threshold=0.35, seg_attention_floor=0.2, default_cam_method="pseudo-seg",
+                   mask_rules={"pseudo-seg": (0.6, None)}, provenance={"script": "x"})
+    released = load(save(net, tmp_path / "released.pt.xz", half=True))
+    assert released.seg_head is not None
+    kept = released_network(released)
+    assert kept.seg_head is None and kept.config.branch_levels == 2
+    assert kept.config.train_tile_px == 80 and kept.config.branch_channels == (16, 16)
+    assert (kept.config.cam_scale, kept.config.cam_shifts, kept.config.decision_threshold) == (1.0, {}, 0.5)
+    assert (kept.config.pseudo_seg, kept.config.mask_rules, kept.config.provenance) == (False, {}, {})
+    for name, value in net.state_dict().items():
+        if not name.startswith("seg_head.") and value.is_floating_point():
+            assert torch.equal(kept.state_dict()[name], value.half().float()), name
+    with pytest.raises(ValueError, match="no trained CAM branch"):
+        released_network(tiny_net())

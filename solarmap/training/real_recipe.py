@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from solarmap.model.network import SolarNet
+from solarmap.model.network import ModelConfig, SolarNet
 from solarmap.model.seg import class_attention, segment
 from solarmap.model.scorer import ModelScorer
 from solarmap.pipeline import DetectConfig
@@ -27,7 +27,8 @@ from solarmap.training.real_data import NEGATIVE_SOURCES, RealImage, write_pv01_
 from solarmap.training.recipe import StagePlan, cached_seg_head, calibrate_model, run_stages
 from solarmap.training.views import ViewConfig, centre_view, random_view
 
-__all__ = ["BRANCH_PLAN", "as_samples", "choose_threshold", "train_real_model"]
+__all__ = ["BRANCH_PLAN", "as_samples", "choose_threshold", "finish_model", "released_network", "train_network",
+           "train_real_model"]
 
 BRANCH_PLAN = (StagePlan("branch1", "branch1", epochs=8, lr=1e-3, batch_size=64),
                StagePlan("branch2", "branch2", epochs=5, lr=1e-3, batch_size=64))
@@ -284,11 +285,16 @@ def choose_gate_floor_across_gsds(net: SolarNet, scenes: Sequence[tuple[str, str
 
 
 def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: str | Path, workdir: str | Path,
-                     say: Callable[[str], None], finetune: FinetuneConfig = FinetuneConfig(),
-                     seg_negatives_per_source: int = 60, seg_pseudo_per_source: int = 0,
-                     seg_pseudo_high: float = 0.5, seg_hard_negatives_per_source: int = 0,
-                     seg_relabel: bool = False) -> dict:
-    """The whole recipe on ``images`` (every split; only train and val are read)."""
+                     say: Callable[[str], None], finetune: FinetuneConfig = FinetuneConfig(), **head_options) -> dict:
+    """The whole recipe on ``images`` (every split; only train and val are read): the network
+    (:func:`train_network`), then everything after it (:func:`finish_model`; ``head_options`` go there)."""
+    info = train_network(net, images, workdir=workdir, say=say, finetune=finetune)
+    return {**info, **finish_model(net, images, data_root=data_root, workdir=workdir, say=say, **head_options)}
+
+
+def train_network(net: SolarNet, images: Sequence[RealImage], *, workdir: str | Path, say: Callable[[str], None],
+                  finetune: FinetuneConfig = FinetuneConfig()) -> dict:
+    """Steps 1-2 of the recipe: the classifier fine-tuned, then the greedy CAM branch (about 30 min)."""
     workdir = Path(workdir)
     train = [im for im in images if im.split == "train"]
     val = [im for im in images if im.split == "val"]
@@ -296,8 +302,42 @@ def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: s
     info: dict = {"finetune": finetune_classifier(net, by_source_and_label(train), val, finetune, workdir=workdir,
                                                   progress=say)}
     info["finetune"].pop("history")
-    train_samples, val_samples = as_samples(train, size), as_samples(val, size)
-    info["stages"] = run_stages(net, BRANCH_PLAN, train_samples, val_samples, workdir=workdir, say=say)
+    info["stages"] = run_stages(net, BRANCH_PLAN, as_samples(train, size), as_samples(val, size), workdir=workdir,
+                                say=say)
+    return info
+
+
+# what the network's training fixes; everything else in a released model's config was chosen after it
+NETWORK_FIELDS = ("backbone", "branch_at", "train_tile_px", "gsd_m", "mean", "std", "branch_channels", "branch_levels")
+
+
+def released_network(net: SolarNet) -> SolarNet:
+    """A released model's network and CAM branch as the recipe has them before its later steps:
+    no segmentation head, and nothing calibrated (the CAM's scale and offsets among them, which the
+    head's pseudo masks and hard-negative mining read).
+
+    Why: a new head or calibration over a released model needs no working directory of its run
+    (the network's 30 min of training, lost with the machine it ran on), and judges the weights
+    users have (fp16-rounded) rather than the run's fp32 ones."""
+    if net.config.branch_levels == 0:
+        raise ValueError("this model has no trained CAM branch: nothing for the recipe's later steps to build on")
+    kept = {name: getattr(net.config, name) for name in NETWORK_FIELDS}
+    net.config = ModelConfig.for_backbone(kept.pop("backbone"), **kept)
+    net.seg_head = None
+    return net
+
+
+def finish_model(net: SolarNet, images: Sequence[RealImage], *, data_root: str | Path, workdir: str | Path,
+                 say: Callable[[str], None], seg_negatives_per_source: int = 60, seg_pseudo_per_source: int = 0,
+                 seg_pseudo_high: float = 0.5, seg_hard_negatives_per_source: int = 0,
+                 seg_relabel: bool = False) -> dict:
+    """Steps 3-5 of the recipe over a trained network and branch: the decision threshold, the
+    segmentation head, and every calibration on validation data."""
+    workdir = Path(workdir)
+    train = [im for im in images if im.split == "train"]
+    val = [im for im in images if im.split == "val"]
+    size = net.config.train_tile_px
+    info: dict = {}
     threshold, sweep = choose_threshold(val, predict_images(net, val, size_px=size))
     net.config = replace(net.config, decision_threshold=threshold)
     info["decision_threshold"] = threshold
@@ -312,6 +352,7 @@ def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: s
                                           relabel=seg_relabel)
     pv01_val = [im.key.split(":")[1] for im in val if im.source == "pv01"]
     scenes = write_pv01_scenes(data_root, pv01_val, workdir / "pv01_val")
+    train_samples = as_samples(train, size)
     info["calibration"] = calibrate_model(net, train=train_samples, val=(), val_scenes=scenes, workdir=workdir, say=say)
     coarser = [pair for gsd_m in OUTLINE_GSDS_M
                for pair in write_pv01_scenes(data_root, pv01_val, workdir / "pv01_val", gsd_m=gsd_m)]
