@@ -1,7 +1,8 @@
 """Detection on single real chips, each written as its own small GeoTIFF: what `solarmap detect chip.tif`
 gives a user (or an evaluation) whose rasters are the size of one chip.
 
-    python scripts/chips_alone.py [--model FILE] [--cam-fallback] [--split val|test] [--per-source 150] [--json OUT]
+    python scripts/chips_alone.py [--model FILE] [--[no-]cam-fallback] [--cam-fallback-min-score S] [--split val|test]
+                                  [--per-source 150] [--json OUT]
 
 Per source: the share of positive chips with at least one polygon ("found"), and with at least one tile
 called positive, outlined or not ("called": the gap is what the outline stage misses); the same two
@@ -82,13 +83,16 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="Checkpoint (default: the bundled model).")
     parser.add_argument("--cam-fallback", action=argparse.BooleanOptionalAction, default=None,
                         help="As detect's --cam-fallback (default: the model's).")
+    parser.add_argument("--cam-fallback-min-score", type=float, default=None, metavar="S",
+                        help="The fallback only on tiles at least this probable (default: the model's).")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data")
     parser.add_argument("--split", choices=("val", "test"), default="val")
     parser.add_argument("--per-source", type=int, default=150)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    scorer = build_scorer(args.model, device="cpu", cam_fallback=args.cam_fallback)
+    scorer = build_scorer(args.model, device="cpu", cam_fallback=args.cam_fallback,
+                          cam_fallback_min_score=args.cam_fallback_min_score)
     config = DetectConfig.for_scorer(scorer)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="solarmap-chips-") as tmp:
@@ -98,6 +102,7 @@ def main() -> None:
                                    for k, v in rows[source].items()), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"model": args.model or "bundled", "cam_fallback": scorer.cam_fallback,
+                                         "cam_fallback_min_score": scorer.cam_fallback_min_score,
                                          "split": args.split, "sources": rows}, indent=1))
 
 

@@ -229,10 +229,23 @@ def test_pseudo_seg_falls_back_to_the_branch_cam_where_the_head_draws_nothing():
     head = maps("pseudo-seg", 0.0)
     assert np.array_equal(maps("pseudo-seg", 0.0, cam_fallback=True), head)
     assert not np.allclose(head, branch * 3.0)
+    # a score floor: only positive tiles at least that probable fall back, the others keep the head's map
+    with torch.no_grad():
+        base.backbone.net.classifier.weight.mul_(1e-3)  # a random classifier is sure of everything
+    net = M.SolarNet(replace(config, mask_rules={"pseudo-seg": (1.5, None)}))
+    net.load_state_dict(base.state_dict())
+    probs = ModelScorer(net.eval(), method="pseudo-seg")(windows)[0]
+    assert probs[0] != probs[1]
+    floor, sure = float(probs.mean()), int(probs.argmax())
+    floored = maps("pseudo-seg", 1.5, cam_fallback=True, cam_fallback_min_score=floor)
+    assert np.allclose(floored[sure], branch[sure] * 3.0, atol=1e-5)
+    assert np.array_equal(floored[1 - sure], maps("pseudo-seg", 1.5)[1 - sure])
     # off unless asked for or the checkpoint says so; refused for other methods
     assert np.array_equal(maps("pseudo-seg", 1.5), maps("pseudo-seg", 1.5, cam_fallback=False))
     on = M.SolarNet(replace(config, seg_cam_fallback=True))
     assert ModelScorer(on, method="pseudo-seg").cam_fallback and not ModelScorer(on, method="branch").cam_fallback
+    assert ModelScorer(M.SolarNet(replace(config, seg_cam_fallback_min_score=0.7)),
+                       method="pseudo-seg").cam_fallback_min_score == 0.7  # the checkpoint's floor unless told
     with pytest.raises(OptionError, match="--cam-fallback"):
         ModelScorer(on, method="branch", cam_fallback=True)
     # at one branch level the fallback is that level's CAM, at that level's measured offset

@@ -166,6 +166,7 @@ def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, t
     (["--branch-levels", "3"], "--branch-levels"),
     (["--cam-method", "gap", "--refine"], "no colour prior"),
     (["--cam-method", "gap", "--cam-fallback"], "only the pseudo-seg method"),
+    (["--cam-fallback-min-score", "-0.1"], "between 0 and 1"),
 ])
 def test_detect_option_errors(runner, tmp_path, tiny_model_file, geotiff, args, message):
     import torch
@@ -243,6 +244,11 @@ def test_pseudo_seg_stage_trains_a_head_that_detect_uses(runner, tmp_path):
                                   "--cam-method", "pseudo-seg", "--cam-fallback", "--score-threshold", "0", "--quiet"])
     assert result.exit_code == 0, result.output
     assert read_layer_metadata(tmp_path / "f.gpkg")["cam_fallback"].startswith("branch CAM")
+    result = runner.invoke(main, ["detect", scene, "--out", str(tmp_path / "g.gpkg"), "--model", str(out),
+                                  "--cam-method", "pseudo-seg", "--cam-fallback", "--cam-fallback-min-score", "0.9",
+                                  "--score-threshold", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert read_layer_metadata(tmp_path / "g.gpkg")["cam_fallback"].endswith("on tiles scoring >= 0.9")
     refused = runner.invoke(main, ["detect", scene, "--out", str(tmp_path / "q.gpkg"), "--model", str(base),
                                    "--cam-method", "pseudo-seg"])
     assert refused.exit_code == 1 and "no pseudo-seg head" in refused.output

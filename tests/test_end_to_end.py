@@ -25,11 +25,12 @@ def test_detect_finds_the_panels_of_a_small_town(tmp_path):
     assert len(predicted) > 0
     tile_px = model_lib.load().config.tile_size_px
     metrics = evaluate(predicted, gpd.read_file(truth, layer="panels"), scene, tile_size_px=tile_px)
-    # versions 8 to 12 learnt from real imagery only and have never seen this renderer. Versions 9 and
+    # versions 8 to 13 learnt from real imagery only and have never seen this renderer. Versions 9 and
     # 10 found its tiles (measured on its 96 px grid: recall 0.76, precision 0.73) but outlined pavement
     # edges and pool rims, not the arrays (pixel IoU 0.002). Version 11's head reads the backbone's
     # context and learnt from negatives of other places: it draws less, and on the arrays (tile recall
     # 0.52, precision 0.79, pixel IoU 0.16, area -58 %; version 12, no gate: 0.57, 0.80, 0.16, -56 %;
+    # version 13, the branch CAM on sure tiles the head leaves empty: 0.62, 0.72, 0.12, -16 %;
     # docs/model-card.md, Limits). Version 7 (trained
     # on these towns) measured 0.95 / 1.0, IoU 0.74.
     assert metrics.tile_recall >= 0.45 and metrics.tile_precision >= 0.6 and metrics.pixel_iou >= 0.1

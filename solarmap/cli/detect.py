@@ -108,7 +108,9 @@ class _RegionalProgress:
                    "CAM when the model has a colour prior, as the bundled one does).")
 @click.option("--cam-fallback/--no-cam-fallback", default=None,
               help="pseudo-seg: where the segmentation head draws nothing on a positive tile, outline the branch "
-                   "CAM instead (default: the model's; off for the bundled one).")
+                   "CAM instead (default: the model's; the bundled one does, on tiles scoring at least 0.7).")
+@click.option("--cam-fallback-min-score", type=float, default=None, callback=unit_interval,
+              help="The fallback only on tiles scoring at least this (default: the model's; 0: every positive tile).")
 @click.option("--score-threshold", type=float, default=None, callback=unit_interval,
               help="Tile probability above which a tile is positive (default: the model's calibrated one).")
 @click.option("--min-area", "min_area_m2", type=float, default=1.0, show_default=True, help="Drop polygons below this many m².")
@@ -122,7 +124,7 @@ class _RegionalProgress:
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, src_crs, branch_levels, cam_method,
-           cam_threshold, refine, cam_fallback, score_threshold, min_area_m2, simplify_m, heatmap, resume, checkpoint_s, overwrite, quiet) -> None:
+           cam_threshold, refine, cam_fallback, cam_fallback_min_score, score_threshold, min_area_m2, simplify_m, heatmap, resume, checkpoint_s, overwrite, quiet) -> None:
     """Find solar panels in RASTERS and write their polygons (with areas in m²) to one GeoPackage.
 
     RASTERS: raster files, directories, globs, URLs GDAL opens, or .txt files listing rasters. Several
@@ -155,7 +157,8 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     from solarmap.pipeline import DetectConfig
 
     spec = ScorerSpec(model_path=model_path, method=cam_method, device=device, decision_threshold=score_threshold,
-                      branch_levels=branch_levels, refine=refine, cam_fallback=cam_fallback)
+                      branch_levels=branch_levels, refine=refine, cam_fallback=cam_fallback,
+                      cam_fallback_min_score=cam_fallback_min_score)
     scorer = spec.build()
     given = dict(tile_size_px=tile_size_px, overlap_px=overlap_px, gsd_m=gsd_m, mask_threshold=cam_threshold)
     config = DetectConfig.for_scorer(

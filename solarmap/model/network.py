@@ -57,6 +57,7 @@ class ModelConfig:
     seg_attention_floor: float = 0.1  # the head's gate: branch CAM / cam_scale it needs (0: no gate; calibrated)
     seg_blob_levels: tuple[float, ...] = ()  # the gate keeps or drops whole blobs at these levels (): pixel by pixel)
     seg_cam_fallback: bool = False  # a positive tile the head draws nothing on takes the branch CAM's mask instead
+    seg_cam_fallback_min_score: float = 0.0  # ... only where the tile is at least this probable (0: every positive)
     default_cam_method: str = "branch"  # the outline method `detect` uses unless told (chosen on validation)
     mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
     colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.geo.refine), bins³ entries

@@ -62,6 +62,7 @@ class ModelScorer:
     cam_scale: float | None = None  # None: the checkpoint's scale for the method
     refine: bool | None = None  # colour refinement: None = the method's default
     cam_fallback: bool | None = None  # pseudo-seg: branch CAM where the head draws nothing (None: the checkpoint's)
+    cam_fallback_min_score: float | None = None  # ... on tiles at least this probable (None: the checkpoint's)
 
     def __post_init__(self) -> None:
         self.method = CamMethod(self.method)
@@ -82,6 +83,8 @@ class ModelScorer:
         self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
         if self.decision_threshold is None:
             self.decision_threshold = config.decision_threshold
+        if self.cam_fallback_min_score is None:
+            self.cam_fallback_min_score = config.seg_cam_fallback_min_score
         if self.cam_fallback is None:
             self.cam_fallback = self.method is CamMethod.PSEUDO_SEG and config.seg_cam_fallback
         elif self.cam_fallback and self.method is not CamMethod.PSEUDO_SEG:
@@ -136,7 +139,8 @@ class ModelScorer:
                 "branch_levels": self.branch_levels or self.model.config.branch_levels}
         if self.method is CamMethod.PSEUDO_SEG:
             meta["seg_gate"] = seg_gate_text(self.model.config)
-            meta["cam_fallback"] = "branch CAM where the head draws nothing" if self.cam_fallback else "none"
+            floor = f" on tiles scoring >= {self.cam_fallback_min_score:g}" if self.cam_fallback_min_score > 0 else ""
+            meta["cam_fallback"] = f"branch CAM where the head draws nothing{floor}" if self.cam_fallback else "none"
         return meta
 
     def autocast(self):
@@ -161,7 +165,9 @@ class ModelScorer:
                                            geometry=self.geometry, shift=self.shift_px, scale=self.cam_scale)
             maps[positive.cpu().numpy()] = normalised.cpu().numpy()
             if self.cam_fallback:
-                self._fall_back_to_cam(x, maps, positive.cpu().numpy())
+                confident = positive[probs[positive] >= self.cam_fallback_min_score]
+                if len(confident):
+                    self._fall_back_to_cam(x, maps, confident.cpu().numpy())
         return probs.cpu().numpy(), maps
 
     def _fall_back_to_cam(self, x: torch.Tensor, maps: np.ndarray, positive: np.ndarray) -> None:
@@ -194,7 +200,8 @@ class ModelScorer:
 
 def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | CamMethod | None = None,
                  device: str = "auto", decision_threshold: float | None = None, branch_levels: int | None = None,
-                 refine: bool | None = None, cam_fallback: bool | None = None) -> ModelScorer:
+                 refine: bool | None = None, cam_fallback: bool | None = None,
+                 cam_fallback_min_score: float | None = None) -> ModelScorer:
     """A scorer from a checkpoint path (None: the bundled model) or a loaded network, named for
     the run metadata. Every option left at None takes the checkpoint's calibrated value (``method``:
     the checkpoint's default outline method)."""
@@ -203,7 +210,7 @@ def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | Ca
     method = CamMethod(method or net.config.default_cam_method)
     return ModelScorer(net, method=method, device=resolve_device(str(device)),
                        decision_threshold=decision_threshold, branch_levels=branch_levels, refine=refine, name=name,
-                       cam_fallback=cam_fallback)
+                       cam_fallback=cam_fallback, cam_fallback_min_score=cam_fallback_min_score)
 
 
 @dataclass(frozen=True)
@@ -218,6 +225,7 @@ class ScorerSpec:
     branch_levels: int | None = None
     refine: bool | None = None
     cam_fallback: bool | None = None
+    cam_fallback_min_score: float | None = None
 
     def build(self) -> ModelScorer:
         options = asdict(self)

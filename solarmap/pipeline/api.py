@@ -117,20 +117,22 @@ def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config:
 
 def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None = None, out: str | Path | None = None,
            overwrite: bool = False, progress: ProgressCallback | None = None, model: str | Path | None = None,
-           method: str | None = None, device: str = "auto", cam_fallback: bool | None = None, **overrides):
+           method: str | None = None, device: str = "auto", cam_fallback: bool | None = None,
+           cam_fallback_min_score: float | None = None, **overrides):
     """Detect panels in ``source`` (a raster path, or an xarray DataArray with ``.rio`` CRS/transform).
 
     Returns a GeoDataFrame of panel polygons in the source's CRS; with ``out`` also writes the
     GeoPackage. Without ``scorer``, the checkpoint ``model`` (default: the bundled one) scores with
     CAM ``method`` (default: the model's) on ``device``, exactly as ``solarmap detect --cam-method
-    METHOD [--cam-fallback]`` does. Without
+    METHOD [--cam-fallback] [--cam-fallback-min-score S]`` does. Without
     ``config`` the scorer's calibrated settings are used, with ``overrides`` (DetectConfig fields,
     e.g. ``min_area_m2=0``) on top.
     """
     if scorer is None:
         from solarmap.model.scorer import build_scorer
 
-        scorer = build_scorer(model, method=method, device=device, cam_fallback=cam_fallback)
+        scorer = build_scorer(model, method=method, device=device, cam_fallback=cam_fallback,
+                              cam_fallback_min_score=cam_fallback_min_score)
     if config is None:
         config = DetectConfig.for_scorer(scorer, **overrides)
     with tempfile.TemporaryDirectory(prefix="solarmap-") as tmp:
