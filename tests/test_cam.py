@@ -246,6 +246,9 @@ def test_pseudo_seg_falls_back_to_the_branch_cam_where_the_head_draws_nothing():
     assert ModelScorer(on, method="pseudo-seg").cam_fallback and not ModelScorer(on, method="branch").cam_fallback
     assert ModelScorer(M.SolarNet(replace(config, seg_cam_fallback_min_score=0.7)),
                        method="pseudo-seg").cam_fallback_min_score == 0.7  # the checkpoint's floor unless told
+    assert ModelScorer(base, method="pseudo-seg", cam_fallback_min_score=0.9).cam_fallback  # a floor asks for it
+    with pytest.raises(OptionError, match="--cam-fallback"):
+        ModelScorer(base, method="branch", cam_fallback_min_score=0.9)
     with pytest.raises(OptionError, match="--cam-fallback"):
         ModelScorer(on, method="branch", cam_fallback=True)
     # at one branch level the fallback is that level's CAM, at that level's measured offset

@@ -293,10 +293,15 @@ def test_the_summary_says_how_many_positive_tiles_got_no_outline_and_what_to_try
     from solarmap.cli.detect import _unoutlined_note
     from solarmap.model.cam import CamMethod
 
-    head = SimpleNamespace(method=CamMethod.PSEUDO_SEG, cam_fallback=False)
+    def scorer(method=CamMethod.PSEUDO_SEG, fallback=False, floor=0.0):
+        return SimpleNamespace(method=method, cam_fallback=fallback, cam_fallback_min_score=floor,
+                               decision_threshold=0.5)
+
+    head = scorer()
     assert _unoutlined_note(0, head) == ""
     assert "3 with nothing outlined" in _unoutlined_note(3, head) and "--cam-fallback" in _unoutlined_note(3, head)
-    for scorer in (SimpleNamespace(method=CamMethod.PSEUDO_SEG, cam_fallback=True),
-                   SimpleNamespace(method=CamMethod.BRANCH, cam_fallback=False)):
-        assert "3 with nothing outlined" in _unoutlined_note(3, scorer)
-        assert "--cam-fallback" not in _unoutlined_note(3, scorer)  # on already, or not the head's method
+    floored = _unoutlined_note(3, scorer(fallback=True, floor=0.7))  # the bundled model's: sure tiles only
+    assert "at least 0.7" in floored and "--cam-fallback-min-score 0" in floored
+    for other in (scorer(fallback=True), scorer(fallback=True, floor=0.5), scorer(method=CamMethod.BRANCH)):
+        assert "3 with nothing outlined" in _unoutlined_note(3, other)
+        assert "--cam-fallback" not in _unoutlined_note(3, other)  # on for every positive tile, or not the head's

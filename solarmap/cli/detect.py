@@ -50,8 +50,12 @@ def _unoutlined_note(count: int, scorer) -> str:
     on many residential arrays), so the user knows where to look and what to try."""
     if not count:
         return ""
-    hint = ("; --cam-fallback outlines them roughly" if scorer.method.value == "pseudo-seg" and not scorer.cam_fallback
-            else "")
+    hint = ""
+    if scorer.method.value == "pseudo-seg" and not scorer.cam_fallback:
+        hint = "; --cam-fallback outlines them roughly"
+    elif scorer.method.value == "pseudo-seg" and scorer.cam_fallback_min_score > scorer.decision_threshold:
+        hint = (f"; the fallback outlines only tiles scoring at least {scorer.cam_fallback_min_score:g}: "
+                f"--cam-fallback-min-score 0 outlines the others roughly")
     return f" ({count} with nothing outlined: a false call or an array the outline stage misses{hint})"
 
 

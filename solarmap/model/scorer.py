@@ -83,12 +83,15 @@ class ModelScorer:
         self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
         if self.decision_threshold is None:
             self.decision_threshold = config.decision_threshold
+        # a floor given without --cam-fallback asks for the fallback too
+        asked = self.cam_fallback or (self.cam_fallback is None and self.cam_fallback_min_score is not None)
+        if asked and self.method is not CamMethod.PSEUDO_SEG:
+            raise OptionError("--cam-fallback, --cam-fallback-min-score: only the pseudo-seg method falls back to the "
+                              "branch CAM")
         if self.cam_fallback_min_score is None:
             self.cam_fallback_min_score = config.seg_cam_fallback_min_score
         if self.cam_fallback is None:
-            self.cam_fallback = self.method is CamMethod.PSEUDO_SEG and config.seg_cam_fallback
-        elif self.cam_fallback and self.method is not CamMethod.PSEUDO_SEG:
-            raise OptionError("--cam-fallback: only the pseudo-seg method falls back to the branch CAM")
+            self.cam_fallback = asked or (self.method is CamMethod.PSEUDO_SEG and config.seg_cam_fallback)
 
     @property
     def colour_prior(self) -> np.ndarray | None:
