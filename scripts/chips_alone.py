@@ -2,7 +2,7 @@
 gives a user (or an evaluation) whose rasters are the size of one chip.
 
     python scripts/chips_alone.py [--model FILE] [--[no-]cam-fallback] [--cam-fallback-min-score S] [--split val|test]
-                                  [--per-source 150] [--json OUT]
+                                  [--gsd M] [--per-source 150] [--json OUT]
 
 Per source: the share of positive chips with at least one polygon ("found"), and with at least one tile
 called positive, outlined or not ("called": the gap is what the outline stage misses); the same two
@@ -27,7 +27,7 @@ from affine import Affine
 from rasterio.features import rasterize
 
 from solarmap.geo.output import write_geotiff
-from solarmap.model.scorer import build_scorer
+from solarmap.model.scorer import build_scorer, resample
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.training.real_data import load_source
 
@@ -42,10 +42,16 @@ def chip_transform(source: str, key: str, gsd_m: float) -> tuple[Affine, str]:
     return Affine(gsd_m, 0, 500_000.0, 0, -gsd_m, 4_000_000.0), "EPSG:32611"
 
 
+def coarser(pixels: np.ndarray, factor: float) -> np.ndarray:
+    """(c, h, w) uint8 as a raster ``factor`` times coarser holds it (area average)."""
+    return np.clip(np.rint(resample(pixels.astype(np.float32), 1 / factor)), 0, 255).astype(np.uint8)
+
+
 def measure_source(source: str, scorer, config: DetectConfig, data: Path, split: str, per_source: int,
-                   workdir: Path) -> dict:
-    gsd_m = SOURCE_GSD_M[source]
-    images = [im for im in load_source(source, data, gsd_m=gsd_m) if im.split == split]
+                   workdir: Path, gsd_m: float | None = None) -> dict:
+    native_m = SOURCE_GSD_M[source]
+    gsd_m = max(native_m, gsd_m or native_m)
+    images = [im for im in load_source(source, data, gsd_m=native_m) if im.split == split]
     if len(images) > per_source:
         chosen = np.random.default_rng(0).choice(len(images), per_source, replace=False)
         images = [images[i] for i in sorted(chosen)]
@@ -54,16 +60,20 @@ def measure_source(source: str, scorer, config: DetectConfig, data: Path, split:
     pooled = dict(intersection=0.0, union=0.0, truth=0.0, predicted=0.0)
     for k, image in enumerate(images):
         transform, crs = chip_transform(source, image.key, gsd_m)
+        pixels, mask = image.pixels, image.mask
+        if gsd_m > native_m:  # the same place in a coarser raster
+            pixels = coarser(pixels, gsd_m / native_m)
+            mask = None if mask is None else coarser(mask[None], gsd_m / native_m)[0]
         path = workdir / f"{source}_{k}.tif"
-        write_geotiff(path, image.pixels, transform=transform, crs=crs, overwrite=True)
+        write_geotiff(path, pixels, transform=transform, crs=crs, overwrite=True)
         frame, stats = detect_scene(str(path), scorer=scorer, config=config)
         drawn[image.label].append(len(frame) > 0)
         called[image.label].append(stats.tiles_positive > 0)
-        if image.mask is not None:
-            shape = image.pixels.shape[1:]
+        if mask is not None:
+            shape = pixels.shape[1:]
             predicted = (rasterize(((g, 1) for g in frame.geometry), out_shape=shape, transform=transform)
                          if len(frame) else np.zeros(shape, np.uint8)).astype(bool)
-            truth = image.mask >= 128
+            truth = mask >= 128
             pooled["intersection"] += float((predicted & truth).sum())
             pooled["union"] += float((predicted | truth).sum())
             pooled["truth"] += float(truth.sum())
@@ -87,6 +97,9 @@ def main() -> None:
                         help="The fallback only on tiles at least this probable (default: the model's).")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data")
     parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--gsd", type=float, default=None, metavar="M",
+                        help="Write each chip at this coarser GSD (e.g. 0.6 for NAIP), resampled from its own; "
+                             "finer sources stay as they are.")
     parser.add_argument("--per-source", type=int, default=150)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -97,13 +110,14 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory(prefix="solarmap-chips-") as tmp:
         for source in SOURCE_GSD_M:
-            rows[source] = measure_source(source, scorer, config, args.data, args.split, args.per_source, Path(tmp))
+            rows[source] = measure_source(source, scorer, config, args.data, args.split, args.per_source, Path(tmp),
+                                          gsd_m=args.gsd)
             print(source, " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in rows[source].items()), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"model": args.model or "bundled", "cam_fallback": scorer.cam_fallback,
                                          "cam_fallback_min_score": scorer.cam_fallback_min_score,
-                                         "split": args.split, "sources": rows}, indent=1))
+                                         "split": args.split, "gsd_m": args.gsd, "sources": rows}, indent=1))
 
 
 if __name__ == "__main__":
