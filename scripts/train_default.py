@@ -47,8 +47,9 @@ def main() -> None:
                         help="Share of fine-tuning views JPEG-compressed (default %(default)s).")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--over-model", type=Path, metavar="FILE",
-                        help="Keep this released model's network and CAM branch (its head and calibration are "
-                             "dropped): train only the segmentation head, then calibrate everything again.")
+                        help="Keep this released model's network and CAM branch (its head, calibration and CAM "
+                             "fallback are dropped): train only the segmentation head, then calibrate everything "
+                             "again (scripts/set_cam_fallback.py sets a fallback afterwards).")
     parser.add_argument("--synthetic-towns", type=int, default=0,
                         help="Also train on this many synthetic towns (a supplement; validation towns 101-104).")
     parser.add_argument("--seg-negatives", type=int, default=60,
@@ -68,13 +69,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.seg_relabel and not (args.seg_hard_negatives and args.seg_pseudo_positives):
         parser.error("--seg-relabel needs --seg-hard-negatives and --seg-pseudo-positives")
-    network_options = {"--backbone": args.backbone != "efficientnet-lite0", "--epochs": args.epochs != 10,
-                       "--lr": args.lr != 5e-4, "--views": bool(args.views), "--synthetic-towns": bool(args.synthetic_towns),
-                       "--look-coarser": args.look_coarser != ViewConfig.p_coarser,
-                       "--look-jpeg": args.look_jpeg != ViewConfig.p_jpeg}
-    if args.over_model and any(network_options.values()):
-        given = ", ".join(name for name, changed in network_options.items() if changed)
-        parser.error(f"--over-model keeps the model's network: {given} would change how it is trained")
+    network_options = ("backbone", "epochs", "lr", "views", "synthetic_towns", "look_coarser", "look_jpeg")
+    changed = [f"--{name.replace('_', '-')}" for name in network_options
+               if getattr(args, name) != parser.get_default(name)]
+    if args.over_model and changed:
+        parser.error(f"--over-model keeps the model's network: {', '.join(changed)} would change how it is trained")
     if args.over_model:
         try:
             over = released_network(load(args.over_model))
