@@ -169,8 +169,7 @@ class ModelScorer:
             maps[positive.cpu().numpy()] = normalised.cpu().numpy()
             if self.cam_fallback:
                 confident = positive[probs[positive] >= self.cam_fallback_min_score]
-                if len(confident):
-                    self._fall_back_to_cam(x, maps, confident.cpu().numpy())
+                self._fall_back_to_cam(x, maps, confident.cpu().numpy())
         return probs.cpu().numpy(), maps
 
     def _fall_back_to_cam(self, x: torch.Tensor, maps: np.ndarray, positive: np.ndarray) -> None:
@@ -180,6 +179,8 @@ class ModelScorer:
         Why: the head learnt outlines from one UAV set (PV01) and draws nothing on many arrays in
         other imagery (residential roofs at 0.3 m), where the classifier and its CAM branch, trained
         on every real set, still point at them; a rough outline beats none for an inventory."""
+        if not len(positive):
+            return
         config, c = self.model.config, self.context_px
         seg_threshold = self.impl.mask_rule(config)[0]
         cam_threshold = METHODS[CamMethod.BRANCH].mask_rule(config)[0]
