@@ -257,3 +257,49 @@ def test_pseudo_seg_falls_back_to_the_branch_cam_where_the_head_draws_nothing():
     one_level = maps("branch", branch_levels=1)
     assert not np.allclose(one_level, maps("branch"))
     assert np.allclose(maps("pseudo-seg", 1.5, cam_fallback=True, branch_levels=1), one_level * 3.0, atol=1e-5)
+
+
+def test_on_coarse_rasters_the_fallback_draws_half_the_peak_of_a_cam_under_its_threshold():
+    """Where the branch CAM stays under its threshold on a sure tile, only a raster coarser than the
+    model's training (coarse_source_factor x gsd_m) takes the pixels at half the CAM's peak."""
+    from solarmap.model.network import ModelConfig
+    from solarmap.model.scorer import _core_peaks
+
+    torch.manual_seed(0)
+    config = ModelConfig.for_backbone("efficientnet-lite0", branch_levels=2, pseudo_seg=True, context_px=32,
+                                      decision_threshold=0.0, cam_scale=1e-6, seg_attention_floor=0.0,
+                                      seg_cam_fallback=True, mask_rules={"pseudo-seg": (1.5, None)})
+    base = M.SolarNet(config)
+    with torch.no_grad():
+        base.backbone.net.classifier.weight.mul_(1e-3)  # a random classifier is sure of everything
+    windows = np.random.default_rng(0).random((2, 3, 160, 160), dtype=np.float32)
+
+    def maps(gsd_m=None, coarse_floor=0.0, method="pseudo-seg", **options):
+        net = M.SolarNet(replace(config, cam_threshold=under, seg_cam_fallback_coarse_min_score=coarse_floor))
+        net.load_state_dict(base.state_dict())
+        scorer = ModelScorer(net.eval(), method=method, **options)
+        return (scorer if gsd_m is None else scorer.for_source(gsd_m))(windows)
+
+    under = 1.0
+    _, branch = maps(method="branch")
+    peaks = _core_peaks(branch, 32)
+    assert (peaks > 0).all()
+    under = float(peaks.max()) * 2  # a CAM threshold neither tile's CAM reaches
+    probs, fine = maps()
+    assert (_core_peaks(fine, 32) < 1.5).all()  # at the model's GSD nothing reaches the head's threshold
+    assert np.array_equal(maps(0.4)[1], fine)  # 0.4 m is within 1.4 x 0.3 m
+    coarse = maps(0.6)[1]
+    assert np.allclose(coarse, branch * (1.5 / (0.5 * peaks))[:, None, None], rtol=1e-4)
+    assert np.allclose(_core_peaks(coarse, 32), 3.0, rtol=1e-4)  # the peak at twice the threshold: half drawn
+    # a coarse floor between the two tiles' probabilities: only the surer tile draws at half its peak
+    assert probs[0] != probs[1]
+    sure = int(probs.argmax())
+    floored = maps(0.6, coarse_floor=float(probs.mean()))[1]
+    assert np.allclose(floored[sure], coarse[sure], rtol=1e-4)
+    assert np.array_equal(floored[1 - sure], fine[1 - sure])
+    # off with the fallback, or without a coarse floor in the checkpoint
+    assert np.array_equal(maps(0.6, cam_fallback=False)[1], maps(cam_fallback=False)[1])
+    assert np.array_equal(maps(0.6, coarse_floor=None)[1], fine)
+    said = ModelScorer(M.SolarNet(replace(config, seg_cam_fallback_coarse_min_score=0.8)),
+                       method="pseudo-seg").metadata()["cam_fallback"]
+    assert "coarser than 0.42 m" in said and "scoring >= 0.8" in said  # the GeoPackage says which rule drew
