@@ -58,10 +58,6 @@ class ModelConfig:
     seg_blob_levels: tuple[float, ...] = ()  # the gate keeps or drops whole blobs at these levels (): pixel by pixel)
     seg_cam_fallback: bool = False  # a positive tile the head draws nothing on takes the branch CAM's mask instead
     seg_cam_fallback_min_score: float = 0.0  # ... only where the tile is at least this probable (0: every positive)
-    # on rasters coarser than coarse_source_factor x gsd_m, fallback tiles at least this probable whose branch CAM
-    # stays under its threshold take the pixels at half the CAM's peak (None: off)
-    seg_cam_fallback_coarse_min_score: float | None = None
-    coarse_source_factor: float = 1.4  # the top of the training GSD jitter: coarser rasters look unlike training
     default_cam_method: str = "branch"  # the outline method `detect` uses unless told (chosen on validation)
     mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
     colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.geo.refine), bins³ entries

@@ -9,7 +9,6 @@ same ``--cam-method``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,7 +63,6 @@ class ModelScorer:
     refine: bool | None = None  # colour refinement: None = the method's default
     cam_fallback: bool | None = None  # pseudo-seg: branch CAM where the head draws nothing (None: the checkpoint's)
     cam_fallback_min_score: float | None = None  # ... on tiles at least this probable (None: the checkpoint's)
-    source_gsd_m: float | None = None  # the raster's own pixel size on the ground (set by for_source)
 
     def __post_init__(self) -> None:
         self.method = CamMethod(self.method)
@@ -94,23 +92,6 @@ class ModelScorer:
             self.cam_fallback_min_score = config.seg_cam_fallback_min_score
         if self.cam_fallback is None:
             self.cam_fallback = asked or (self.method is CamMethod.PSEUDO_SEG and config.seg_cam_fallback)
-
-    def for_source(self, gsd_m: float) -> "ModelScorer":
-        """This scorer for one raster whose own pixels are ``gsd_m`` metres on the ground (before any
-        resampling to the model's GSD): the same model and options, sharing the network."""
-        scorer = copy.copy(self)
-        scorer.source_gsd_m = float(gsd_m)
-        return scorer
-
-    @property
-    def coarse_floor(self) -> float | None:
-        """The tile probability from which the weak-CAM fallback draws on this raster, or None where it
-        does not: only on rasters coarser than the model saw in training (``coarse_source_factor``)."""
-        config = self.model.config
-        floor = config.seg_cam_fallback_coarse_min_score
-        if not self.cam_fallback or floor is None or self.source_gsd_m is None:
-            return None
-        return floor if self.source_gsd_m > config.coarse_source_factor * config.gsd_m else None
 
     @property
     def colour_prior(self) -> np.ndarray | None:
@@ -162,11 +143,7 @@ class ModelScorer:
         if self.method is CamMethod.PSEUDO_SEG:
             meta["seg_gate"] = seg_gate_text(self.model.config)
             floor = f" on tiles scoring >= {self.cam_fallback_min_score:g}" if self.cam_fallback_min_score > 0 else ""
-            config = self.model.config
-            coarse = config.seg_cam_fallback_coarse_min_score
-            weak = ("" if coarse is None else f"; on rasters coarser than {config.coarse_source_factor * config.gsd_m:g} m "
-                    f"also at half the CAM's peak where it stays under its threshold, on tiles scoring >= {coarse:g}")
-            meta["cam_fallback"] = f"branch CAM where the head draws nothing{floor}{weak}" if self.cam_fallback else "none"
+            meta["cam_fallback"] = f"branch CAM where the head draws nothing{floor}" if self.cam_fallback else "none"
         return meta
 
     def autocast(self):
@@ -191,42 +168,30 @@ class ModelScorer:
                                            geometry=self.geometry, shift=self.shift_px, scale=self.cam_scale)
             maps[positive.cpu().numpy()] = normalised.cpu().numpy()
             if self.cam_fallback:
-                self._fall_back_to_cam(x, maps, positive.cpu().numpy(), probs.cpu().numpy())
+                confident = positive[probs[positive] >= self.cam_fallback_min_score]
+                self._fall_back_to_cam(x, maps, confident.cpu().numpy())
         return probs.cpu().numpy(), maps
 
-    def _fall_back_to_cam(self, x: torch.Tensor, maps: np.ndarray, positive: np.ndarray, probs: np.ndarray) -> None:
-        """Positive tiles at least ``cam_fallback_min_score`` probable whose head map never reaches its
-        mask threshold inside the tile take the branch CAM instead, rescaled so that the CAM's own
-        calibrated threshold lands on the head's. On a coarse raster (:attr:`coarse_floor`), such tiles
-        at least that probable whose CAM stays under its threshold take the pixels at half its peak.
+    def _fall_back_to_cam(self, x: torch.Tensor, maps: np.ndarray, positive: np.ndarray) -> None:
+        """Positive tiles whose head map never reaches its mask threshold inside the tile take the
+        branch CAM instead, rescaled so that the CAM's own calibrated threshold lands on the head's.
 
         Why: the head learnt outlines from one UAV set (PV01) and draws nothing on many arrays in
         other imagery (residential roofs at 0.3 m), where the classifier and its CAM branch, trained
-        on every real set, still point at them; a rough outline beats none for an inventory. On
-        rasters coarser than training (NAIP's 0.6 m) the classifier stays sure of arrays while the
-        CAM's peak falls several-fold below the threshold calibrated at the model's GSD."""
-        coarse_floor = self.coarse_floor
-        floor = self.cam_fallback_min_score if coarse_floor is None else min(self.cam_fallback_min_score, coarse_floor)
-        positive = positive[probs[positive] >= floor]
+        on every real set, still point at them; a rough outline beats none for an inventory."""
         if not len(positive):
             return
         config, c = self.model.config, self.context_px
         seg_threshold = self.impl.mask_rule(config)[0]
         cam_threshold = METHODS[CamMethod.BRANCH].mask_rule(config)[0]
-        empty = positive[_core_peaks(maps[positive], c) < seg_threshold]
+        cores = maps[positive][:, c: maps.shape[1] - c, c: maps.shape[2] - c] if c else maps[positive]
+        empty = positive[cores.reshape(len(positive), -1).max(axis=1) < seg_threshold]
         if not len(empty):
             return
         branch = METHODS[CamMethod.BRANCH]
         cam = self._window_maps(branch, x[torch.from_numpy(empty).to(x.device)], None, geometry=branch.geometry(self),
-                                shift=self._measured_shift(self.branch_shift_key, CamMethod.BRANCH)).cpu().numpy()
-        scale = np.full(len(empty), seg_threshold / cam_threshold, dtype=np.float32)
-        scale[probs[empty] < self.cam_fallback_min_score] = 0.0  # below the floor: only the weak rule may draw
-        if coarse_floor is not None:
-            peaks = _core_peaks(cam, c)
-            weak = (peaks > 0) & (peaks < cam_threshold) & (probs[empty] >= coarse_floor)
-            scale[weak] = seg_threshold / (WEAK_CAM_FRACTION * peaks[weak])
-        drawn = scale > 0
-        maps[empty[drawn]] = cam[drawn] * scale[drawn, None, None]
+                                shift=self._measured_shift(self.branch_shift_key, CamMethod.BRANCH))
+        maps[empty] = (cam * (seg_threshold / cam_threshold)).cpu().numpy()
 
     def _window_maps(self, impl, x: torch.Tensor, features: torch.Tensor | None, *, geometry: tuple[int, int] | None,
                      shift: tuple[float, ...], scale: float | None = None) -> torch.Tensor:
@@ -235,16 +200,6 @@ class ModelScorer:
         raw = impl.raw_maps(self, x, features)
         aligned = align_to_window(raw, tuple(x.shape[2:]), geometry, shift)
         return impl.normalise(aligned, self.model.config, scale)
-
-
-WEAK_CAM_FRACTION = 0.5  # the weak-tile share of the peak the other CAM methods' rules calibrated
-
-
-def _core_peaks(maps: np.ndarray, context_px: int) -> np.ndarray:
-    """Each window map's maximum inside its tile (the window less ``context_px`` on each side)."""
-    c = context_px
-    cores = maps[:, c: maps.shape[1] - c, c: maps.shape[2] - c] if c else maps
-    return cores.reshape(len(maps), -1).max(axis=1)
 
 
 def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | CamMethod | None = None,
