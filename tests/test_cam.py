@@ -178,36 +178,6 @@ def test_cam_scales_are_measured_on_windows_as_detection_reads_them():
     assert float(np.median(normalised.max(axis=(1, 2)))) == pytest.approx(1.0, rel=1e-4)  # a typical peak maps to 1
 
 
-def test_the_fallbacks_cam_scale_per_gsd_is_interpolated_in_log_gsd():
-    from solarmap.model.scorer import cam_scale_ratio
-
-    table = ((0.3, 1.0), (0.6, 0.25))
-    assert cam_scale_ratio((), 0.6) == 1.0
-    assert cam_scale_ratio(table, 0.1) == cam_scale_ratio(table, 0.3) == 1.0  # finer than measured: as at the first
-    assert cam_scale_ratio(table, (0.3 * 0.6) ** 0.5) == pytest.approx(0.625)  # halfway in log GSD
-    assert cam_scale_ratio(table, 0.6) == cam_scale_ratio(table, 2.0) == 0.25  # coarser: the last one stands
-
-
-def test_the_fallbacks_cam_scale_per_gsd_is_measured_on_chips_seen_at_each_gsd():
-    from solarmap.errors import ModelError
-    from solarmap.training.calibrate import fallback_cam_scales
-
-    torch.manual_seed(0)
-    net = M.SolarNet(replace(tiny_config(), branch_levels=2, context_px=16)).eval()
-    with torch.no_grad():  # positive class weights >= 0: maps of ReLU features are then >= 0, as when trained
-        net.branch_heads[1].weight.abs_()
-    rng = np.random.default_rng(0)
-    flat = [np.full((3, 101, 101), v, np.float32) for v in (0.2, 0.5, 0.8)]  # nothing for coarser pixels to lose
-    scales = fallback_cam_scales(net, flat, (0.6, 0.45))
-    assert [g for g, _ in scales] == [0.3, 0.45, 0.6] and scales[0][1] == 1.0
-    assert all(r == pytest.approx(1.0, abs=1e-3) for _, r in scales)
-    noisy = [rng.random((3, 101, 101), dtype=np.float32) for _ in range(3)]
-    with torch.no_grad():
-        net.branch_heads[1].weight.copy_(-net.branch_heads[1].weight)  # a CAM that never rises
-    with pytest.raises(ModelError, match="does not rise"):
-        fallback_cam_scales(net, noisy, (0.6,))
-
-
 def test_grad_cam_works_on_a_frozen_model():
     from solarmap.model.cam import grad_cam
 
@@ -281,16 +251,6 @@ def test_pseudo_seg_falls_back_to_the_branch_cam_where_the_head_draws_nothing():
         ModelScorer(base, method="branch", cam_fallback_min_score=0.9)
     with pytest.raises(OptionError, match="--cam-fallback"):
         ModelScorer(on, method="branch", cam_fallback=True)
-    # a raster coarser than the model's GSD: the fallback's CAM on the scale arrays give there
-    scaled = M.SolarNet(replace(config, mask_rules={"pseudo-seg": (1.5, None)},
-                                seg_cam_fallback_scales=((0.3, 1.0), (0.6, 0.25))))
-    scaled.load_state_dict(base.state_dict())
-    scorer = ModelScorer(scaled.eval(), method="pseudo-seg", cam_fallback=True)
-    assert np.allclose(scorer(windows)[1], branch * 3.0, atol=1e-5)  # no raster GSD known: the model's own
-    assert np.allclose(scorer.for_source(0.3)(windows)[1], branch * 3.0, atol=1e-5)
-    assert np.allclose(scorer.for_source(0.6)(windows)[1], branch * 12.0, rtol=1e-4, atol=1e-5)
-    assert scorer.source_gsd_m is None  # for_source gives a copy; the scorer itself is untouched
-    assert "scale set for the raster's GSD" in scorer.metadata()["cam_fallback"]
     # at one branch level the fallback is that level's CAM, at that level's measured offset
     config = replace(config, cam_shifts={"branch": (0.0, 0.0), "branch1": (8.0, -8.0)})
     base = M.SolarNet(config)

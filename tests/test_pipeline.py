@@ -134,27 +134,6 @@ def test_positive_tiles_with_nothing_outlined_in_them_are_counted(geotiff):
     assert stats.tiles_positive == 9 and stats.tiles_positive_unoutlined == 8  # the context alone outlines nothing
 
 
-def test_the_scorer_is_told_the_coarser_of_the_rasters_own_gsd_and_the_runs(geotiff):
-    """A model may outline rasters coarser than it was trained on differently (the weak-CAM fallback):
-    SceneRun hands it each raster's own pixel size, never finer than the grid the run reads it on."""
-    from solarmap.pipeline import SceneRun
-
-    told = []
-
-    class Telling(BandOneScorer):
-        def for_source(self, gsd_m):
-            told.append(gsd_m)
-            return self
-
-    path = geotiff(rectangle_raster(40, 40, (4, 4, 12, 12)))  # 0.5 m pixels
-    for run_gsd, expected in [(None, 0.5), (0.25, 0.5), (1.0, 1.0)]:
-        config = DetectConfig(tile_size_px=16, overlap_px=0, batch_size=4, min_area_m2=0.0, gsd_m=run_gsd)
-        SceneRun(path, scorer=Telling(), config=config).run(lambda frame: None)
-        assert told.pop() == pytest.approx(expected, rel=0.02)
-    stats = SceneRun(path, scorer=BandOneScorer(), config=CONFIG).run(lambda frame: None)  # scorers without it
-    assert stats.tiles_positive > 0
-
-
 def test_batches_with_nodata_tiles_score_only_the_tiles_with_data(geotiff):
     from solarmap.geo.raster import SceneReader
     from solarmap.pipeline import SceneRun

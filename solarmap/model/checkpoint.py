@@ -82,8 +82,6 @@ def _config_from_dict(data: dict) -> ModelConfig:
     for key in ("mean", "std", "branch_channels", "colour_prior", "seg_blob_levels"):
         if values.get(key) is not None:
             values[key] = tuple(values[key])
-    if values.get("seg_cam_fallback_scales"):
-        values["seg_cam_fallback_scales"] = tuple(tuple(pair) for pair in values["seg_cam_fallback_scales"])
     try:
         return ModelConfig(**values)
     except TypeError as exc:

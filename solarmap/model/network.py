@@ -58,8 +58,6 @@ class ModelConfig:
     seg_blob_levels: tuple[float, ...] = ()  # the gate keeps or drops whole blobs at these levels (): pixel by pixel)
     seg_cam_fallback: bool = False  # a positive tile the head draws nothing on takes the branch CAM's mask instead
     seg_cam_fallback_min_score: float = 0.0  # ... only where the tile is at least this probable (0: every positive)
-    # (raster GSD in m, the branch CAM's typical peak on arrays there / at gsd_m): the fallback's CAM scale per GSD
-    seg_cam_fallback_scales: tuple[tuple[float, float], ...] = ()
     default_cam_method: str = "branch"  # the outline method `detect` uses unless told (chosen on validation)
     mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
     colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.geo.refine), bins³ entries

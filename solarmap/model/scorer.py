@@ -9,8 +9,6 @@ same ``--cam-method``.
 
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,8 +23,7 @@ from solarmap.model.cam import METHODS, CamMethod, autocast_for
 from solarmap.model.checkpoint import load
 from solarmap.model.network import SolarNet
 
-__all__ = ["ModelScorer", "ScorerSpec", "build_scorer", "cam_scale_ratio", "classify_images", "fit_square", "resample",
-           "resolve_device"]
+__all__ = ["ModelScorer", "ScorerSpec", "build_scorer", "classify_images", "fit_square", "resample", "resolve_device"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -66,7 +63,6 @@ class ModelScorer:
     refine: bool | None = None  # colour refinement: None = the method's default
     cam_fallback: bool | None = None  # pseudo-seg: branch CAM where the head draws nothing (None: the checkpoint's)
     cam_fallback_min_score: float | None = None  # ... on tiles at least this probable (None: the checkpoint's)
-    source_gsd_m: float | None = None  # the raster's own pixel size on the ground (set by for_source)
 
     def __post_init__(self) -> None:
         self.method = CamMethod(self.method)
@@ -96,23 +92,6 @@ class ModelScorer:
             self.cam_fallback_min_score = config.seg_cam_fallback_min_score
         if self.cam_fallback is None:
             self.cam_fallback = asked or (self.method is CamMethod.PSEUDO_SEG and config.seg_cam_fallback)
-
-    def for_source(self, gsd_m: float) -> "ModelScorer":
-        """This scorer for one raster whose own pixels are ``gsd_m`` metres on the ground (before any
-        resampling to the model's GSD): the same model and options, sharing the network."""
-        scorer = copy.copy(self)
-        scorer.source_gsd_m = float(gsd_m)
-        return scorer
-
-    @property
-    def fallback_cam_scale(self) -> float:
-        """The branch CAM value the fallback counts as 1.0 on this raster: the CAM's scale times how
-        much weaker its peak on arrays is at the raster's GSD (``seg_cam_fallback_scales``), so the CAM's
-        threshold asks for the same share of a typical array's response at every GSD."""
-        config = self.model.config
-        if self.source_gsd_m is None:
-            return config.cam_scale
-        return config.cam_scale * cam_scale_ratio(config.seg_cam_fallback_scales, self.source_gsd_m)
 
     @property
     def colour_prior(self) -> np.ndarray | None:
@@ -164,9 +143,7 @@ class ModelScorer:
         if self.method is CamMethod.PSEUDO_SEG:
             meta["seg_gate"] = seg_gate_text(self.model.config)
             floor = f" on tiles scoring >= {self.cam_fallback_min_score:g}" if self.cam_fallback_min_score > 0 else ""
-            scaled = "; its scale set for the raster's GSD" if self.model.config.seg_cam_fallback_scales else ""
-            meta["cam_fallback"] = (f"branch CAM where the head draws nothing{floor}{scaled}" if self.cam_fallback
-                                    else "none")
+            meta["cam_fallback"] = f"branch CAM where the head draws nothing{floor}" if self.cam_fallback else "none"
         return meta
 
     def autocast(self):
@@ -213,8 +190,7 @@ class ModelScorer:
             return
         branch = METHODS[CamMethod.BRANCH]
         cam = self._window_maps(branch, x[torch.from_numpy(empty).to(x.device)], None, geometry=branch.geometry(self),
-                                shift=self._measured_shift(self.branch_shift_key, CamMethod.BRANCH),
-                                scale=self.fallback_cam_scale)
+                                shift=self._measured_shift(self.branch_shift_key, CamMethod.BRANCH))
         maps[empty] = (cam * (seg_threshold / cam_threshold)).cpu().numpy()
 
     def _window_maps(self, impl, x: torch.Tensor, features: torch.Tensor | None, *, geometry: tuple[int, int] | None,
@@ -224,21 +200,6 @@ class ModelScorer:
         raw = impl.raw_maps(self, x, features)
         aligned = align_to_window(raw, tuple(x.shape[2:]), geometry, shift)
         return impl.normalise(aligned, self.model.config, scale)
-
-
-def cam_scale_ratio(table, gsd_m: float) -> float:
-    """The ratio ``table`` ((GSD, ratio) pairs) gives at ``gsd_m``: linear in log GSD between its
-    points, its first ratio below them and its last beyond; 1 for an empty table."""
-    points = sorted((float(g), float(r)) for g, r in table)
-    if not points:
-        return 1.0
-    if gsd_m <= points[0][0]:
-        return points[0][1]
-    for (g0, r0), (g1, r1) in zip(points, points[1:]):
-        if gsd_m <= g1:
-            t = math.log(gsd_m / g0) / math.log(g1 / g0)
-            return r0 + t * (r1 - r0)
-    return points[-1][1]
 
 
 def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | CamMethod | None = None,

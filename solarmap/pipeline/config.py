@@ -22,8 +22,7 @@ class Scorer(Protocol):
     ``maps`` is (batch, h, w) at any resolution (e.g. 35 x 35 CAMs); it is resized to the window and
     compared with the mask threshold, so it must already be on the scale that threshold expects.
     A scorer may also offer ``context_px`` (pixels of surroundings it expects around each tile),
-    ``colour_prior`` (for refinement), ``detect_settings()`` (the settings it was calibrated for) and
-    ``for_source(gsd_m)`` (the scorer to use on a raster whose own pixels are that many metres).
+    ``colour_prior`` (for refinement) and ``detect_settings()`` (the settings it was calibrated for).
     """
 
     name: str

@@ -28,7 +28,7 @@ import numpy as np
 from solarmap.errors import OptionError
 from solarmap.faults import fault_point
 from solarmap.geo.output import HeatmapWriter
-from solarmap.geo.raster import SceneInfo, SceneReader, TileImage
+from solarmap.geo.raster import SceneReader, TileImage
 from solarmap.geo.refine import refine_mask
 from solarmap.geo.tiling import Grid, TileSpec, iter_tiles, tile_grid_shape
 from solarmap.geo.vectorize import (
@@ -280,22 +280,12 @@ class SceneRun:
                                  clock=lambda: elapsed_before + time.perf_counter() - started)
             batches = read_batches(reader, spec, rows=(start_row, stop_row), batch_size=config.batch_size,
                                    stats=stats)
-            self._score_all(self._scorer_for(reader.info), batches, post, stats)
+            self._score_all(batches, post, stats)
             post.finish()
         stats.seconds = elapsed_before + time.perf_counter() - started
         return stats
 
-    def _scorer_for(self, info: SceneInfo) -> Scorer:
-        """The scorer told how fine this raster's own pixels are (the coarser of its source and the run's
-        grid), where it can use that: a model may outline rasters coarser than it was trained on differently."""
-        for_source = getattr(self.scorer, "for_source", None)
-        if for_source is None:
-            return self.scorer
-        source, run = info.source_grid.ground_resolution_m(), info.grid.ground_resolution_m()
-        return for_source(max(sum(source) / 2, sum(run) / 2))
-
-    def _score_all(self, scorer: Scorer, batches: Iterator[ReadBatch], post: PostProcessor,
-                   stats: DetectStats) -> None:
+    def _score_all(self, batches: Iterator[ReadBatch], post: PostProcessor, stats: DetectStats) -> None:
         """The scorer in this thread, reading one batch ahead in another, post-processing behind.
 
         On a CPU post-processing runs here too, between batches: the model's threads use every core,
@@ -303,7 +293,7 @@ class SceneRun:
         them slowed the model more than it overlapped (end-to-end 38.8 tiles/s at low priority vs 41.1
         in line). On a GPU the model mostly waits for the device, so post-processing gets its own thread.
         """
-        on_gpu = getattr(getattr(scorer, "device", None), "type", "cpu") != "cpu"
+        on_gpu = getattr(getattr(self.scorer, "device", None), "type", "cpu") != "cpu"
         after_model = BackgroundConsumer(post, depth=4, name="solarmap-vectorize") if on_gpu else InlineConsumer(post)
         ahead = prefetch(batches, depth=2)
         try:
@@ -312,7 +302,7 @@ class SceneRun:
                     probs, maps = np.zeros(0, np.float32), np.zeros((0, 1, 1), np.float32)
                     if read.live:
                         with timed(stats, "model"):
-                            probs, maps = scorer(read.pixels)
+                            probs, maps = self.scorer(read.pixels)
                     fault_point("batch")
                     after_model.put(ScoredBatch(read.images, read.live, probs, maps))
             after_model.finish()

@@ -22,7 +22,7 @@ from solarmap.geo.refine import ColourRefine, colour_histograms, colour_log_rati
 from solarmap.model.align import align_to_window
 from solarmap.model.cam import CamMethod
 from solarmap.model.network import SolarNet
-from solarmap.model.scorer import ModelScorer, resample
+from solarmap.model.scorer import ModelScorer
 from solarmap.model.seg import BLOB_LEVELS
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.training.data import Sample, stack_samples
@@ -30,7 +30,7 @@ from solarmap.training.stages import binary_scores, predict_probabilities
 
 __all__ = ["MASK_THRESHOLDS", "best_rule", "calibrate", "calibrate_cam_scales", "calibrate_cam_shifts",
            "calibrate_cam_threshold", "calibrate_mask_rules", "calibrate_refine_rule", "calibrate_seg_rule",
-           "cam_scales", "estimate_cam_shift", "fallback_cam_scales", "fit_colour_prior", "sweep_detect_configs", "sweep_mask_rules"]
+           "cam_scales", "estimate_cam_shift", "fit_colour_prior", "sweep_detect_configs", "sweep_mask_rules"]
 
 # CAM thresholds every mask-rule sweep tries (branch calibration, per-method rules, comparisons)
 MASK_THRESHOLDS = tuple(np.round(np.arange(0.3, 0.95, 0.1), 2))
@@ -104,58 +104,6 @@ def calibrate_cam_scales(model: SolarNet, windows: Sequence[Sample]) -> dict[str
     scales = cam_scales(model, windows, {"branch": dict(method="branch"), "gap": dict(method="gap")})
     model.config = replace(model.config, cam_scale=scales["branch"], gap_cam_scale=scales["gap"])
     return scales
-
-
-@torch.inference_mode()
-def fallback_cam_scales(model: SolarNet, chips: Sequence[np.ndarray], gsds: Sequence[float]) -> tuple:
-    """How the branch CAM's peak on arrays falls on coarser rasters: for each GSD in ``gsds``, the
-    median core peak over ``chips`` (positive (3, h, w) float images in [0, 1] at the model's GSD),
-    each seen as a raster of that GSD holds it (area-averaged down, bilinear back up, as detection
-    reads it) and as one window padded with zeros past its edges, divided by the same at the model's
-    own GSD. The fallback divides its CAM by ``cam_scale`` times this ratio
-    (``ModelConfig.seg_cam_fallback_scales``) so its threshold means the same share of an array's
-    typical response at every GSD. GSDs from the first where that median is not positive on are left
-    out: the CAM says nothing about arrays there, and the last ratio stands for them."""
-    if not chips:
-        raise ValueError("no positive chips to measure the CAM's peak on")
-    config = model.config
-    scorer = ModelScorer(model, method="branch")
-    window, c = config.tile_size_px + 2 * scorer.context_px, scorer.context_px
-
-    def median_peak(gsd_m: float) -> float:
-        peaks = []
-        for chip in chips:
-            seen = chip if gsd_m <= config.gsd_m else resample(resample(chip, config.gsd_m / gsd_m),
-                                                               gsd_m / config.gsd_m)
-            x = torch.from_numpy(_centred_in_zeros(seen, window))[None]
-            maps = align_to_window(scorer.raw_maps(x), (window, window), scorer.geometry, scorer.shift_px)
-            peaks.append(float(maps[0, c: window - c, c: window - c].max()))
-        return float(np.median(peaks))
-
-    own = median_peak(config.gsd_m)
-    if own <= 1e-9:
-        raise ModelError("the branch CAM does not rise on these positive chips at the model's own GSD: "
-                         "no scale to measure coarser ones against")
-    scales = [(float(config.gsd_m), 1.0)]
-    for gsd_m in sorted(g for g in gsds if g > config.gsd_m):
-        peak = median_peak(gsd_m)
-        if peak <= 1e-9:  # the CAM no longer rises on arrays: nothing to scale by here or coarser
-            break
-        scales.append((float(gsd_m), peak / own))
-    return tuple(scales)
-
-
-def _centred_in_zeros(pixels: np.ndarray, size_px: int) -> np.ndarray:
-    """(c, h, w) centre-cropped to at most ``size_px`` and centred in a (c, size, size) of zeros
-    (what detection reads past a raster's edges)."""
-    _, h, w = pixels.shape
-    top, left = max(0, (h - size_px) // 2), max(0, (w - size_px) // 2)
-    pixels = pixels[:, top: top + size_px, left: left + size_px]
-    _, h, w = pixels.shape
-    out = np.zeros((pixels.shape[0], size_px, size_px), dtype=np.float32)
-    top, left = (size_px - h) // 2, (size_px - w) // 2
-    out[:, top: top + h, left: left + w] = pixels
-    return out
 
 
 class _CachingScorer:
