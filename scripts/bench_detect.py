@@ -1,10 +1,14 @@
 """Benchmark `solarmap detect` with the real model: per-stage times, tiles/s, km²/hour, pipeline efficiency, memory.
 
     python scripts/bench_detect.py --sizes 2000 8000 20000 [--efficiency-size 4000] [--repeat 2] [--model FILE] [--device auto]
+    python scripts/bench_detect.py --scene YOURS.tif [MORE.tif ...] [--repeat 2]
 
 For each size, a fresh process runs the full pipeline (read/resample -> model -> CAM -> vectorize ->
-write) on a generated RGB scene and reports per-stage seconds, tiles/s and peak RSS. Another fresh
-process times the scorer alone on the batches of the --efficiency-size scene (a few thousand tiles),
+write) on a generated RGB scene and reports per-stage seconds, tiles/s and peak RSS; with --scene, on
+those rasters instead (real imagery: the generated texture makes the model call most tiles positive,
+real scenes far fewer, and time per tile follows the positive share). Another fresh
+process times the scorer alone on the batches of the --efficiency-size scene (a few thousand tiles; the
+first --scene),
 read into memory beforehand: end-to-end tiles/s over model-only tiles/s on the same batches says
 whether the pipeline (reading, vectorizing, writing) slows the model down. Its own process, so the
 tiles it holds in memory do not count in the peak RSS of the end-to-end runs. The model's own speed
@@ -82,6 +86,8 @@ def main() -> None:
                         help="Scene side (px) for the end-to-end / model-only ratio.")
     parser.add_argument("--repeat", type=int, default=2, help="End-to-end and model-only runs at --efficiency-size.")
     parser.add_argument("--workdir", default="/tmp/solarmap-bench")
+    parser.add_argument("--scene", nargs="+", type=Path, default=None, metavar="RASTER",
+                        help="Benchmark on these rasters instead of generated scenes (e.g. your own imagery).")
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--child", nargs=3, metavar=("RASTER", "OUT", "MODEL_ONLY"), help=argparse.SUPPRESS)
@@ -92,21 +98,28 @@ def main() -> None:
         return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    rows = {}
-    for size in dict.fromkeys(args.sizes + [args.efficiency_size]):
-        raster = work / f"scene_{size}.tif"
-        build_raster(raster, size)
-        rows[size] = child(args, raster, work / f"detect_{size}.gpkg", model_only=False)
-    e = args.efficiency_size
+    if args.scene:
+        missing = [str(p) for p in args.scene if not p.is_file()]
+        if missing:
+            parser.error(f"--scene: not found: {', '.join(missing)}")
+        rasters = {p.name: p for p in args.scene}
+    else:
+        rasters = {}
+        for size in dict.fromkeys(args.sizes + [args.efficiency_size]):
+            rasters[size] = work / f"scene_{size}.tif"
+            build_raster(rasters[size], size)
+    rows = {name: child(args, raster, work / f"detect_{i}.gpkg", model_only=False)
+            for i, (name, raster) in enumerate(rasters.items())}
+    e = next(iter(rasters)) if args.scene else args.efficiency_size
     end_to_end_runs, model_only_runs = [rows[e]], []
     for i in range(max(1, args.repeat)):
-        model_only_runs.append(child(args, work / f"scene_{e}.tif", work / "unused.gpkg", model_only=True))
+        model_only_runs.append(child(args, rasters[e], work / "unused.gpkg", model_only=True))
         if i + 1 < args.repeat:
-            end_to_end_runs.append(child(args, work / f"scene_{e}.tif", work / f"detect_{e}.gpkg", model_only=False))
+            end_to_end_runs.append(child(args, rasters[e], work / "detect_again.gpkg", model_only=False))
     rows[e] = max(end_to_end_runs, key=lambda r: r["tiles_per_s"])
     model_only = max(model_only_runs, key=lambda r: r["model_only_tiles_per_s"])
     print(f"device: {rows[e]['device']}; model: {args.model or 'bundled'} ({rows[e]['backbone']})")
-    print(f"{'size px':>8} {'tiles':>6} {'positive':>8} {'polygons':>8} {'read s':>7} {'model s':>8} {'vector s':>8} "
+    print(f"{'scene' if args.scene else 'size px':>8} {'tiles':>6} {'positive':>8} {'polygons':>8} {'read s':>7} {'model s':>8} {'vector s':>8} "
           f"{'write s':>7} {'total s':>8} {'tiles/s':>7} {'km²/h':>7} {'peak RSS MiB':>12}")
     for size, r in rows.items():
         st = r["stage_seconds"]
@@ -114,9 +127,10 @@ def main() -> None:
               f"{st['model']:>8.1f} {st['vectorize']:>8.1f} {st['write']:>7.1f} {r['wall_s']:>8.1f} "
               f"{r['tiles_per_s']:>7.2f} {r['km2_per_hour']:>7.2f} {r['peak_rss_mib']:>12.0f}")
     listed = lambda runs, key: ", ".join(f"{r[key]:.2f}" for r in runs)  # noqa: E731
-    print(f"runs at {e} px: end-to-end {listed(end_to_end_runs, 'tiles_per_s')} tiles/s; "
+    where = e if args.scene else f"{e} px"
+    print(f"runs at {where}: end-to-end {listed(end_to_end_runs, 'tiles_per_s')} tiles/s; "
           f"model-only {listed(model_only_runs, 'model_only_tiles_per_s')} tiles/s")
-    print(f"pipeline efficiency at {e} px ({model_only['tiles']} tiles): end-to-end {rows[e]['tiles_per_s']:.2f} "
+    print(f"pipeline efficiency at {where} ({model_only['tiles']} tiles): end-to-end {rows[e]['tiles_per_s']:.2f} "
           f"tiles/s / model-only {model_only['model_only_tiles_per_s']:.2f} tiles/s = "
           f"{rows[e]['tiles_per_s'] / model_only['model_only_tiles_per_s']:.2f} (best of {len(end_to_end_runs)} / "
           f"{len(model_only_runs)})")
@@ -124,6 +138,8 @@ def main() -> None:
         e2e_median = float(np.median([r["tiles_per_s"] for r in end_to_end_runs]))
         model_median = float(np.median([r["model_only_tiles_per_s"] for r in model_only_runs]))
         print(f"medians: end-to-end {e2e_median:.2f} / model-only {model_median:.2f} = {e2e_median / model_median:.2f}")
+    if args.scene:
+        return
     first = args.sizes[0]
     for size in args.sizes[1:]:
         print(f"peak RSS {size} px / {first} px: {rows[size]['peak_rss_mib'] / rows[first]['peak_rss_mib']:.2f}")
