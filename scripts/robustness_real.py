@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+from chips_alone import coarser  # a chip as a coarser raster holds it
 from validate_real import negative_mosaic, pv01_detection, with_seg_rule, write_scene  # the real-data table
 
 from solarmap.model import load
@@ -48,8 +49,8 @@ def _coarser(pixels: np.ndarray, gsd_m: float) -> np.ndarray:
 
 
 def _coarser_uint8(pixels: np.ndarray, gsd_m: float) -> np.ndarray:
-    """As a coarser 8-bit raster holds it."""
-    return np.clip(np.rint(_coarser(pixels, gsd_m)), 0, 255).astype(np.uint8)
+    """As an 8-bit raster at ``gsd_m`` holds it."""
+    return coarser(pixels, gsd_m / CACHE_GSD_M)
 
 
 # look -> (what it does to a uint8 (3, h, w) image at 0.3 m, as float in [0, 1]; the GSD it is then at)
