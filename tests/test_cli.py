@@ -38,11 +38,26 @@ def test_synth_rejects_bad_sizes(runner, tmp_path):
 
 
 def test_info_describes_tiling(runner, geotiff):
-    path = geotiff(np.zeros((3, 700, 500), np.uint8) + 5)
-    result = runner.invoke(main, ["info", path, "--tile-size", "256", "--overlap", "32"])
+    path = geotiff(np.zeros((3, 700, 500), np.uint8) + 5)  # 0.5 m pixels
+    result = runner.invoke(main, ["info", path, "--tile-size", "256", "--overlap", "32", "--gsd", "0.5"])
     assert result.exit_code == 0, result.output
     assert "EPSG:32611" in result.output
-    assert "3 x 3 = 9 of 256 px" in result.output
+    assert "3 x 3 = 9 of 256 px" in result.output and "working grid" not in result.output
+
+
+def test_info_reads_a_raster_as_detect_would_with_the_model(runner, geotiff):
+    """Without options, info tiles the raster as detect does: the model's GSD, tile size and overlap."""
+    from solarmap.model import load, read_config
+
+    bundled = read_config()
+    assert bundled == load().config
+    path = geotiff(np.zeros((3, 700, 500), np.uint8) + 5)
+    result = runner.invoke(main, ["info", path])
+    assert result.exit_code == 0, result.output
+    assert f"at {bundled.gsd_m:.3f} x {bundled.gsd_m:.3f} m on the ground" in result.output  # resampled as detect does
+    assert f"of {bundled.tile_size_px} px (overlap {bundled.overlap_px} px)" in result.output
+    result = runner.invoke(main, ["info", path, "--model", str(path)])
+    assert result.exit_code == 1 and "not a solarmap checkpoint" in result.output
 
 
 def test_info_on_missing_raster_is_one_line_error(runner, tmp_path):

@@ -78,14 +78,16 @@ def demo(out_dir: str, seed: int, model_path: str | None) -> None:
 
 @click.command()
 @click.argument("raster", type=click.Path())
-@click.option("--tile-size", "tile_size_px", default=299, show_default=True, type=int, help="Tile size in pixels.")
-@click.option("--overlap", "overlap_px", default=32, show_default=True, type=int, help="Tile overlap in pixels.")
-@click.option("--gsd", "gsd_m", default=None, type=float, help="Resample to this GSD in metres first.")
+@click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
+              help="Read it as detect would with this model (default: the bundled model).")
+@click.option("--tile-size", "tile_size_px", default=None, type=int, help="Tile size in pixels (default: the model's).")
+@click.option("--overlap", "overlap_px", default=None, type=int, help="Tile overlap in pixels (default: the model's).")
+@click.option("--gsd", "gsd_m", default=None, type=float, help="Resample to this GSD in metres (default: the model's).")
 @click.option("--bands", default=None, help="Bands to use as R,G,B (1-based), e.g. 1,2,3.")
 @click.option("--src-crs", default=None, help="CRS of a raster that carries none, e.g. EPSG:32611.")
-def info(raster: str, tile_size_px: int, overlap_px: int, gsd_m: float | None, bands: str | None,
-         src_crs: str | None) -> None:
-    """Describe how solarmap would read RASTER: grid, GSD, value scale and tiling."""
+def info(raster: str, model_path: str | None, tile_size_px: int | None, overlap_px: int | None, gsd_m: float | None,
+         bands: str | None, src_crs: str | None) -> None:
+    """Describe how `solarmap detect` would read RASTER: grid, GSD, value scale and tiling."""
     from solarmap.geo.raster import describe_scene, parse_bands
     from solarmap.geo.tiling import (
         GSD_VARIATION_WARNING,
@@ -94,8 +96,17 @@ def info(raster: str, tile_size_px: int, overlap_px: int, gsd_m: float | None, b
         tile_grid_shape,
     )
 
+    band_tuple = parse_bands(bands)
+    describe_scene(raster, bands=band_tuple, src_crs=src_crs)  # a bad raster fails before the model is read
+    if None in (tile_size_px, overlap_px, gsd_m):
+        from solarmap.model import read_config
+
+        model = read_config(model_path)
+        tile_size_px = model.tile_size_px if tile_size_px is None else tile_size_px
+        overlap_px = model.overlap_px if overlap_px is None else overlap_px
+        gsd_m = model.gsd_m if gsd_m is None else gsd_m
     spec = TileSpec(tile_size_px, overlap_px)
-    scene = describe_scene(raster, bands=parse_bands(bands), gsd_m=gsd_m, src_crs=src_crs)
+    scene = describe_scene(raster, bands=band_tuple, gsd_m=gsd_m, src_crs=src_crs)
     src, grid = scene.source_grid, scene.grid
     rows, cols = tile_grid_shape(grid, spec)
     ground = src.ground_resolution()

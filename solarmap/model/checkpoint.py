@@ -17,7 +17,7 @@ import torch
 from solarmap.errors import ModelError
 from solarmap.model.network import ModelConfig, SolarNet
 
-__all__ = ["ARCHITECTURE", "DEFAULT_MODEL_PATH", "FORMAT_VERSION", "load", "save", "with_config"]
+__all__ = ["ARCHITECTURE", "DEFAULT_MODEL_PATH", "FORMAT_VERSION", "load", "read_config", "save", "with_config"]
 
 ARCHITECTURE = "inception_v3+greedy_cam_branch"  # the checkpoint family (any backbone: see ModelConfig.backbone)
 FORMAT_VERSION = 1
@@ -45,6 +45,24 @@ def save(model: SolarNet, path: str | Path, *, half: bool = False, compress: boo
 
 def load(path: str | Path | None = None, *, map_location: str | torch.device = "cpu") -> SolarNet:
     """Load a checkpoint (``None``: the bundled default model) in eval mode."""
+    path, payload = _checked_payload(path, map_location)
+    model = SolarNet(_config_from_dict(payload["config"]))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{path} does not fit the architecture: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def read_config(path: str | Path | None = None) -> ModelConfig:
+    """A checkpoint's config alone (``None``: the bundled model's), without building the network:
+    what a command that only needs the model's tile size and GSD reads."""
+    return _config_from_dict(_checked_payload(path, "cpu")[1]["config"])
+
+
+def _checked_payload(path: str | Path | None, map_location) -> tuple[Path, dict]:
+    """The file's contents, once it is known to be a solarmap checkpoint this code reads."""
     path = DEFAULT_MODEL_PATH if path is None else Path(path)
     if not path.exists():
         if path == DEFAULT_MODEL_PATH:
@@ -56,13 +74,7 @@ def load(path: str | Path | None = None, *, map_location: str | torch.device = "
         raise ModelError(f"{path} is not a solarmap model (architecture {found!r}, expected {ARCHITECTURE!r})")
     if payload.get("format") != FORMAT_VERSION:
         raise ModelError(f"{path} has checkpoint format {payload.get('format')}, this solarmap reads {FORMAT_VERSION}")
-    model = SolarNet(_config_from_dict(payload["config"]))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelError(f"{path} does not fit the architecture: {str(exc).splitlines()[0]}") from None
-    return model.eval()
+    return path, payload
 
 
 def _read_payload(path: Path, map_location) -> Any:
