@@ -172,6 +172,24 @@ def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, t
     assert rerun.exit_code == 1 and "--overwrite" in rerun.output
 
 
+def test_detect_notes_a_raster_coarser_than_the_model_learnt_from(runner, tmp_path, tiny_model_file, geotiff):
+    """tiny_config's model learnt at 0.3 m (seen up to 0.42 m): a 0.6 m raster gets a note, 0.3 m none."""
+    from affine import Affine
+    from conftest import UTM_ORIGIN
+
+    pixels = np.full((3, 64, 64), 90, np.uint8)
+    rasters = {gsd_m: geotiff(pixels, transform=Affine(gsd_m, 0, UTM_ORIGIN[0], 0, -gsd_m, UTM_ORIGIN[1]))
+               for gsd_m in (0.6, 0.3)}
+    for gsd_m, noted in [(0.6, True), (0.3, False)]:
+        result = runner.invoke(main, ["detect", rasters[gsd_m], "--out", str(tmp_path / f"{gsd_m}.gpkg"), "--model",
+                                      tiny_model_file, "--cam-method", "gap"])
+        assert result.exit_code == 0, result.output
+        assert ("coarser than the model's training imagery" in result.output) is noted, result.output
+    quiet = runner.invoke(main, ["detect", rasters[0.6], "--out", str(tmp_path / "q.gpkg"), "--model",
+                                 tiny_model_file, "--cam-method", "gap", "--quiet"])
+    assert quiet.exit_code == 0 and "coarser than" in quiet.output  # not progress: --quiet keeps it
+
+
 @pytest.mark.parametrize("args, message", [
     (["--device", "cuda:7"], "no CUDA GPU"),
     (["--cam-method", "branch"], "no trained CAM branch"),

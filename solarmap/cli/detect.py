@@ -168,6 +168,8 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     config = DetectConfig.for_scorer(
         scorer, bands=band_tuple, src_crs=src_crs, batch_size=batch_size or (64 if scorer.device.type == "cuda" else 16),
         min_area_m2=min_area_m2, simplify_m=simplify_m, **{k: v for k, v in given.items() if v is not None})
+    if single:  # like the warning above, not progress: --quiet keeps it
+        _note_if_coarser_than_training(raster, (ground.x_m + ground.y_m) / 2, scorer.model.config.gsd_m)
     if config.tile_size_px < scorer.model.min_input_px:
         raise OptionError(f"tile size {config.tile_size_px} px is too small for {scorer.model.backbone.display_name} "
                           f"(needs at least {scorer.model.min_input_px} px)")
@@ -184,6 +186,19 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
         if kept.exists():  # failed mid-run: say what is left behind, and why
             raise type(exc)(f"{exc}; the work done is kept in {kept} (rerun with --resume to continue)") from None
         raise
+
+
+COARSER_THAN_TRAINING = 1.4  # the top of the recipe's GSD jitter (training.views.ViewConfig.scale)
+
+
+def _note_if_coarser_than_training(raster: str, gsd_m: float, model_gsd_m: float) -> None:
+    """Say so when a raster's pixels are coarser than any the model learnt from: at NAIP's 0.6 m the
+    bundled model still finds large arrays but misses or leaves unoutlined most residential ones
+    (README, Limits), and a user should know before trusting an inventory's totals."""
+    if gsd_m > COARSER_THAN_TRAINING * model_gsd_m:
+        click.echo(f"solarmap: note: {raster}: {gsd_m:.2f} m pixels, coarser than the model's training imagery "
+                   f"({model_gsd_m:g} m, seen at up to {COARSER_THAN_TRAINING * model_gsd_m:.2g} m): small and "
+                   f"residential arrays are often missed or not outlined (README, Limits)", err=True)
 
 
 def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, out_crs, rows_per_chunk, overwrite,
