@@ -168,8 +168,6 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     config = DetectConfig.for_scorer(
         scorer, bands=band_tuple, src_crs=src_crs, batch_size=batch_size or (64 if scorer.device.type == "cuda" else 16),
         min_area_m2=min_area_m2, simplify_m=simplify_m, **{k: v for k, v in given.items() if v is not None})
-    if single:  # like the warning above, not progress: --quiet keeps it
-        _note_if_coarser_than_training(raster, (ground.x_m + ground.y_m) / 2, scorer.model.config.gsd_m)
     if config.tile_size_px < scorer.model.min_input_px:
         raise OptionError(f"tile size {config.tile_size_px} px is too small for {scorer.model.backbone.display_name} "
                           f"(needs at least {scorer.model.min_input_px} px)")
@@ -186,6 +184,8 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
         if kept.exists():  # failed mid-run: say what is left behind, and why
             raise type(exc)(f"{exc}; the work done is kept in {kept} (rerun with --resume to continue)") from None
         raise
+    if single:  # after the summary, with the output written (an error stays one line); not progress: --quiet keeps it
+        _note_if_coarser_than_training(raster, (ground.x_m + ground.y_m) / 2, scorer.model.config.gsd_m)
 
 
 COARSER_THAN_TRAINING = 1.4  # the top of the recipe's GSD jitter (training.views.ViewConfig.scale)
