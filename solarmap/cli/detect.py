@@ -8,6 +8,8 @@ import click
 
 from solarmap.cli.options import positive, scheduler_option, unit_interval
 
+COARSER_THAN_TRAINING = 1.4  # the top of the recipe's GSD jitter (training.views.ViewConfig.scale)
+
 
 class _Progress:
     """Progress on stderr: tiles done / total, tiles per second, ETA, panels found."""
@@ -186,9 +188,6 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
         raise
     if single:  # after the summary, with the output written (an error stays one line); not progress: --quiet keeps it
         _note_if_coarser_than_training(raster, (ground.x_m + ground.y_m) / 2, scorer.model.config.gsd_m)
-
-
-COARSER_THAN_TRAINING = 1.4  # the top of the recipe's GSD jitter (training.views.ViewConfig.scale)
 
 
 def _note_if_coarser_than_training(raster: str, gsd_m: float, model_gsd_m: float) -> None:
