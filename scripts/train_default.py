@@ -25,7 +25,8 @@ from solarmap.model import ModelConfig, SolarNet, load, save
 from solarmap.training.finetune import FinetuneConfig
 from solarmap.training.pretrained import init_from_imagenet
 from solarmap.training.real_data import load_all, synthetic_images
-from solarmap.training.real_recipe import finish_model, released_network, train_real_model
+from solarmap.training.real_recipe import (HARD_NEGATIVE_GROUP, finish_model, mine_hard_negatives,
+                                           released_network, train_real_model)
 from solarmap.training.views import ViewConfig
 
 
@@ -50,6 +51,10 @@ def main() -> None:
                         help="Keep this released model's network and CAM branch (its head, calibration and CAM "
                              "fallback are dropped): train only the segmentation head, then calibrate everything "
                              "again (scripts/set_cam_fallback.py sets a fallback afterwards).")
+    parser.add_argument("--hard-negatives-from", type=Path, metavar="FILE",
+                        help="Also draw the training negatives this model scores >= --hard-negative-score as a group "
+                             "of their own (--views hard:0=N, default 400 a fine-tuning epoch).")
+    parser.add_argument("--hard-negative-score", type=float, default=0.2, metavar="P")
     parser.add_argument("--synthetic-towns", type=int, default=0,
                         help="Also train on this many synthetic towns (a supplement; validation towns 101-104).")
     parser.add_argument("--seg-negatives", type=int, default=60,
@@ -69,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.seg_relabel and not (args.seg_hard_negatives and args.seg_pseudo_positives):
         parser.error("--seg-relabel needs --seg-hard-negatives and --seg-pseudo-positives")
-    network_options = ("backbone", "epochs", "lr", "views", "synthetic_towns", "look_coarser", "look_jpeg")
+    network_options = ("backbone", "epochs", "lr", "views", "synthetic_towns", "look_coarser", "look_jpeg",
+                       "hard_negatives_from")
     changed = [f"--{name.replace('_', '-')}" for name in network_options
                if getattr(args, name) != parser.get_default(name)]
     if args.over_model and changed:
@@ -96,6 +102,16 @@ def main() -> None:
     if not (0 <= args.look_coarser <= 1 and 0 <= args.look_jpeg <= 1):
         parser.error("--look-coarser and --look-jpeg are shares between 0 and 1")
     per_source = dict(FinetuneConfig().per_source)
+    hard_negatives = []
+    if args.hard_negatives_from:
+        try:
+            miner = load(args.hard_negatives_from)
+        except ModelError as exc:
+            parser.error(str(exc))
+        hard_negatives = mine_hard_negatives(miner, images, min_score=args.hard_negative_score)
+        per_source[HARD_NEGATIVE_GROUP] = 400
+        say(f"{len(hard_negatives)} training negatives scored >= {args.hard_negative_score:g} by "
+            f"{args.hard_negatives_from.name}: drawn as {HARD_NEGATIVE_GROUP}")
     for item in args.views:
         key, _, count = item.partition("=")
         if key not in per_source or not count.isdigit():
@@ -120,7 +136,7 @@ def main() -> None:
     else:
         net = init_from_imagenet(SolarNet(config))
         info = train_real_model(net, images, data_root=args.data, workdir=args.workdir, say=say, finetune=finetune,
-                                **head_options)
+                                hard_negatives=hard_negatives, **head_options)
     net.config = replace(net.config, default_cam_method="pseudo-seg" if info["default_outline"] == "pseudo-seg"
                          else "branch", refine_rule=net.config.refine_rule if info["default_outline"] != "branch-plain"
                          else {}, provenance={"script": "scripts/train_default.py", "trained": time.strftime("%Y-%m-%d"),

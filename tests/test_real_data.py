@@ -317,3 +317,39 @@ def test_a_released_model_keeps_its_network_and_branch_and_loses_its_head_and_ca
             assert torch.equal(kept.state_dict()[name], value.half().float()), name
     with pytest.raises(ValueError, match="no trained CAM branch"):
         released_network(tiny_net())
+
+
+def test_mined_hard_negatives_are_training_negatives_the_model_scores_high(monkeypatch, tmp_path):
+    """Only training negatives at or above the score; a network trained with them gets them as a group
+    of their own, and anything else offered as one is refused."""
+    from types import SimpleNamespace
+
+    from solarmap.training import real_recipe
+    from solarmap.training.real_recipe import HARD_NEGATIVE_GROUP, mine_hard_negatives, train_network
+
+    def brightness(model, images, size_px):  # a stand-in classifier: the brighter, the surer
+        assert size_px == 96
+        return np.array([im.pixels.mean() / 255 for im in images])
+
+    def image(i, value, label=0, split="train"):
+        return RealImage(np.full((3, 40, 40), value, np.uint8), label, "ucmerced", str(i), str(i), split=split)
+
+    monkeypatch.setattr(real_recipe, "predict_images", brightness)
+    images = [image(0, 250), image(1, 51), image(2, 50), image(3, 10),
+              image(4, 250, label=1),  # a positive
+              image(5, 250, split="val")]  # not training data
+    hard = mine_hard_negatives(object(), images, min_score=0.2)
+    assert [im.key for im in hard] == ["0", "1"]
+    seen = {}
+
+    def finetune(net, groups, val, config, *, workdir, progress):
+        seen.update(groups)
+        raise StopIteration  # the groups are what this test is about
+
+    monkeypatch.setattr(real_recipe, "finetune_classifier", finetune)
+    net = SimpleNamespace(config=SimpleNamespace(train_tile_px=96))
+    with pytest.raises(StopIteration):
+        train_network(net, images, workdir=tmp_path, say=print, hard_negatives=hard)
+    assert [im.key for im in seen[HARD_NEGATIVE_GROUP]] == ["0", "1"] and len(seen["ucmerced:0"]) == 4
+    with pytest.raises(ValueError, match="training negatives"):
+        train_network(net, images, workdir=tmp_path, say=print, hard_negatives=[images[4]])

@@ -27,8 +27,8 @@ from solarmap.training.real_data import NEGATIVE_SOURCES, RealImage, write_pv01_
 from solarmap.training.recipe import StagePlan, cached_seg_head, calibrate_model, run_stages
 from solarmap.training.views import ViewConfig, centre_view, random_view
 
-__all__ = ["BRANCH_PLAN", "as_samples", "choose_threshold", "finish_model", "released_network", "train_network",
-           "train_real_model"]
+__all__ = ["BRANCH_PLAN", "HARD_NEGATIVE_GROUP", "as_samples", "choose_threshold", "finish_model",
+           "mine_hard_negatives", "released_network", "train_network", "train_real_model"]
 
 BRANCH_PLAN = (StagePlan("branch1", "branch1", epochs=8, lr=1e-3, batch_size=64),
                StagePlan("branch2", "branch2", epochs=5, lr=1e-3, batch_size=64))
@@ -285,22 +285,45 @@ def choose_gate_floor_across_gsds(net: SolarNet, scenes: Sequence[tuple[str, str
 
 
 def train_real_model(net: SolarNet, images: Sequence[RealImage], *, data_root: str | Path, workdir: str | Path,
-                     say: Callable[[str], None], finetune: FinetuneConfig = FinetuneConfig(), **head_options) -> dict:
+                     say: Callable[[str], None], finetune: FinetuneConfig = FinetuneConfig(),
+                     hard_negatives: Sequence[RealImage] = (), **head_options) -> dict:
     """The whole recipe on ``images`` (every split; only train and val are read): the network
     (:func:`train_network`), then everything after it (:func:`finish_model`; ``head_options`` go there)."""
-    info = train_network(net, images, workdir=workdir, say=say, finetune=finetune)
+    info = train_network(net, images, workdir=workdir, say=say, finetune=finetune, hard_negatives=hard_negatives)
     return {**info, **finish_model(net, images, data_root=data_root, workdir=workdir, say=say, **head_options)}
 
 
+HARD_NEGATIVE_GROUP = "hard:0"  # FinetuneConfig.per_source key of the mined hard negatives
+
+
+def mine_hard_negatives(model: SolarNet, images: Sequence[RealImage], *, min_score: float = 0.2,
+                        size_px: int = FinetuneConfig.val_size_px) -> list[RealImage]:
+    """The training negatives ``model`` scores at least ``min_score`` on their centre view: what a
+    released model still mistakes for panels, for a new network to see more often.
+
+    Why: the scenes a model confuses with panels are a few in a hundred of the negatives, drawn no more
+    often than the rest; seen as a group of their own they cut its false positives on every negative
+    source (docs/real-imagery.md, hard negatives)."""
+    negatives = [im for im in images if im.split == "train" and im.label == 0]
+    scores = predict_images(model, negatives, size_px=size_px)
+    return [im for im, score in zip(negatives, scores) if score >= min_score]
+
+
 def train_network(net: SolarNet, images: Sequence[RealImage], *, workdir: str | Path, say: Callable[[str], None],
-                  finetune: FinetuneConfig = FinetuneConfig()) -> dict:
-    """Steps 1-2 of the recipe: the classifier fine-tuned, then the greedy CAM branch (about 30 min)."""
+                  finetune: FinetuneConfig = FinetuneConfig(), hard_negatives: Sequence[RealImage] = ()) -> dict:
+    """Steps 1-2 of the recipe: the classifier fine-tuned, then the greedy CAM branch (about 30 min).
+    ``hard_negatives`` (:func:`mine_hard_negatives`) are drawn as a group of their own,
+    ``finetune.per_source[HARD_NEGATIVE_GROUP]`` times an epoch."""
     workdir = Path(workdir)
     train = [im for im in images if im.split == "train"]
     val = [im for im in images if im.split == "val"]
     size = net.config.train_tile_px
-    info: dict = {"finetune": finetune_classifier(net, by_source_and_label(train), val, finetune, workdir=workdir,
-                                                  progress=say)}
+    groups = by_source_and_label(train)
+    if hard_negatives:
+        if any(im.split != "train" or im.label != 0 for im in hard_negatives):
+            raise ValueError("hard negatives must be training negatives")
+        groups[HARD_NEGATIVE_GROUP] = list(hard_negatives)
+    info: dict = {"finetune": finetune_classifier(net, groups, val, finetune, workdir=workdir, progress=say)}
     info["finetune"].pop("history")
     info["stages"] = run_stages(net, BRANCH_PLAN, as_samples(train, size), as_samples(val, size), workdir=workdir,
                                 say=say)
