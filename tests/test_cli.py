@@ -173,7 +173,8 @@ def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, t
 
 
 def test_detect_notes_a_raster_coarser_than_the_model_learnt_from(runner, tmp_path, tiny_model_file, geotiff):
-    """tiny_config's model learnt at 0.3 m (seen up to 0.42 m): a 0.6 m raster gets a note, 0.3 m none."""
+    """tiny_config's model learnt at 0.3 m (seen up to 0.42 m): a 0.6 m raster gets a note, 0.3 m none;
+    a regional run counts its coarse rasters."""
     from affine import Affine
     from conftest import UTM_ORIGIN
 
@@ -188,6 +189,11 @@ def test_detect_notes_a_raster_coarser_than_the_model_learnt_from(runner, tmp_pa
     quiet = runner.invoke(main, ["detect", rasters[0.6], "--out", str(tmp_path / "q.gpkg"), "--model",
                                  tiny_model_file, "--cam-method", "gap", "--quiet"])
     assert quiet.exit_code == 0 and "coarser than" in quiet.output  # not progress: --quiet keeps it
+    regional = runner.invoke(main, ["detect", rasters[0.3], rasters[0.6], "--out", str(tmp_path / "r.gpkg"),
+                                    "--model", tiny_model_file, "--cam-method", "gap", "--quiet"])
+    assert regional.exit_code == 0, regional.output
+    assert "1 of 2 rasters have pixels coarser than the model's training imagery" in regional.output
+    assert f"e.g. {rasters[0.6]}: 0.60 m" in regional.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -186,18 +186,34 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
         if kept.exists():  # failed mid-run: say what is left behind, and why
             raise type(exc)(f"{exc}; the work done is kept in {kept} (rerun with --resume to continue)") from None
         raise
-    if single:  # after the summary, with the output written (an error stays one line); not progress: --quiet keeps it
-        _note_if_coarser_than_training(raster, (ground.x_m + ground.y_m) / 2, scorer.model.config.gsd_m)
+    # after the summary, with the output written (an error stays one line); not progress: --quiet keeps it
+    _note_coarser_than_training(expanded, scorer.model.config.gsd_m, describe=lambda path: scene if path == raster
+                                else describe_scene(path, bands=band_tuple, src_crs=src_crs))
 
 
-def _note_if_coarser_than_training(raster: str, gsd_m: float, model_gsd_m: float) -> None:
-    """Say so when a raster's pixels are coarser than any the model learnt from: at NAIP's 0.6 m the
+def _note_coarser_than_training(rasters: list[str], model_gsd_m: float, *, describe) -> None:
+    """Say so when rasters' pixels are coarser than any the model learnt from: at NAIP's 0.6 m the
     bundled model still finds large arrays but misses or leaves unoutlined most residential ones
-    (README, Limits), and a user should know before trusting an inventory's totals."""
-    if gsd_m > COARSER_THAN_TRAINING * model_gsd_m:
-        click.echo(f"solarmap: note: {raster}: {gsd_m:.2f} m pixels, coarser than the model's training imagery "
-                   f"({model_gsd_m:g} m, seen at up to {COARSER_THAN_TRAINING * model_gsd_m:.2g} m): small and "
-                   f"residential arrays are often missed or not outlined (README, Limits)", err=True)
+    (README, Limits), and a user should know before trusting an inventory's totals. ``describe``:
+    path -> its SceneInfo (headers only; the run has read every raster already)."""
+    from solarmap.errors import SolarmapError
+
+    limit = COARSER_THAN_TRAINING * model_gsd_m
+    coarse = []
+    for raster in rasters:
+        try:
+            ground = describe(raster).source_grid.ground_resolution()
+        except SolarmapError:  # gone since the run read it: the note is not worth failing a finished run for
+            continue
+        if (gsd_m := (ground.x_m + ground.y_m) / 2) > limit:
+            coarse.append((raster, gsd_m))
+    if not coarse:
+        return
+    (path, gsd_m), training = coarse[0], f"the model's training imagery ({model_gsd_m:g} m, seen at up to {limit:.2g} m)"
+    which = (f"{path}: {gsd_m:.2f} m pixels, coarser than {training}" if len(rasters) == 1 else
+             f"{len(coarse)} of {len(rasters)} rasters have pixels coarser than {training}, e.g. {path}: {gsd_m:.2f} m")
+    click.echo(f"solarmap: note: {which}; small and residential arrays are often missed or not outlined there "
+               f"(README, Limits)", err=True)
 
 
 def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, out_crs, rows_per_chunk, overwrite,
