@@ -302,8 +302,8 @@ def mine_hard_negatives(model: SolarNet, images: Sequence[RealImage], *, min_sco
     released model still mistakes for panels, for a new network to see more often.
 
     Why: the scenes a model confuses with panels are a few in a hundred of the negatives, drawn no more
-    often than the rest; seen as a group of their own they cut its false positives on every negative
-    source (docs/real-imagery.md, hard negatives)."""
+    often than the rest; seen as a group of their own, often enough, they cut a new network's false
+    positives on every negative source (docs/real-imagery.md, hard negatives from ImageNet up)."""
     negatives = [im for im in images if im.split == "train" and im.label == 0]
     scores = predict_images(model, negatives, size_px=size_px)
     return [im for im, score in zip(negatives, scores) if score >= min_score]
