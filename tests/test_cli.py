@@ -46,7 +46,10 @@ def test_info_describes_tiling(runner, geotiff):
 
 
 def test_info_reads_a_raster_as_detect_would_with_the_model(runner, geotiff):
-    """Without options, info tiles the raster as detect does: the model's GSD, tile size and overlap."""
+    """Without options, info tiles the raster as detect does: the model's GSD, tile size and overlap;
+    and says, as detect's summary will, when the raster is coarser than the model's training imagery."""
+    from affine import Affine
+
     from solarmap.model import load, read_config
 
     bundled = read_config()
@@ -56,8 +59,11 @@ def test_info_reads_a_raster_as_detect_would_with_the_model(runner, geotiff):
     assert result.exit_code == 0, result.output
     assert f"at {bundled.gsd_m:.3f} x {bundled.gsd_m:.3f} m on the ground" in result.output  # resampled as detect does
     assert f"of {bundled.tile_size_px} px (overlap {bundled.overlap_px} px)" in result.output
+    assert "coarser than the model's training imagery" in result.output  # 0.5 m pixels, seen up to 0.42 m
     result = runner.invoke(main, ["info", path, "--model", str(path)])
     assert result.exit_code == 1 and "not a solarmap checkpoint" in result.output
+    fine = geotiff(np.zeros((3, 70, 50), np.uint8), transform=Affine(0.3, 0, 500_000.0, 0, -0.3, 4_000_000.0))
+    assert "coarser than" not in runner.invoke(main, ["info", fine]).output
 
 
 def test_info_on_missing_raster_is_one_line_error(runner, tmp_path):

@@ -98,7 +98,8 @@ def info(raster: str, model_path: str | None, tile_size_px: int | None, overlap_
 
     band_tuple = parse_bands(bands)
     describe_scene(raster, bands=band_tuple, src_crs=src_crs)  # a bad raster fails before the model is read
-    if None in (tile_size_px, overlap_px, gsd_m):
+    model = None
+    if None in (tile_size_px, overlap_px, gsd_m) or model_path:
         from solarmap.model import read_config
 
         model = read_config(model_path)
@@ -121,6 +122,13 @@ def info(raster: str, model_path: str | None, tile_size_px: int | None, overlap_
         click.echo(f"working grid: {grid.width} x {grid.height} px at {wx:.3f} x {wy:.3f} m on the ground")
     click.echo(f"tiles: {rows} x {cols} = {rows * cols} of {tile_size_px} px (overlap {overlap_px} px); "
                f"nodata mask: {'yes' if scene.has_mask else 'no'}")
+    if model is not None:
+        from solarmap.cli.detect import COARSER_THAN_TRAINING
+
+        limit = COARSER_THAN_TRAINING * model.gsd_m
+        if (ground.x_m + ground.y_m) / 2 > limit:  # what detect's summary will say, before a long run
+            click.echo(f"note: coarser than the model's training imagery ({model.gsd_m:g} m, seen at up to {limit:.2g} "
+                       f"m): small and residential arrays are often missed or not outlined (README, Limits)")
 
 
 @click.command()
