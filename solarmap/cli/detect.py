@@ -187,15 +187,17 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
             raise type(exc)(f"{exc}; the work done is kept in {kept} (rerun with --resume to continue)") from None
         raise
     # after the summary, with the output written (an error stays one line); not progress: --quiet keeps it
-    _note_coarser_than_training(expanded, scorer.model.config.gsd_m, describe=lambda path: scene if path == raster
-                                else describe_scene(path, bands=band_tuple, src_crs=src_crs))
+    note = coarser_than_training_note(expanded, scorer.model.config.gsd_m, describe=lambda path: scene
+                                      if path == raster else describe_scene(path, bands=band_tuple, src_crs=src_crs))
+    if note:
+        click.echo(f"solarmap: note: {note}", err=True)
 
 
-def _note_coarser_than_training(rasters: list[str], model_gsd_m: float, *, describe) -> None:
-    """Say so when rasters' pixels are coarser than any the model learnt from: at NAIP's 0.6 m the
-    bundled model still finds large arrays but misses or leaves unoutlined most residential ones
-    (README, Limits), and a user should know before trusting an inventory's totals. ``describe``:
-    path -> its SceneInfo (headers only; the run has read every raster already)."""
+def coarser_than_training_note(rasters: list[str], model_gsd_m: float, *, describe) -> str | None:
+    """What to say when rasters' pixels are coarser than any the model learnt from (None: nothing):
+    at NAIP's 0.6 m the bundled model still finds large arrays but misses or leaves unoutlined most
+    residential ones (README, Limits), and a user should know before trusting an inventory's totals.
+    ``describe``: path -> its SceneInfo (headers only; detect's run or info has read each already)."""
     from solarmap.errors import SolarmapError
 
     limit = COARSER_THAN_TRAINING * model_gsd_m
@@ -208,12 +210,11 @@ def _note_coarser_than_training(rasters: list[str], model_gsd_m: float, *, descr
         if (gsd_m := (ground.x_m + ground.y_m) / 2) > limit:
             coarse.append((raster, gsd_m))
     if not coarse:
-        return
+        return None
     (path, gsd_m), training = coarse[0], f"the model's training imagery ({model_gsd_m:g} m, seen at up to {limit:.2g} m)"
     which = (f"{path}: {gsd_m:.2f} m pixels, coarser than {training}" if len(rasters) == 1 else
              f"{len(coarse)} of {len(rasters)} rasters have pixels coarser than {training}, e.g. {path}: {gsd_m:.2f} m")
-    click.echo(f"solarmap: note: {which}; small and residential arrays are often missed or not outlined there "
-               f"(README, Limits)", err=True)
+    return f"{which}; small and residential arrays are often missed or not outlined there (README, Limits)"
 
 
 def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, out_crs, rows_per_chunk, overwrite,

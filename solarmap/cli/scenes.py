@@ -93,11 +93,11 @@ def info(raster: str, model_path: str | None, tile_size_px: int | None, overlap_
         GSD_VARIATION_WARNING,
         TileSpec,
         ground_variation_note,
+        resampled_grid,
         tile_grid_shape,
     )
 
-    band_tuple = parse_bands(bands)
-    describe_scene(raster, bands=band_tuple, src_crs=src_crs)  # a bad raster fails before the model is read
+    scene = describe_scene(raster, bands=parse_bands(bands), src_crs=src_crs)  # a bad raster fails before the model
     model = None
     if None in (tile_size_px, overlap_px, gsd_m) or model_path:
         from solarmap.model import read_config
@@ -107,8 +107,8 @@ def info(raster: str, model_path: str | None, tile_size_px: int | None, overlap_
         overlap_px = model.overlap_px if overlap_px is None else overlap_px
         gsd_m = model.gsd_m if gsd_m is None else gsd_m
     spec = TileSpec(tile_size_px, overlap_px)
-    scene = describe_scene(raster, bands=band_tuple, gsd_m=gsd_m, src_crs=src_crs)
-    src, grid = scene.source_grid, scene.grid
+    src = scene.source_grid
+    grid = resampled_grid(src, gsd_m)  # what describe_scene(..., gsd_m=) gives, without opening the raster again
     rows, cols = tile_grid_shape(grid, spec)
     ground = src.ground_resolution()
     click.echo(f"raster: {raster}")
@@ -122,13 +122,12 @@ def info(raster: str, model_path: str | None, tile_size_px: int | None, overlap_
         click.echo(f"working grid: {grid.width} x {grid.height} px at {wx:.3f} x {wy:.3f} m on the ground")
     click.echo(f"tiles: {rows} x {cols} = {rows * cols} of {tile_size_px} px (overlap {overlap_px} px); "
                f"nodata mask: {'yes' if scene.has_mask else 'no'}")
-    if model is not None:
-        from solarmap.cli.detect import COARSER_THAN_TRAINING
+    if model is not None:  # what detect's summary will say, before a long run
+        from solarmap.cli.detect import coarser_than_training_note
 
-        limit = COARSER_THAN_TRAINING * model.gsd_m
-        if (ground.x_m + ground.y_m) / 2 > limit:  # what detect's summary will say, before a long run
-            click.echo(f"note: coarser than the model's training imagery ({model.gsd_m:g} m, seen at up to {limit:.2g} "
-                       f"m): small and residential arrays are often missed or not outlined (README, Limits)")
+        note = coarser_than_training_note([raster], model.gsd_m, describe=lambda path: scene)
+        if note:
+            click.echo(f"note: {note}")
 
 
 @click.command()
