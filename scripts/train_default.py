@@ -37,8 +37,6 @@ def main() -> None:
     parser.add_argument("--backbone", choices=("efficientnet-lite0", "efficientnet-lite2"),
                         default="efficientnet-lite0",
                         help="Pretrained backbone (its ImageNet weights come with solarmap[train]).")
-    parser.add_argument("--input-scale", type=float, default=1.0, metavar="S",
-                        help="The backbone sees each 96 px tile enlarged S times (about S² the compute; default 1).")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--views", action="append", default=[], metavar="SOURCE:LABEL=N",
@@ -76,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.seg_relabel and not (args.seg_hard_negatives and args.seg_pseudo_positives):
         parser.error("--seg-relabel needs --seg-hard-negatives and --seg-pseudo-positives")
-    network_options = ("backbone", "input_scale", "epochs", "lr", "views", "synthetic_towns", "look_coarser", "look_jpeg",
+    network_options = ("backbone", "epochs", "lr", "views", "synthetic_towns", "look_coarser", "look_jpeg",
                        "hard_negatives_from")
     changed = [f"--{name.replace('_', '-')}" for name in network_options
                if getattr(args, name) != parser.get_default(name)]
@@ -97,12 +95,7 @@ def main() -> None:
             fh.write(line + "\n")
 
     torch.manual_seed(0)
-    try:
-        config = over.config if args.over_model else ModelConfig.for_backbone(args.backbone,
-                                                                              input_scale=args.input_scale)
-        SolarNet(config)  # a bad --input-scale fails here, not after loading the data
-    except ModelError as exc:
-        parser.error(str(exc))
+    config = over.config if args.over_model else ModelConfig.for_backbone(args.backbone)
     t0 = time.perf_counter()
     images = load_all(args.data, gsd_m=config.gsd_m, cache_dir=args.workdir / "cache")
     say(f"{len(images)} real images in {time.perf_counter() - t0:.0f} s")

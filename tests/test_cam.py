@@ -8,7 +8,6 @@ import torch
 from conftest import tiny_config
 
 from solarmap import model as M
-from solarmap.errors import ModelError
 from solarmap.model.align import align_to_window
 from solarmap.model.scorer import ModelScorer
 from solarmap.training.calibrate import estimate_cam_shift
@@ -34,20 +33,18 @@ def test_layer_geometry_matches_the_network(layer):
     assert centroid == pytest.approx(stride * k + first, abs=1.5)
 
 
-@pytest.mark.parametrize("backbone, scale", [("efficientnet-lite0", 1), ("efficientnet-lite2", 1),
-                                             ("efficientnet-lite0", 2), ("efficientnet-lite0", 1.6)])
-def test_efficientnet_geometry_is_the_middle_of_each_cells_receptive_field(backbone, scale):
+@pytest.mark.parametrize("backbone", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_efficientnet_geometry_is_the_middle_of_each_cells_receptive_field(backbone):
     """With "same" padding a cell's receptive field is an interval of input pixels whose middle is the
-    cell's centre; on a 1600 px tall input the middle row's field fits inside the image, so it is exact
-    (a narrow strip: rows do not depend on the columns). On an input the network enlarges first, the
-    interval is in the tile's pixels and bilinear sampling widens it by up to a pixel at either end."""
+    cell's centre; on a 1536 px tall input the middle row's field fits inside the image, so it is exact
+    (a narrow strip: rows do not depend on the columns)."""
     torch.manual_seed(0)
-    net = M.SolarNet(tiny_config(backbone=backbone, input_scale=scale)).eval()
+    net = M.SolarNet(tiny_config(backbone=backbone)).eval()
     layers = ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5", "conv_head"]
     captured = {}
     handles = [net.backbone.layer(name).register_forward_hook(lambda m, i, o, name=name: captured.update({name: o}))
                for name in layers]
-    height = 1600  # a multiple of 32 at every scale tested (2,560 px at 1.6)
+    height = 1536
     x = torch.rand(1, 3, height, 64, requires_grad=True)
     net(x)
     for handle in handles:
@@ -58,17 +55,7 @@ def test_efficientnet_geometry_is_the_middle_of_each_cells_receptive_field(backb
         (grad,) = torch.autograd.grad(captured[name][0, :, k, :].sum(), x, retain_graph=True)
         rows = grad.abs().sum(dim=(0, 1, 3)).nonzero().flatten()
         assert 0 < int(rows.min()) and int(rows.max()) < height - 1, name  # not clipped by the image
-        if scale == 1:
-            assert (int(rows.min()) + int(rows.max())) / 2 == stride * k + first, name
-        else:
-            assert (int(rows.min()) + int(rows.max())) / 2 == pytest.approx(stride * k + first, abs=0.5), name
-
-
-def test_an_enlarged_input_is_refused_where_it_cannot_be_used():
-    with pytest.raises(ModelError, match="input_scale"):
-        M.SolarNet(tiny_config(input_scale=2))  # Inception-v3
-    with pytest.raises(ModelError, match="at least 1"):
-        M.SolarNet(tiny_config(backbone="efficientnet-lite0", input_scale=0.5))
+        assert (int(rows.min()) + int(rows.max())) / 2 == stride * k + first, name
 
 
 def test_alignment_puts_cell_centres_on_their_pixels_and_shifts():

@@ -40,9 +40,6 @@ class ModelConfig:
     overlap_px: int = 32  # inference tile overlap
     context_px: int = 0  # pixels around each tile the CAM sees (the classifier sees the tile only)
     train_tile_px: int = 101  # tile size the weights were trained at
-    # the backbone sees each tile enlarged by this (bilinear) before its stem: small arrays at more of
-    # the pixels ImageNet's filters were learnt on, for about input_scale² the compute (1: as given)
-    input_scale: float = 1.0
     gsd_m: float = 0.3  # ground sample distance the model was trained at
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -104,8 +101,6 @@ class InceptionV3(Inception3):
         super().__init__(num_classes=2, aux_logits=False, transform_input=False, init_weights=False)
         if config.branch_at not in ("", self.branch_layer):
             raise ModelError(f"Inception-v3's branch reads {self.branch_layer}, not {config.branch_at!r}")
-        if config.input_scale != 1:
-            raise ModelError("Inception-v3 takes its tiles as they are (input_scale 1)")
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -176,14 +171,9 @@ class EfficientNetLite0(nn.Module):
                              f"not {self.branch_layer!r}")
         self.branch_channels_in = self._branch_points[self.branch_layer]
         self._split = int(self.branch_layer.split(".")[1]) + 1
-        if not config.input_scale >= 1:
-            raise ModelError(f"input_scale must be at least 1, not {config.input_scale}")
-        self.input_scale = float(config.input_scale)
         self.net = timm.create_model(self.timm_name, pretrained=False, num_classes=2)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale != 1:
-            x = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
         return self.net.bn1(self.net.conv_stem(x))
 
     def branch_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,14 +196,7 @@ class EfficientNetLite0(nn.Module):
         return dict(self.net.named_modules()).get(name) if name in self._geometry else None
 
     def layer_geometry(self, name: str) -> tuple[float, float] | None:
-        """(stride, first centre) in the *tile's* pixels: with an enlarged input, pixel j of the
-        enlarged image sits on tile pixel (j + 0.5) / scale - 0.5."""
-        if name not in self._geometry:
-            return None
-        stride, centre = self._geometry[name]
-        if self.input_scale == 1:
-            return stride, centre
-        return stride / self.input_scale, (centre + 0.5) / self.input_scale - 0.5
+        return self._geometry.get(name)
 
 
 class EfficientNetLite2(EfficientNetLite0):

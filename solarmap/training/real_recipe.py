@@ -331,8 +331,7 @@ def train_network(net: SolarNet, images: Sequence[RealImage], *, workdir: str | 
 
 
 # what the network's training fixes; everything else in a released model's config was chosen after it
-NETWORK_FIELDS = ("backbone", "branch_at", "train_tile_px", "input_scale", "gsd_m", "mean", "std", "branch_channels",
-                  "branch_levels")
+NETWORK_FIELDS = ("backbone", "branch_at", "train_tile_px", "gsd_m", "mean", "std", "branch_channels", "branch_levels")
 
 
 def released_network(net: SolarNet) -> SolarNet:
