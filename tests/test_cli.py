@@ -202,6 +202,17 @@ def test_detect_notes_a_raster_coarser_than_the_model_learnt_from(runner, tmp_pa
     assert f"e.g. {rasters[0.6]}: 0.60 m" in regional.output
 
 
+def test_the_coarse_raster_note_counts_from_the_pixel_sizes_it_is_given():
+    """Pure: it reads no raster (a regional run hands it the sizes its planner read)."""
+    from solarmap.cli.detect import coarser_than_training_note
+
+    assert coarser_than_training_note({"a.tif": 0.4, "b.tif": 0.3}, 0.3) is None  # up to 1.4 x is seen in training
+    one = coarser_than_training_note({"a.tif": 0.6}, 0.3)
+    assert one.startswith("a.tif: 0.60 m pixels, coarser than the model's training imagery (0.3 m")
+    many = coarser_than_training_note({"a.tif": 0.3, "b.tif": 0.5, "c.tif": 0.6}, 0.3)
+    assert many.startswith("2 of 3 rasters have pixels coarser") and "e.g. b.tif: 0.50 m" in many
+
+
 @pytest.mark.parametrize("args, message", [
     (["--device", "cuda:7"], "no CUDA GPU"),
     (["--cam-method", "branch"], "no trained CAM branch"),

@@ -77,6 +77,7 @@ def test_adjacent_rasters_merge_into_one_output_in_any_crs(tmp_path):
     single, _ = detect_scene(whole, scorer=SpectralBaseline(), config=CONFIG)
     both, stats = detect_regional([left, right], tmp_path / "both.gpkg", scorer_spec=SpectralBaseline(), config=CONFIG)
     assert stats.rasters == 2
+    assert stats.source_gsd_m == {left: pytest.approx(0.5, rel=1e-3), right: pytest.approx(0.5, rel=1e-3)}  # as planned
     assert len(both) == len(single)  # arrays cut by the file boundary come out whole
     assert both.area_m2.sum() == pytest.approx(single.area_m2.sum(), rel=1e-6)
     in_4326, _ = detect_regional([left, right], tmp_path / "ll.gpkg", scorer_spec=SpectralBaseline(), config=CONFIG,

@@ -176,8 +176,8 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
     _sigterm_as_interrupt()
     kept = Journal(out_path).path
     try:
-        _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, out_crs, rows_per_chunk, overwrite,
-             resume, heatmap, quiet, checkpoint_s)
+        source_gsd_m = _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, out_crs,
+                            rows_per_chunk, overwrite, resume, heatmap, quiet, checkpoint_s)
     except KeyboardInterrupt:
         click.echo(f"solarmap: interrupted; no output was written; the work done is kept in {kept} "
                    f"(rerun with --resume to continue)", err=True)
@@ -187,39 +187,37 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
             raise type(exc)(f"{exc}; the work done is kept in {kept} (rerun with --resume to continue)") from None
         raise
     # after the summary, with the output written (an error stays one line); not progress: --quiet keeps it
-    note = coarser_than_training_note(expanded, scorer.model.config.gsd_m, describe=lambda path: scene
-                                      if path == raster else describe_scene(path, bands=band_tuple, src_crs=src_crs))
+    note = coarser_than_training_note({raster: mean_gsd_m(ground)} if single else source_gsd_m or {},
+                                      scorer.model.config.gsd_m)
     if note:
         click.echo(f"solarmap: note: {note}", err=True)
 
 
-def coarser_than_training_note(rasters: list[str], model_gsd_m: float, *, describe) -> str | None:
+def mean_gsd_m(ground) -> float:
+    """A raster's pixel size on the ground (m): the mean of its x and y ground resolution."""
+    return (ground.x_m + ground.y_m) / 2
+
+
+def coarser_than_training_note(source_gsd_m: dict[str, float], model_gsd_m: float) -> str | None:
     """What to say when rasters' pixels are coarser than any the model learnt from (None: nothing):
     at NAIP's 0.6 m the bundled model still finds large arrays but misses or leaves unoutlined most
     residential ones (README, Limits), and a user should know before trusting an inventory's totals.
-    ``describe``: path -> its SceneInfo (headers only; detect's run or info has read each already)."""
-    from solarmap.errors import SolarmapError
-
+    ``source_gsd_m``: raster -> its pixel size on the ground (m), as the run or ``info`` read it."""
     limit = COARSER_THAN_TRAINING * model_gsd_m
-    coarse = []
-    for raster in rasters:
-        try:
-            ground = describe(raster).source_grid.ground_resolution()
-        except SolarmapError:  # gone since the run read it: the note is not worth failing a finished run for
-            continue
-        if (gsd_m := (ground.x_m + ground.y_m) / 2) > limit:
-            coarse.append((raster, gsd_m))
+    coarse = [(raster, gsd_m) for raster, gsd_m in source_gsd_m.items() if gsd_m > limit]
     if not coarse:
         return None
     (path, gsd_m), training = coarse[0], f"the model's training imagery ({model_gsd_m:g} m, seen at up to {limit:.2g} m)"
-    which = (f"{path}: {gsd_m:.2f} m pixels, coarser than {training}" if len(rasters) == 1 else
-             f"{len(coarse)} of {len(rasters)} rasters have pixels coarser than {training}, e.g. {path}: {gsd_m:.2f} m")
+    which = (f"{path}: {gsd_m:.2f} m pixels, coarser than {training}" if len(source_gsd_m) == 1 else
+             f"{len(coarse)} of {len(source_gsd_m)} rasters have pixels coarser than {training}, e.g. {path}: "
+             f"{gsd_m:.2f} m")
     return f"{which}; small and residential arrays are often missed or not outlined there (README, Limits)"
 
 
 def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, out_crs, rows_per_chunk, overwrite,
-         resume, heatmap, quiet, checkpoint_s) -> None:
-    """The run itself, once every option is checked."""
+         resume, heatmap, quiet, checkpoint_s) -> dict[str, float] | None:
+    """The run itself, once every option is checked; a regional run returns each raster's pixel size
+    on the ground as it planned them (None: a single raster, described already)."""
     from solarmap.pipeline import detect_to_file
 
     if not single:
@@ -235,7 +233,7 @@ def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, ou
             click.echo(f"panels: {rstats.polygons} polygons, {rstats.area_m2:.1f} m² in total; "
                        f"time {rstats.seconds:.1f} s", err=True)
         click.echo(f"wrote {out_path}")
-        return
+        return getattr(rstats, "source_gsd_m", None)  # None from a run finished by an older solarmap
     progress = _Progress(quiet)
     stats = detect_to_file(raster, out_path, scorer=scorer, config=config, overwrite=overwrite, resume=resume,
                            heatmap=heatmap, progress=progress, metadata=scorer.metadata(),
@@ -252,3 +250,4 @@ def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, ou
         click.echo(f"time: {stats.seconds:.1f} s (read {st['read']:.1f}, model {st['model']:.1f}, "
                    f"vectorize {st['vectorize']:.1f}, write {st['write']:.1f})", err=True)
     click.echo(f"wrote {out_path}" + (f" and {heatmap}" if heatmap else ""))
+    return None

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -94,6 +94,7 @@ class Chunk:
     crs_wkt: str
     grid_shape: tuple[int, int]
     seam_rows: tuple[int | None, int | None]  # None: the raster's edge
+    source_gsd_m: float = 0.0  # the raster's own pixel size on the ground (m, mean of x and y)
 
     @property
     def key(self) -> str:
@@ -128,7 +129,8 @@ def plan_chunks(rasters: Sequence[str], config: DetectConfig, *, rows_per_chunk:
             chunks.append(Chunk(raster, index, start, stop, (stop - start) * n_cols, config,
                                 grid_transform=grid.transform, crs_wkt=grid.crs.to_wkt(),
                                 grid_shape=(grid.height, grid.width),
-                                seam_rows=(top if top > 0 else None, bottom if bottom < grid.height else None)))
+                                seam_rows=(top if top > 0 else None, bottom if bottom < grid.height else None),
+                                source_gsd_m=(ground.x_m + ground.y_m) / 2))
     return chunks
 
 
@@ -253,6 +255,9 @@ class RegionalStats:
     area_m2: float = 0.0
     seconds: float = 0.0
     dashboard: str | None = None
+    # each raster's pixel size on the ground (m, mean of x and y), as planned: what a caller compares
+    # with the model's training GSD without opening every raster again
+    source_gsd_m: dict[str, float] = field(default_factory=dict)
 
 
 def local_workers(scheduler: str) -> int | None:
@@ -348,7 +353,8 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
         return gpd.read_file(out, layer="panels"), finished_run
     out = check_output_path(out, overwrite=overwrite)
     chunks = plan_chunks(rasters, config, rows_per_chunk=rows_per_chunk)
-    stats = RegionalStats(rasters=len(rasters), chunks_total=len(chunks), tiles_total=sum(c.tiles for c in chunks))
+    stats = RegionalStats(rasters=len(rasters), chunks_total=len(chunks), tiles_total=sum(c.tiles for c in chunks),
+                          source_gsd_m={chunk.raster: chunk.source_gsd_m for chunk in chunks})
     started = time.perf_counter()
     # the cluster first: a scheduler that cannot be reached leaves no journal behind
     client, cluster = _client_for(scheduler) if scheduler is not None else (None, None)
