@@ -187,15 +187,10 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
             raise type(exc)(f"{exc}; the work done is kept in {kept} (rerun with --resume to continue)") from None
         raise
     # after the summary, with the output written (an error stays one line); not progress: --quiet keeps it
-    note = coarser_than_training_note({raster: mean_gsd_m(ground)} if single else source_gsd_m or {},
+    note = coarser_than_training_note({raster: ground.mean_m} if single else source_gsd_m or {},
                                       scorer.model.config.gsd_m)
     if note:
         click.echo(f"solarmap: note: {note}", err=True)
-
-
-def mean_gsd_m(ground) -> float:
-    """A raster's pixel size on the ground (m): the mean of its x and y ground resolution."""
-    return (ground.x_m + ground.y_m) / 2
 
 
 def coarser_than_training_note(source_gsd_m: dict[str, float], model_gsd_m: float) -> str | None:

@@ -123,9 +123,9 @@ def info(raster: str, model_path: str | None, tile_size_px: int | None, overlap_
     click.echo(f"tiles: {rows} x {cols} = {rows * cols} of {tile_size_px} px (overlap {overlap_px} px); "
                f"nodata mask: {'yes' if scene.has_mask else 'no'}")
     if model is not None:  # what detect's summary will say, before a long run
-        from solarmap.cli.detect import coarser_than_training_note, mean_gsd_m
+        from solarmap.cli.detect import coarser_than_training_note
 
-        note = coarser_than_training_note({raster: mean_gsd_m(ground)}, model.gsd_m)
+        note = coarser_than_training_note({raster: ground.mean_m}, model.gsd_m)
         if note:
             click.echo(f"note: {note}")
 

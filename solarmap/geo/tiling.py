@@ -199,6 +199,12 @@ class GroundResolution:
     variation: float
 
     @property
+    def mean_m(self) -> float:
+        """One pixel size for the grid (the mean of x and y), where one number is compared, e.g. with a
+        model's training GSD."""
+        return (self.x_m + self.y_m) / 2
+
+    @property
     def differs_from_units(self) -> bool:
         """Whether a CRS unit is not a metre on the ground here (beyond 0.1 %)."""
         return abs(self.x_m / self.x_units - 1) > 1e-3 or abs(self.y_m / self.y_units - 1) > 1e-3

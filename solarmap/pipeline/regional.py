@@ -130,7 +130,7 @@ def plan_chunks(rasters: Sequence[str], config: DetectConfig, *, rows_per_chunk:
                                 grid_transform=grid.transform, crs_wkt=grid.crs.to_wkt(),
                                 grid_shape=(grid.height, grid.width),
                                 seam_rows=(top if top > 0 else None, bottom if bottom < grid.height else None),
-                                source_gsd_m=(ground.x_m + ground.y_m) / 2))
+                                source_gsd_m=ground.mean_m))
     return chunks
 
 
