@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_close_on_scale, tiny_config
 
 from solarmap import model as M
 from solarmap.model.align import align_to_window
@@ -103,7 +103,7 @@ def test_scorer_classifies_the_tile_and_maps_the_whole_window():
     probs, maps = with_context(window)
     assert maps.shape == (2, 136, 136)
     plain_probs, plain_maps = ModelScorer(net, decision_threshold=0.0, context_px=0)(tile_only)
-    assert probs == pytest.approx(plain_probs, abs=1e-5)  # the classifier saw only the tile
+    assert probs == pytest.approx(plain_probs, abs=1e-4)  # the classifier saw only the tile (a slice: other kernels)
     assert plain_maps.shape == (2, 96, 96)
     none = ModelScorer(net, decision_threshold=1.1)(window)[1]
     assert not none.any()  # no CAM work for negative tiles
@@ -137,7 +137,8 @@ def test_branch_levels_choose_the_cam_depth_and_their_own_offset():
     x = torch.rand(1, 3, 96, 96)
     with torch.inference_mode():
         features = net.branch_features(x)
-        assert torch.allclose(ModelScorer(net, branch_levels=1).raw_maps(x), net.branch_cam(features, levels=1))
+        # the scorer holds its network channels-last: other kernels, the same maps up to float32 rounding
+        assert_close_on_scale(ModelScorer(net, branch_levels=1).raw_maps(x), net.branch_cam(features, levels=1))
     from solarmap.errors import OptionError
 
     with pytest.raises(OptionError, match="trained branch level"):
@@ -224,7 +225,7 @@ def test_pseudo_seg_falls_back_to_the_branch_cam_where_the_head_draws_nothing():
     base = M.SolarNet(config)
     branch = maps("branch")
     # the head never reaches 1.5 (a probability): every tile falls back, to the CAM x 1.5 / 0.5
-    assert np.allclose(maps("pseudo-seg", 1.5, cam_fallback=True), branch * 3.0, atol=1e-5)
+    assert_close_on_scale(maps("pseudo-seg", 1.5, cam_fallback=True), branch * 3.0)  # another batch: float32 rounding
     # the head reaches 0 everywhere: no tile falls back
     head = maps("pseudo-seg", 0.0)
     assert np.array_equal(maps("pseudo-seg", 0.0, cam_fallback=True), head)
@@ -238,7 +239,7 @@ def test_pseudo_seg_falls_back_to_the_branch_cam_where_the_head_draws_nothing():
     assert probs[0] != probs[1]
     floor, sure = float(probs.mean()), int(probs.argmax())
     floored = maps("pseudo-seg", 1.5, cam_fallback=True, cam_fallback_min_score=floor)
-    assert np.allclose(floored[sure], branch[sure] * 3.0, atol=1e-5)
+    assert_close_on_scale(floored[sure], branch[sure] * 3.0)
     assert np.array_equal(floored[1 - sure], maps("pseudo-seg", 1.5)[1 - sure])
     # off unless asked for or the checkpoint says so; refused for other methods
     assert np.array_equal(maps("pseudo-seg", 1.5), maps("pseudo-seg", 1.5, cam_fallback=False))
@@ -256,4 +257,4 @@ def test_pseudo_seg_falls_back_to_the_branch_cam_where_the_head_draws_nothing():
     base = M.SolarNet(config)
     one_level = maps("branch", branch_levels=1)
     assert not np.allclose(one_level, maps("branch"))
-    assert np.allclose(maps("pseudo-seg", 1.5, cam_fallback=True, branch_levels=1), one_level * 3.0, atol=1e-5)
+    assert_close_on_scale(maps("pseudo-seg", 1.5, cam_fallback=True, branch_levels=1), one_level * 3.0)
