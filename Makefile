@@ -22,7 +22,7 @@ test: $(STAMP)
 
 # The tests that compare model outputs, again on the portable kernels and one thread: another CPU
 # sums float32 in another order, and these must hold on every machine, not only ours (CI runs it).
-NUMERICS_TESTS := tests/test_cam.py tests/test_model.py tests/test_pseudoseg.py tests/test_end_to_end.py
+NUMERICS_TESTS := tests/test_cam.py tests/test_model.py tests/test_pseudoseg.py tests/test_end_to_end.py tests/test_outline.py
 test-numerics: $(STAMP)
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(NUMERICS_TESTS)
 

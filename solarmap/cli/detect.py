@@ -102,10 +102,11 @@ class _RegionalProgress:
 @click.option("--src-crs", default=None, help="CRS of a raster that carries none, e.g. EPSG:32611.")
 @click.option("--branch-levels", type=click.IntRange(1, 2), default=None,
               help="Branch CAM from this many branch levels (default: all the model has).")
-@click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam", "feedback", "pseudo-seg"]),
+@click.option("--cam-method", type=click.Choice(["branch", "gap", "gradcam", "feedback", "pseudo-seg", "outline"]),
               default=None,
               help="Localization: greedy branch CAM, the classifier's GAP CAM, Grad-CAM, feedback saliency, or "
-                   "the segmentation head (pseudo-seg). Default: the model's, chosen on its validation data.")
+                   "the segmentation head (pseudo-seg), the outline network (outline). Default: the model's, chosen on its "
+                   "validation data.")
 @click.option("--cam-threshold", type=float, default=None, callback=unit_interval,
               help="Mask threshold on the normalised CAM (CAM / the model's calibrated scale; Grad-CAM, feedback: / tile max). "
                    "Default: the model's calibrated rule for the --cam-method.")

@@ -12,7 +12,9 @@ Methods, all returning raw maps (batch, h, w) for the positive class:
   backbone's feedback layers, all open at first, is optimised for a fixed number of steps to keep the
   panel score while closing as many gates as possible (L1); the map is the image-gradient saliency
   of the panel score through the optimised gates, at pixel resolution;
-* ``pseudo-seg`` the segmentation head's panel probability (:mod:`solarmap.model.seg`).
+* ``pseudo-seg`` the segmentation head's panel probability (:mod:`solarmap.model.seg`);
+* ``outline``  the outline network's panel probability (:mod:`solarmap.model.outline`: a U-Net of
+  its own, trained on real pixel masks).
 
 A new method is a subclass of :class:`CamMethodImpl` that overrides :meth:`~CamMethodImpl.raw_maps`
 (and where it differs, the geometry and the normalisation), added to :data:`METHODS`.
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 
 from solarmap.errors import ModelError, OptionError
 from solarmap.model.network import ModelConfig, SolarNet
+from solarmap.model.outline import PANEL
 from solarmap.model.seg import segment
 
 if TYPE_CHECKING:
@@ -58,6 +61,7 @@ class CamMethod(str, Enum):
     GRADCAM = "gradcam"
     FEEDBACK = "feedback"
     PSEUDO_SEG = "pseudo-seg"
+    OUTLINE = "outline"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +259,27 @@ class PseudoSegMaps(CamMethodImpl):
         return raw  # already a probability
 
 
+class OutlineMaps(CamMethodImpl):
+    method = CamMethod.OUTLINE
+    threshold_basis = "probability"
+
+    def check(self, model):
+        if model.outline is None:
+            raise ModelError("this model has no outline network (scripts/train_outline.py trains one)")
+
+    def raw_maps(self, scorer, x, features):
+        with torch.inference_mode(), scorer.autocast():
+            return scorer.model.outline.probabilities(x.float())[:, PANEL].float()
+
+    def normalise(self, raw, config, scale=None):
+        return raw  # already a probability
+
+    def mask_rule(self, config):
+        return tuple(config.mask_rules.get(self.method.value, (0.5, None)))
+
+
 METHODS: dict[CamMethod, CamMethodImpl] = {impl.method: impl for impl in (
-    BranchCam(), GapCam(), GradCam(), FeedbackCam(), PseudoSegMaps())}
+    BranchCam(), GapCam(), GradCam(), FeedbackCam(), PseudoSegMaps(), OutlineMaps())}
 
 
 def autocast_for(device: torch.device):

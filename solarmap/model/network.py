@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.models.inception import Inception3
 
 from solarmap.errors import ModelError
+from solarmap.model.outline import OutlineNet, OutlineSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,6 +59,7 @@ class ModelConfig:
     seg_blob_levels: tuple[float, ...] = ()  # the gate keeps or drops whole blobs at these levels (): pixel by pixel)
     seg_cam_fallback: bool = False  # a positive tile the head draws nothing on takes the branch CAM's mask instead
     seg_cam_fallback_min_score: float = 0.0  # ... only where the tile is at least this probable (0: every positive)
+    outline: dict = field(default_factory=dict)  # an outline network (solarmap.model.outline.OutlineSpec fields), {}: none
     default_cam_method: str = "branch"  # the outline method `detect` uses unless told (chosen on validation)
     mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
     colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.geo.refine), bins³ entries
@@ -259,7 +261,8 @@ class SegHead(nn.Module):
 
 class SolarNet(nn.Module):
     """A backbone (``.backbone``) + greedy CAM branch (``.branch``: the conv layers, in order) +
-    optional segmentation head (``.seg_head``)."""
+    optional segmentation head (``.seg_head``) + optional outline network (``.outline``: a U-Net of
+    its own, :mod:`solarmap.model.outline`)."""
 
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
@@ -272,6 +275,7 @@ class SolarNet(nn.Module):
                                      nn.Conv2d(c1, c2, 3, padding=1)])
         self.branch_heads = nn.ModuleList([nn.Linear(c1, 2), nn.Linear(c2, 2)])
         self.seg_head = self.new_seg_head() if config.pseudo_seg else None
+        self.outline = OutlineNet(OutlineSpec.from_config(config.outline)) if config.outline else None
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
 

@@ -1,0 +1,83 @@
+"""Panels grouped into installations: a farm's rows with the gaps between them, one roof's arrays.
+
+Panels (module pixels) and installations are different truths. An inventory counts installations
+(and their capacity from the module area); a land-use map needs their footprints, which cover the
+gaps between a farm's rows. Panels closer than ``join_m`` belong to one installation; its footprint
+is the union of its panels closed by ``join_m`` (grown by half of it, merged, shrunk back): the
+gaps between rows fill, the outline keeps its corners, and two roofs across a street stay apart
+when the street is wider than ``join_m``.
+
+Distances need metres: the work is done in a local UTM zone of the panels' centroid (any CRS in,
+the same CRS out), areas are geodesic (:func:`solarmap.geo.vectorize.geodesic_area_m2`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import shapely
+
+from solarmap.geo.vectorize import centroids_lonlat, connected_groups, geodesic_area_m2
+
+__all__ = ["DEFAULT_JOIN_M", "INSTALLATION_COLUMNS", "group_installations"]
+
+DEFAULT_JOIN_M = 4.0  # chosen on NREL validation footprints (docs/real-imagery.md, "Installations")
+INSTALLATION_COLUMNS = ("id", "panel_area_m2", "footprint_area_m2", "n_panels", "kind", "score", "centroid_lon",
+                        "centroid_lat", "source")
+
+
+def _metric_crs(frame):
+    """A CRS in metres for ``frame``: its own where it is projected in metres, else the local UTM zone."""
+    crs = frame.crs
+    if crs is not None and crs.is_projected and crs.axis_info[0].unit_name in ("metre", "meter") \
+            and not crs.equals("EPSG:3857"):
+        return crs
+    return frame.estimate_utm_crs()
+
+
+def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M):
+    """Installations (a GeoDataFrame in ``panels``' CRS) from a panels GeoDataFrame with ``area_m2``,
+    ``score`` and ``source``, one row per group of panels closer than ``join_m`` to each other.
+
+    Columns: ``id`` (1, 2, ... by the group's first panel), ``panel_area_m2`` (the sum of its panels'
+    areas), ``footprint_area_m2`` (geodesic), ``n_panels``, ``kind`` (``unknown``: the model does not
+    yet tell rooftop from ground-mounted), ``score`` (its panels' highest), centroid and ``source``.
+    Panels of different sources (rasters) are never joined."""
+    import geopandas as gpd
+
+    columns = {name: [] for name in INSTALLATION_COLUMNS if name not in ("centroid_lon", "centroid_lat")}
+    if panels.crs is None:
+        raise ValueError("panels without a CRS cannot be grouped in metres")
+    if not len(panels):
+        empty = gpd.GeoDataFrame({name: [] for name in INSTALLATION_COLUMNS}, geometry=[], crs=panels.crs)
+        return empty.astype({"id": "int64", "n_panels": "int64", "panel_area_m2": "float64",
+                             "footprint_area_m2": "float64", "score": "float64", "centroid_lon": "float64",
+                             "centroid_lat": "float64"})
+    metric = _metric_crs(panels)
+    geoms = panels.geometry.to_crs(metric).to_numpy()
+    half = join_m / 2.0
+    grown = shapely.buffer(geoms, half, quad_segs=4) if half > 0 else geoms
+    tree = shapely.STRtree(grown)
+    left, right = tree.query(grown, predicate="intersects")
+    sources = panels["source"].to_numpy()
+    same = (left < right) & (sources[left] == sources[right])
+    groups = connected_groups(len(geoms), zip(left[same].tolist(), right[same].tolist()))
+    groups.sort(key=min)
+    footprints = []
+    areas, scores = panels["area_m2"].to_numpy(float), panels["score"].to_numpy(float)
+    for number, members in enumerate(groups, start=1):
+        union = shapely.union_all(grown[members])
+        footprint = shapely.buffer(union, -half, quad_segs=4) if half > 0 else union
+        footprint = shapely.union_all([footprint, *geoms[members]])  # never smaller than its own panels
+        footprints.append(footprint)
+        columns["id"].append(number)
+        columns["panel_area_m2"].append(float(areas[members].sum()))
+        columns["n_panels"].append(len(members))
+        columns["kind"].append("unknown")
+        columns["score"].append(float(scores[members].max()))
+        columns["source"].append(sources[members[0]])
+    out_geoms = gpd.GeoSeries(footprints, crs=metric).to_crs(panels.crs).to_numpy()
+    columns["footprint_area_m2"] = geodesic_area_m2(out_geoms, panels.crs)
+    lon, lat = centroids_lonlat(out_geoms, panels.crs)
+    frame = gpd.GeoDataFrame({**{k: np.asarray(v) for k, v in columns.items()}, "centroid_lon": lon,
+                              "centroid_lat": lat}, geometry=gpd.GeoSeries(out_geoms, crs=panels.crs), crs=panels.crs)
+    return frame[[*INSTALLATION_COLUMNS, "geometry"]]
