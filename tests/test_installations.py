@@ -58,3 +58,43 @@ def test_rasters_are_never_joined_and_any_crs_gives_the_same_groups():
 def test_no_panels_give_an_empty_layer_with_the_columns():
     result = group_installations(panels([]))
     assert len(result) == 0 and list(result.columns) == [*INSTALLATION_COLUMNS, "geometry"]
+
+
+def test_detect_writes_the_installations_layer_beside_the_panels(tmp_path, geotiff, band_one_scorer):
+    """A farm of five rows 1.5 m apart (0.5 m pixels) and a roof 15 m away: five panels, two
+    installations, styled, in the same GeoPackage; a regional run writes the same layer."""
+    import pyogrio
+    import rasterio
+
+    from conftest import write_tif
+    from solarmap.geo.output import read_layer_metadata
+    from solarmap.pipeline import DetectConfig, detect_to_file
+    from solarmap.pipeline.regional import detect_regional
+
+    image = np.zeros((3, 120, 120), np.float32)
+    for k in range(4):
+        image[0, 10 + 7 * k: 14 + 7 * k, 10:70] = 1.0  # rows 2 m wide, 1.5 m apart
+    image[0, 80:90, 80:90] = 1.0  # a roof array 5 m across
+    scene = geotiff(image)
+    config = DetectConfig(tile_size_px=64, overlap_px=8, join_m=4.0)
+    out = tmp_path / "out.gpkg"
+    stats = detect_to_file(scene, out, scorer=band_one_scorer, config=config)
+    layers = [name for name, _ in pyogrio.list_layers(out)]
+    assert "panels" in layers and "installations" in layers
+    panels, installations = (gpd.read_file(out, layer=name) for name in ("panels", "installations"))
+    assert len(panels) == 5 and len(installations) == stats.installations == 2
+    farm_row = installations.loc[installations.n_panels.idxmax()]
+    assert farm_row.n_panels == 4 and farm_row.footprint_area_m2 == pytest.approx(30 * (3 * 3.5 + 2), rel=0.05)
+    assert installations.panel_area_m2.sum() == pytest.approx(panels.area_m2.sum())
+    assert read_layer_metadata(out, "installations")["join_m"] == "4.0"
+    import sqlite3
+
+    with sqlite3.connect(out) as con:
+        styled = {row[0] for row in con.execute("SELECT f_table_name FROM layer_styles")}
+    assert styled == {"panels", "installations"}
+    regional, rstats = detect_regional([scene, write_tif(tmp_path / "empty.tif", np.zeros((3, 40, 40), np.float32))],
+                                       tmp_path / "region.gpkg", scorer_spec=band_one_scorer, config=config)
+    assert rstats.installations == 2
+    assert len(gpd.read_file(tmp_path / "region.gpkg", layer="installations")) == 2
+    with rasterio.open(scene) as src:
+        assert src.res == (0.5, 0.5)

@@ -77,3 +77,35 @@ def test_geo_needs_no_torch_and_the_pipeline_no_training():
             "assert not [m for m in sys.modules if m.startswith('solarmap.training')], 'training imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_conda_environment_installs_what_pip_installs():
+    """environment.yml lists every dependency and test extra of pyproject.toml (conda-forge or its pip
+    section), so a conda user's suite does not skip tests for want of a package; every import of a
+    third-party package in solarmap/ is declared."""
+    import re
+    import tomllib
+
+    root = PACKAGE.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["test"]
+
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!\[ ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+    listed = {name(line.strip().lstrip("- ")) for line in (root / "environment.yml").read_text().splitlines()
+              if line.strip().startswith("- ") and not line.strip().startswith(("- -", "- pip:"))}
+    # torch, torchvision and the ImageNet-weight wheels come through its pip section (-e .[test])
+    assert {name(r) for r in wanted if not name(r).startswith("efficientnet")} - {"torch", "torchvision"} <= listed
+    declared = {name(r) for r in wanted} | {name(r) for extra in project["optional-dependencies"].values() for r in extra}
+    import_names = {"PIL": "pillow", "skimage": "scikit-image", "segmentation_models_pytorch": "segmentation-models-pytorch",
+                    "yaml": "pyyaml", "sklearn": "scikit-learn"}
+    imported = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "solarmap"}
+    assert {import_names.get(m, m).lower().replace("_", "-") for m in third_party} - declared == set()

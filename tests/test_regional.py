@@ -275,3 +275,19 @@ def test_a_bad_scheduler_is_one_line_and_leaves_nothing(tmp_path, tiny_model_fil
     assert result.exit_code == exit_code and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert sorted(os.listdir(tmp_path)) == ["t.tif"]
+
+
+def test_a_scheduler_without_dask_installed_says_how_to_get_it(tmp_path, tiny_model_file, monkeypatch):
+    """distributed is an extra (solarmap[dask]): without it --scheduler is one clear line, nothing written."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from solarmap.cli import main
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed: importing it fails
+    raster = write_tif(tmp_path / "t.tif", town_like(height=120, width=120))
+    result = CliRunner().invoke(main, ["detect", str(raster), "--out", str(tmp_path / "r.gpkg"), "--model",
+                                       tiny_model_file, "--scheduler", "local:1", "--cam-method", "gap"])
+    assert result.exit_code == 1 and "pip install 'solarmap[dask]'" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and sorted(os.listdir(tmp_path)) == ["t.tif"]

@@ -213,3 +213,19 @@ def test_the_head_rule_and_its_attention_gate_are_chosen_together(monkeypatch):
     assert net.config.seg_attention_floor == 0.0 and net.config.seg_blob_levels == (0.85,)
     assert C.calibrate_seg_rule(net, [], floors=(0.1,), area_tie_iou=None) == [0.8, None]
     assert net.config.seg_attention_floor == 0.1
+
+
+def test_cache_keys_tell_apart_what_a_checksum_would_not():
+    """Cached tile scores and branch features are keyed by a cryptographic digest of dtype, shape and
+    bytes: the same bytes in another shape, or one changed pixel, get another key."""
+    from solarmap.training.calibrate import array_digest
+    from solarmap.training.stages import _tensor_digest
+
+    tile = np.random.default_rng(0).random((3, 8, 8), dtype=np.float32)
+    assert array_digest(tile) == array_digest(tile.copy())
+    assert array_digest(tile) != array_digest(tile.reshape(3, 4, 16))
+    changed = tile.copy()
+    changed[0, 0, 0] += 1e-3
+    assert array_digest(changed) != array_digest(tile) and len(array_digest(tile)) == 16
+    weights = torch.from_numpy(tile)
+    assert _tensor_digest([weights]) != _tensor_digest([weights.reshape(3, 64)]) == _tensor_digest([weights.reshape(3, 64)])

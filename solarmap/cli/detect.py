@@ -123,6 +123,9 @@ class _RegionalProgress:
 @click.option("--min-area", "min_area_m2", type=float, default=1.0, show_default=True, help="Drop polygons below this many m².")
 @click.option("--simplify", "simplify_m", type=float, default=0.0, show_default=True,
               help="Simplify outlines with this tolerance in metres (0: keep pixel outlines).")
+@click.option("--join", "join_m", type=click.FloatRange(min=0), default=None,
+              help="Panels closer than this many metres form one installation (the installations layer; "
+                   "default: 4, chosen on solar farms' footprints).")
 @click.option("--heatmap", type=click.Path(dir_okay=False), default=None, help="Also write the stitched CAM as a GeoTIFF.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same inputs and settings.")
 @click.option("--checkpoint-every", "checkpoint_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
@@ -131,7 +134,7 @@ class _RegionalProgress:
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, device, batch_size, tile_size_px, overlap_px, gsd_m, bands, src_crs, branch_levels, cam_method,
-           cam_threshold, refine, cam_fallback, cam_fallback_min_score, score_threshold, min_area_m2, simplify_m, heatmap, resume, checkpoint_s, overwrite, quiet) -> None:
+           cam_threshold, refine, cam_fallback, cam_fallback_min_score, score_threshold, min_area_m2, simplify_m, join_m, heatmap, resume, checkpoint_s, overwrite, quiet) -> None:
     """Find solar panels in RASTERS and write their polygons (with areas in m²) to one GeoPackage.
 
     RASTERS: raster files, directories, globs, URLs GDAL opens, or .txt files listing rasters. Several
@@ -167,7 +170,8 @@ def detect(rasters, out_path, scheduler, out_crs, rows_per_chunk, model_path, de
                       branch_levels=branch_levels, refine=refine, cam_fallback=cam_fallback,
                       cam_fallback_min_score=cam_fallback_min_score)
     scorer = spec.build()
-    given = dict(tile_size_px=tile_size_px, overlap_px=overlap_px, gsd_m=gsd_m, mask_threshold=cam_threshold)
+    given = dict(tile_size_px=tile_size_px, overlap_px=overlap_px, gsd_m=gsd_m, mask_threshold=cam_threshold,
+                 join_m=join_m)
     config = DetectConfig.for_scorer(
         scorer, bands=band_tuple, src_crs=src_crs, batch_size=batch_size or (64 if scorer.device.type == "cuda" else 16),
         min_area_m2=min_area_m2, simplify_m=simplify_m, **{k: v for k, v in given.items() if v is not None})
@@ -226,8 +230,8 @@ def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, ou
             click.echo(f"rasters: {rstats.rasters}, chunks: {rstats.chunks_done} ({rstats.chunks_resumed} resumed), "
                        f"tiles: {rstats.tiles_total}, {rstats.tiles_positive} positive"
                        f"{_unoutlined_note(rstats.tiles_positive_unoutlined, scorer)}", err=True)
-            click.echo(f"panels: {rstats.polygons} polygons, {rstats.area_m2:.1f} m² in total; "
-                       f"time {rstats.seconds:.1f} s", err=True)
+            click.echo(f"panels: {rstats.polygons} polygons, {rstats.area_m2:.1f} m² in total, in "
+                       f"{rstats.installations} installations; time {rstats.seconds:.1f} s", err=True)
         click.echo(f"wrote {out_path}")
         return getattr(rstats, "source_gsd_m", None)  # None from a run finished by an older solarmap
     progress = _Progress(quiet)
@@ -242,7 +246,8 @@ def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, ou
         click.echo(f"tiles: {stats.tiles_read} read{resumed}, {stats.tiles_skipped_nodata} skipped as nodata, "
                    f"{stats.tiles_positive} positive{_unoutlined_note(stats.tiles_positive_unoutlined, scorer)}",
                    err=True)
-        click.echo(f"panels: {stats.polygons} polygons, {stats.area_m2:.1f} m² in total", err=True)
+        click.echo(f"panels: {stats.polygons} polygons, {stats.area_m2:.1f} m² in total, in {stats.installations} "
+                   f"installations", err=True)
         click.echo(f"time: {stats.seconds:.1f} s (read {st['read']:.1f}, model {st['model']:.1f}, "
                    f"vectorize {st['vectorize']:.1f}, write {st['write']:.1f})", err=True)
     click.echo(f"wrote {out_path}" + (f" and {heatmap}" if heatmap else ""))

@@ -26,6 +26,25 @@ from solarmap.geo.tiling import Grid, Tile
 # Output paths and atomic writes
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's contents from the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename ``src`` onto ``dst`` so that a power cut leaves one of the two whole: ``src``'s data is
+    flushed before the rename and the directory (which holds the rename) after it. Without the
+    first, a renamed file can come back empty after a power cut (ext4, XFS: the rename reaches the
+    disk before the data); without the second, the rename itself can be lost."""
+    fsync_path(src)
+    os.replace(src, dst)
+    fsync_path(Path(dst).parent if str(Path(dst).parent) else ".")
+
+
 def check_output_path(path: str | os.PathLike, *, overwrite: bool, suffixes: Sequence[str] = (".gpkg",),
                       kind: str = "GeoPackage") -> Path:
     """Fail early, before any work, if ``path`` could not be written at the end."""
@@ -71,7 +90,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
         yield tmp
         if out.exists() and not overwrite:
             raise OutputError(f"output exists: {out} (use --overwrite to replace it)")
-        os.replace(tmp, out)
+        durable_replace(tmp, out)
     finally:
         _remove_sqlite_files(tmp)
 
@@ -155,12 +174,29 @@ class GeoPackageWriter:
             raise OutputError(f"could not write {self.path}: {exc}") from None
         fault_point("commit")
 
+    def add_layer(self, frame, *, layer: str, metadata: dict[str, str] | None = None, style_qml: str | None = None,
+                  style_description: str = "", style_name: str = "solarmap default") -> None:
+        """Write ``frame`` whole as another layer of the finished work file (replacing a layer of that
+        name: a run finished again after a kill), with its metadata and style, before ``publish``."""
+        import pyogrio
+
+        try:
+            pyogrio.write_dataframe(frame, self.work_path, layer=layer, driver="GPKG", promote_to_multi=True,
+                                    geometry_type="MultiPolygon", layer_options={"OVERWRITE": "YES"},
+                                    layer_metadata={k: str(v) for k, v in (metadata or {}).items()} or None)
+            if style_qml is not None:
+                add_layer_style(self.work_path, layer=layer, geometry_column=_gpkg_geometry_column(self.work_path, layer),
+                                qml=style_qml, name=style_name, description=style_description)
+        except (OSError, sqlite3.Error) as exc:
+            self.abort()
+            raise OutputError(f"could not write {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
+
     def publish(self) -> Path:
         """Rename the finished work file onto the target."""
         try:
             if self.path.exists() and not self.overwrite:
                 raise OutputError(f"output exists: {self.path} (use --overwrite to replace it)")
-            os.replace(self.work_path, self.path)
+            durable_replace(self.work_path, self.path)
         except OutputError:
             self.abort()
             raise
@@ -212,7 +248,7 @@ def _gpkg_geometry_column(path: Path, layer: str) -> str:
 
 
 def add_layer_style(path: str | os.PathLike, *, layer: str, geometry_column: str, qml: str,
-                    name: str) -> None:
+                    name: str, description: str = "Panel outlines graduated by area") -> None:
     """Store ``qml`` as the layer's default style in the QGIS ``layer_styles`` table."""
     with contextlib.closing(sqlite3.connect(path)) as con, con:
         con.execute(
@@ -233,7 +269,7 @@ def add_layer_style(path: str | os.PathLike, *, layer: str, geometry_column: str
             "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
             "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, owner) "
             "VALUES ('', '', ?, ?, ?, ?, '', 1, ?, 'solarmap')",
-            (layer, geometry_column, name, qml, "Panel outlines graduated by area"),
+            (layer, geometry_column, name, qml, description),
         )
 
 

@@ -1,12 +1,14 @@
-"""The default QGIS style for the panels layer (stored in the GeoPackage's ``layer_styles`` table).
+"""The default QGIS styles for the panels and installations layers (stored in the GeoPackage's
+``layer_styles`` table).
 
 Outlines, graduated by area so that small residential arrays and large ground-mounted plants read
 differently at a glance; fills are mostly transparent so the imagery stays visible underneath.
+Installations are drawn as outlines only (their footprints hold their panels) in blues.
 """
 
 from __future__ import annotations
 
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 # (lower m², upper m², outline RGB, label)
 AREA_CLASSES = (
@@ -17,9 +19,17 @@ AREA_CLASSES = (
 )
 
 
-def _fill_symbol(name: int, rgb: str) -> str:
+# installations by footprint area: a home, a large roof, a farm
+FOOTPRINT_CLASSES = (
+    (0.0, 100.0, "0,200,255", "< 100 m²"),
+    (100.0, 2000.0, "0,120,255", "100 – 2,000 m²"),
+    (2000.0, 1.0e12, "60,0,200", "≥ 2,000 m²"),
+)
+
+
+def _fill_symbol(name: int, rgb: str, fill_alpha: int = 50) -> str:
     options = {
-        "color": f"{rgb},50",
+        "color": f"{rgb},{fill_alpha}",
         "style": "solid",
         "outline_color": f"{rgb},255",
         "outline_style": "solid",
@@ -41,11 +51,22 @@ def _fill_symbol(name: int, rgb: str) -> str:
 
 def panels_qml(attribute: str = "area_m2") -> str:
     """A QGIS QML document: graduated outline renderer on ``attribute`` plus labels-free display."""
+    return _graduated_qml(attribute, AREA_CLASSES, '[% "area_m2" %] m² — score [% "score" %]')
+
+
+def installations_qml() -> str:
+    """The installations layer's style: outlines graduated by footprint area, no fill."""
+    return _graduated_qml("footprint_area_m2", FOOTPRINT_CLASSES,
+                          '[% "n_panels" %] panels, [% "panel_area_m2" %] m² of panels on [% "footprint_area_m2" %] m²',
+                          fill_alpha=0)
+
+
+def _graduated_qml(attribute: str, classes, map_tip: str, fill_alpha: int = 50) -> str:
     ranges = "".join(
         f'<range lower="{lo}" upper="{hi}" symbol="{i}" label={quoteattr(label)} render="true"/>'
-        for i, (lo, hi, _, label) in enumerate(AREA_CLASSES)
+        for i, (lo, hi, _, label) in enumerate(classes)
     )
-    symbols = "".join(_fill_symbol(i, rgb) for i, (_, _, rgb, _) in enumerate(AREA_CLASSES))
+    symbols = "".join(_fill_symbol(i, rgb, fill_alpha) for i, (_, _, rgb, _) in enumerate(classes))
     return (
         "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
         '<qgis version="3.28.0" styleCategories="Symbology|Fields|MapTips">'
@@ -53,7 +74,7 @@ def panels_qml(attribute: str = "area_m2") -> str:
         'symbollevels="0" enableorderby="0" forceraster="0" referencescale="-1">'
         f"<ranges>{ranges}</ranges><symbols>{symbols}</symbols>"
         "</renderer-v2>"
-        '<mapTip>[% "area_m2" %] m² — score [% "score" %]</mapTip>'
+        f"<mapTip>{escape(map_tip)}</mapTip>"
         "<layerGeometryType>2</layerGeometryType>"
         "</qgis>\n"
     )

@@ -11,19 +11,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from solarmap import __version__
-from solarmap.geo.output import (
-    GeoPackageWriter,
-    HeatmapWriter,
-    check_output_path,
-    write_geopackage,
-)
+import geopandas as gpd
+
+from solarmap.geo.installations import group_installations
+from solarmap.geo.output import GeoPackageWriter, HeatmapWriter, check_output_path
 from solarmap.geo.raster import describe_scene
-from solarmap.geo.style import panels_qml
+from solarmap.geo.style import installations_qml, panels_qml
 from solarmap.pipeline.config import DetectConfig, DetectStats, ProgressCallback, Scorer
 from solarmap.pipeline.journal import Journal, run_key
 from solarmap.pipeline.scene import SceneRun
 
-__all__ = ["detect", "detect_scene", "detect_to_file", "run_metadata"]
+__all__ = ["add_installations", "detect", "detect_scene", "detect_to_file", "run_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +101,7 @@ def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config:
         writer.finish(empty_frame=last_frame[0].iloc[:0], style_qml=panels_qml(),
                       metadata=run_metadata(config=config, model_name=scorer.name, source=str(path), stats=stats,
                                             extra=metadata))
+        stats.installations = add_installations(writer, read_panels(writer.work_path), config)
         if heat_writer is not None:
             heat_writer.complete()
         for _, target in outputs:  # an output that appeared meanwhile is not replaced unasked
@@ -144,8 +143,27 @@ def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None 
                                  **({"tiled": True, "blockxsize": 256, "blockysize": 256} if large else {}))
         frame, stats = detect_scene(path, scorer=scorer, config=config, progress=progress)
         if out is not None:
-            write_geopackage(frame, out, overwrite=overwrite, style_qml=panels_qml(),
-                             metadata=run_metadata(config=config, model_name=scorer.name, source=str(path),
-                                                   stats=stats))
+            with GeoPackageWriter(out, overwrite=overwrite) as writer:
+                writer.append(frame)
+                writer.finish(empty_frame=frame.iloc[:0], style_qml=panels_qml(),
+                              metadata=run_metadata(config=config, model_name=scorer.name, source=str(path),
+                                                    stats=stats))
+                add_installations(writer, frame, config)
+                writer.publish()
     return frame
+
+
+def read_panels(path: str | Path):
+    """The panels layer of a GeoPackage (finished or a run's work file)."""
+    return gpd.read_file(path, layer="panels")
+
+
+def add_installations(writer: GeoPackageWriter, panels, config: DetectConfig) -> int:
+    """The installations layer (panels grouped by ``config.join_m``) into ``writer``'s finished work
+    file, styled; returns how many there are."""
+    installations = group_installations(panels, join_m=config.join_m)
+    writer.add_layer(installations, layer="installations", style_qml=installations_qml(),
+                     style_description="Installation footprints graduated by area",
+                     metadata={"join_m": config.join_m, "rule": "panels closer than join_m, closed by join_m"})
+    return len(installations)
 

@@ -9,6 +9,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from solarmap.errors import OptionError
+from solarmap.geo.installations import DEFAULT_JOIN_M
 from solarmap.geo.raster import DEFAULT_BANDS, parse_crs
 from solarmap.geo.refine import ColourRefine
 from solarmap.geo.tiling import TileSpec
@@ -67,6 +68,7 @@ class DetectConfig:
     min_area_m2: float = 1.0
     simplify_m: float = 0.0
     refine: ColourRefine | None = None  # outline masks by the model's panel colours (solarmap.geo.refine)
+    join_m: float = DEFAULT_JOIN_M  # panels closer than this form one installation (solarmap.geo.installations)
 
     def __post_init__(self) -> None:
         self.tile_spec  # validates sizes
@@ -76,8 +78,8 @@ class DetectConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise OptionError(f"{name.replace('_', ' ')} must be between 0 and 1, got {value}")
-        if self.min_area_m2 < 0 or self.simplify_m < 0:
-            raise OptionError("minimum area and simplification tolerance must not be negative")
+        if self.min_area_m2 < 0 or self.simplify_m < 0 or self.join_m < 0:
+            raise OptionError("minimum area, simplification tolerance and join distance must not be negative")
         if self.src_crs is not None:
             parse_crs(self.src_crs)
         if self.gsd_m is not None and not self.gsd_m > 0:
@@ -107,6 +109,7 @@ class DetectStats:
     tiles_positive_unoutlined: int = 0  # of tiles_positive, those the outline stage drew nothing in
     polygons: int = 0
     area_m2: float = 0.0
+    installations: int = 0
     seconds: float = 0.0
     stage_seconds: dict = field(default_factory=lambda: {"read": 0.0, "model": 0.0, "vectorize": 0.0,
                                                          "write": 0.0})

@@ -6,6 +6,12 @@ finished chunk of a regional run. Records are written to a temporary file and re
 any moment leaves either the old record or the new one. ``--resume`` continues from what is there,
 only when the key matches; without it a stale journal is discarded.
 
+Durability: a record and a finished output are flushed to the disk before they are renamed, and
+their directory after (:func:`~solarmap.geo.output.durable_replace`), so a power cut leaves the old
+record or the new one whole; the record before the last is kept (``NAME.prev``), so a record that
+still comes back damaged is read as the one before it, and the run continues from there
+(docs/faults.md says what is and is not guaranteed).
+
 A run ends in three steps: its outputs are completed inside the journal, the run's result is
 recorded as ``finished``, the outputs are renamed into place, and the journal is removed. A run
 killed after the record is finished by ``--resume`` without redoing anything
@@ -26,6 +32,7 @@ from typing import Any, Sequence
 
 from solarmap.errors import OutputError
 from solarmap.faults import fault_point
+from solarmap.geo.output import durable_replace, fsync_path
 
 __all__ = ["Journal", "run_key"]
 
@@ -72,7 +79,10 @@ class Journal:
         elif resume:
             log.info("nothing to resume at %s; starting a new run", self.path)
         self.path.mkdir(exist_ok=True)
-        (self.path / "key").write_text(key)
+        if not resuming:
+            (self.path / "key").write_text(key)
+            fsync_path(self.path / "key")
+            fsync_path(self.path.parent)  # the journal's directory entry itself
         return resuming
 
     def _holds(self, key: str) -> bool:
@@ -101,7 +111,7 @@ class Journal:
         """Rename the work files that are still here onto their targets, then remove the journal."""
         for work, target in outputs:
             if work.exists():
-                os.replace(work, target)
+                durable_replace(work, target)
         fault_point("published")
         self.discard()
 
@@ -115,11 +125,21 @@ class Journal:
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_bytes(pickle.dumps(value))
         fault_point("journal")
-        os.replace(tmp, target)
+        fsync_path(tmp)
+        if target.exists():
+            os.replace(target, target.with_name(target.name + ".prev"))  # the last whole record, kept
+        durable_replace(tmp, target)
 
     def read(self, name: str, default: Any = None) -> Any:
-        target = self.path / name
-        return pickle.loads(target.read_bytes()) if target.exists() else default
+        """The record ``name``; where it is missing or damaged, the one before it; else ``default``."""
+        for path in (self.path / name, self.path / f"{name}.prev"):
+            if not path.exists():
+                continue
+            try:
+                return pickle.loads(path.read_bytes())
+            except Exception as exc:  # noqa: BLE001 - a damaged record, whatever the unpickler says
+                log.warning("journal record %s is damaged (%s); using the one before it", path, type(exc).__name__)
+        return default
 
     def discard(self) -> None:
         """Remove the journal: the run is complete."""

@@ -55,7 +55,7 @@ from solarmap.geo.vectorize import (
     merge_pieces,
     panels_frame,
 )
-from solarmap.pipeline.api import run_metadata
+from solarmap.pipeline.api import add_installations, run_metadata
 from solarmap.pipeline.config import DetectConfig
 from solarmap.pipeline.journal import Journal, run_key
 from solarmap.pipeline.scene import SceneRun
@@ -253,6 +253,7 @@ class RegionalStats:
     tiles_positive_unoutlined: int = 0
     polygons: int = 0
     area_m2: float = 0.0
+    installations: int = 0
     seconds: float = 0.0
     dashboard: str | None = None
     # each raster's pixel size on the ground (m, mean of x and y), as planned: what a caller compares
@@ -279,7 +280,10 @@ def local_workers(scheduler: str) -> int | None:
 
 def _client_for(scheduler: str):
     """``local[:N]`` starts a LocalCluster of N single-threaded worker processes; else an address."""
-    from distributed import Client, LocalCluster
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise OptionError("--scheduler runs on dask, which is not installed: pip install 'solarmap[dask]'") from None
 
     n_workers = local_workers(scheduler)
     if n_workers is not None:
@@ -384,6 +388,7 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
     if len(frame):
         writer.append(frame)
     writer.finish(empty_frame=frame.iloc[:0], style_qml=panels_qml(), metadata=meta)
+    stats.installations = add_installations(writer, frame, config)
     check_output_path(out, overwrite=overwrite)  # an output that appeared meanwhile is not replaced unasked
     stats.seconds = time.perf_counter() - started
     journal.finish(stats, outputs)

@@ -229,7 +229,7 @@ def train_outline(net: OutlineNet, train: list[MaskedImage], *, workdir: str | P
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             with torch.no_grad():
                 for k, v in net.state_dict().items():
                     if v.is_floating_point():
