@@ -161,30 +161,28 @@ def _tile_box_iou(pred: np.ndarray, truth_ids: np.ndarray) -> float:
 
 
 def _object_metrics(pred, truth, pred_areas, truth_areas, cover) -> tuple[float, float, float]:
+    """Object precision, recall and mean per-system area error from every intersecting (truth,
+    prediction) pair, found in one bulk spatial-index query and intersected as arrays: a county's
+    20,000 polygons a side take seconds, not a Python loop over pairs."""
     if not truth:
         return (0.0 if pred else 1.0), 1.0, 0.0
     if not pred:
         return 1.0, 0.0, 1.0
-    tree = shapely.STRtree(pred)
-    covered = np.zeros(len(truth))
-    assigned = np.zeros(len(truth))
-    pred_covered = np.zeros(len(pred))
-    best_overlap = np.zeros(len(pred))
+    truth, pred = np.asarray(truth, dtype=object), np.asarray(pred, dtype=object)
+    ti, pi = shapely.STRtree(pred).query(truth, predicate="intersects")
+    inter = shapely.area(shapely.intersection(truth[ti], pred[pi]))
+    covered = np.bincount(ti, weights=inter, minlength=len(truth))
+    pred_covered = np.bincount(pi, weights=inter, minlength=len(pred))
+    # each prediction to the truth array it overlaps most (the first such, as truth order goes)
     best_truth = np.full(len(pred), -1)
-    for ti, t in enumerate(truth):
-        for pi in tree.query(t, predicate="intersects"):
-            inter = shapely.intersection(t, pred[pi]).area
-            covered[ti] += inter
-            pred_covered[pi] += inter
-            if inter > best_overlap[pi]:
-                best_overlap[pi], best_truth[pi] = inter, ti
+    order = np.lexsort((ti, -inter, pi))  # by prediction, then largest overlap first, then truth order
+    first = order[np.r_[True, pi[order][1:] != pi[order][:-1]]] if len(order) else order
+    first = first[inter[first] > 0]
+    best_truth[pi[first]] = ti[first]
     # planar ratios are unit-free, so they are fine in any CRS
-    truth_planar = np.array([t.area for t in truth])
-    pred_planar = np.array([p.area for p in pred])
-    recall = float(np.mean(covered / truth_planar >= cover))
-    precision = float(np.mean(pred_covered / pred_planar >= cover))
-    for pi, ti in enumerate(best_truth):
-        if ti >= 0:
-            assigned[ti] += pred_areas[pi]
+    recall = float(np.mean(covered / shapely.area(truth) >= cover))
+    precision = float(np.mean(pred_covered / shapely.area(pred) >= cover))
+    has = best_truth >= 0
+    assigned = np.bincount(best_truth[has], weights=pred_areas[has], minlength=len(truth))
     per_system = float(np.mean(np.abs(assigned - truth_areas) / truth_areas))
     return precision, recall, per_system

@@ -178,6 +178,28 @@ def test_detect_with_a_model_writes_a_geopackage_and_summary(runner, tmp_path, t
     assert rerun.exit_code == 1 and "--overwrite" in rerun.output
 
 
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_detect_shows_one_progress_bar_on_a_terminal_and_none_elsewhere(runner, tmp_path, tiny_model_file, geotiff,
+                                                                       monkeypatch, terminal):
+    """On a terminal: tqdm's bar with tiles done of all, tiles/s, the ETA and panels found; in a log
+    file or a pipe, or with --quiet, only the summary."""
+    from conftest import rectangle_raster
+
+    from solarmap.cli import progress
+
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: terminal)
+    raster = geotiff((rectangle_raster(200, 200, (30, 30, 60, 70)) * 200).astype(np.uint8))
+    args = ["detect", raster, "--model", tiny_model_file, "--cam-method", "gap", "--score-threshold", "0",
+            "--gsd", "0.5"]
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "a.gpkg")])
+    assert result.exit_code == 0, result.output
+    shown = "tiles [" in result.output and "tiles/s" in result.output and "panels=" in result.output
+    assert shown == terminal and "100%|" in result.output if terminal else not shown
+    assert "panels:" in result.output and "installations" in result.output  # the summary, always
+    quiet = runner.invoke(main, [*args, "--out", str(tmp_path / "b.gpkg"), "--quiet"])
+    assert quiet.exit_code == 0 and "tiles [" not in quiet.output and "panels:" not in quiet.output
+
 def test_detect_notes_a_raster_coarser_than_the_model_learnt_from(runner, tmp_path, tiny_model_file, geotiff):
     """tiny_config's model learnt at 0.3 m (seen up to 0.42 m): a 0.6 m raster gets a note, 0.3 m none;
     a regional run counts its coarse rasters."""

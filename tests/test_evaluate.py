@@ -51,3 +51,36 @@ def test_false_positive_tile(scene):
 def test_box_iou():
     assert box_iou((0, 0, 10, 10), (0, 5, 10, 15)) == pytest.approx(50 / 150)
     assert box_iou(None, (0, 0, 1, 1)) == 0.0
+
+
+def test_object_metrics_from_one_bulk_query_equal_the_pair_by_pair_definition():
+    """Overlapping random boxes: precision, recall and per-system error as the definition reads them,
+    pair by pair, including a prediction that overlaps two arrays equally (the first one gets it)."""
+    import shapely
+
+    from solarmap.evaluate import _object_metrics
+
+    rng = np.random.default_rng(3)
+    def boxes(n):
+        x, y = rng.uniform(0, 100, n), rng.uniform(0, 100, n)
+        w, h = rng.uniform(1, 8, n), rng.uniform(1, 8, n)
+        return list(shapely.box(x, y, x + w, y + h))
+    truth, pred = boxes(60), boxes(70) + [shapely.box(200, 0, 202, 2)]
+    truth += [shapely.box(199, 0, 201, 2), shapely.box(201, 0, 203, 2)]  # the last prediction overlaps both equally
+    t_areas, p_areas = np.array([g.area for g in truth]) * 1.1, np.array([g.area for g in pred]) * 1.1
+    covered, p_covered = np.zeros(len(truth)), np.zeros(len(pred))
+    best, best_truth = np.zeros(len(pred)), np.full(len(pred), -1)
+    for i, t in enumerate(truth):
+        for j, p in enumerate(pred):
+            inter = t.intersection(p).area
+            covered[i] += inter
+            p_covered[j] += inter
+            if inter > best[j]:
+                best[j], best_truth[j] = inter, i
+    assigned = np.zeros(len(truth))
+    for j, i in enumerate(best_truth):
+        if i >= 0:
+            assigned[i] += p_areas[j]
+    expected = (np.mean(p_covered / [p.area for p in pred] >= 0.5), np.mean(covered / [t.area for t in truth] >= 0.5),
+                np.mean(np.abs(assigned - t_areas) / t_areas))
+    assert _object_metrics(pred, truth, p_areas, t_areas, 0.5) == pytest.approx(expected, rel=1e-12)

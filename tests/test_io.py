@@ -261,3 +261,47 @@ def test_block_cache_holds_two_rows_of_windows_and_grows_with_width_not_height()
     striped = block_cache_bytes(raster(40_000, 5000, block=(1, 40_000)), window_rows=600)
     assert striped == 602 * 40_000 * 3
     assert block_cache_bytes(raster(500, 500), window_rows=181) == 32 * 2**20  # small rasters: a floor
+
+
+def test_a_raster_placed_by_gcps_only_is_read_where_it_lies(tmp_path):
+    """A GCP-only copy of a scene (GCPs from its transform, an identity geotransform) gives the same
+    polygons within 0.5 m, in the GCPs' CRS; `info` says how it was placed; an RPC-only raster is
+    one clear line."""
+    import rasterio
+    from click.testing import CliRunner
+    from rasterio.control import GroundControlPoint
+    from rasterio.rpc import RPC
+
+    from conftest import BandOneScorer, UTM_11N, rectangle_raster, write_tif
+    from solarmap.cli import main
+    from solarmap.errors import GeoreferenceError
+    from solarmap.pipeline import DetectConfig, detect_scene
+
+    image = rectangle_raster(200, 240, (40, 50, 90, 130))
+    image[0, 120:170, 150:200] = 1.0
+    plain = write_tif(tmp_path / "plain.tif", image)
+    with rasterio.open(plain) as src:
+        transform = src.transform
+    corners = [(0, 0), (0, 240), (200, 0), (200, 240), (100, 120)]
+    gcps = [GroundControlPoint(row=r, col=c, x=(transform * (c, r))[0], y=(transform * (c, r))[1]) for r, c in corners]
+    placed = tmp_path / "gcps.tif"
+    with rasterio.open(placed, "w", driver="GTiff", height=200, width=240, count=3, dtype="float32",
+                       gcps=gcps, crs=UTM_11N) as dst:
+        dst.write(image)
+    config = DetectConfig(tile_size_px=64, overlap_px=8)
+    expected, _ = detect_scene(plain, scorer=BandOneScorer(), config=config)
+    got, _ = detect_scene(str(placed), scorer=BandOneScorer(), config=config)
+    assert got.crs.to_epsg() == 32611 and len(got) == len(expected) == 2
+    for geometry in expected.geometry:
+        nearest = got.geometry.iloc[int(got.distance(geometry).argmin())]
+        assert nearest.hausdorff_distance(geometry) <= 0.5 + 1e-6
+    info = CliRunner().invoke(main, ["info", str(placed), "--tile-size", "64", "--overlap", "8", "--gsd", "0.5"])
+    assert info.exit_code == 0 and "georeferencing: 5 ground control points in EPSG:32611" in info.output, info.output
+    rpc_only = tmp_path / "rpc.tif"
+    rpcs = RPC(height_off=0, height_scale=100, lat_off=36, lat_scale=0.1, line_den_coeff=[1] + [0] * 19,
+               line_num_coeff=[0, 0, -1] + [0] * 17, line_off=100, line_scale=100, long_off=-117, long_scale=0.1,
+               samp_den_coeff=[1] + [0] * 19, samp_num_coeff=[0, 1] + [0] * 18, samp_off=120, samp_scale=120)
+    with rasterio.open(rpc_only, "w", driver="GTiff", height=200, width=240, count=3, dtype="float32", rpcs=rpcs) as dst:
+        dst.write(image)
+    with pytest.raises(GeoreferenceError, match="placed by RPCs only"):
+        detect_scene(str(rpc_only), scorer=BandOneScorer(), config=config)

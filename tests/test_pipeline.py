@@ -307,7 +307,7 @@ def test_post_processing_in_line_or_in_its_own_thread_gives_the_same_output_and_
     assert not any(t.name.startswith("solarmap-") for t in threading.enumerate())  # no thread left running
 
 
-def test_python_api_accepts_a_dataarray_with_crs_and_transform(geotiff):
+def test_python_api_accepts_a_dataarray_with_crs_and_transform(geotiff, tmp_path, monkeypatch):
     rioxarray = pytest.importorskip("rioxarray")
     from solarmap.pipeline import detect
 
@@ -318,6 +318,17 @@ def test_python_api_accepts_a_dataarray_with_crs_and_transform(geotiff):
     assert len(frame) == 1 and frame.crs.to_epsg() == 32611
     assert frame.area_m2.iloc[0] == pytest.approx(10 * 20 * 0.25, rel=1e-3)
     assert seen and seen[-1].tiles_read == seen[-1].tiles_total
+    assert frame.source.tolist() == ["array"]  # an unnamed array: not a temporary file's name
+    named = detect(array.rename("ortho_2024"), scorer=BandOneScorer(), config=CONFIG, out=tmp_path / "named.gpkg")
+    assert named.source.tolist() == ["ortho_2024"]
+    assert gpd.read_file(tmp_path / "named.gpkg", layer="panels").source.tolist() == ["ortho_2024"]
+    import uuid
+
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=7))  # the in-memory raster's name, known
+    given = detect(array, scorer=BandOneScorer(), config=CONFIG, source_name="county-2024.tif")
+    assert given.source.tolist() == ["county-2024.tif"]
+    with pytest.raises(rasterio.errors.RasterioIOError):  # nothing left in GDAL's memory
+        rasterio.open(f"/vsimem/solarmap-{uuid.UUID(int=7).hex}.tif")
 
 
 class WeakTileScorer:

@@ -178,6 +178,33 @@ def test_scene_samples_are_labelled_from_truth_polygons(tmp_path):
     assert {s.label for s in samples} <= {0, 1}
     if town.arrays:
         assert any(s.label == 1 for s in samples)
+    # the truth rasterized once for the scene labels each tile as rasterizing it tile by tile would
+    import geopandas as gpd
+    from pathlib import Path
+
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    from solarmap.geo.raster import SceneReader
+    from solarmap.geo.tiling import TileSpec, iter_tiles
+
+    frame = gpd.read_file(truth, layer="panels")
+    with SceneReader(scene, gsd_m=cfg.gsd_m) as reader:
+        grid = reader.info.grid
+        spec = TileSpec(40, 10, 12)
+        windows = scene_samples(scene, truth, model=replace(cfg, train_tile_px=40), stride_px=30, context_px=12)
+        expected = {}
+        for tile in iter_tiles(grid, spec):
+            if tile.valid.width < spec.window_px or tile.valid.height < spec.window_px:
+                continue
+            core = tile.transform @ Affine.translation(12, 12)
+            pixels = rasterize([(g, 1) for g in frame.to_crs(grid.crs.to_wkt()).geometry], out_shape=(40, 40),
+                               transform=core).sum()
+            expected[f"{Path(scene).parent.name}:{tile.tile_row}:{tile.tile_col}"] = pixels
+    gx, gy = grid.ground_resolution_m()
+    for window in windows:
+        assert window.label == int(expected[window.key] * gx * gy >= 2.0), window.key
+    assert any(w.label for w in windows)
 
 
 def test_best_rule_prefers_recall_then_iou_and_breaks_near_ties_on_area_bias():

@@ -2,39 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from solarmap.cli.options import positive, scheduler_option, unit_interval
 
 COARSER_THAN_TRAINING = 1.4  # the top of the recipe's GSD jitter (training.views.ViewConfig.scale)
-
-
-class _Progress:
-    """Progress on stderr: tiles done / total, tiles per second, ETA, panels found."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, stats) -> None:
-        import time
-
-        now = time.monotonic()
-        if self.quiet or (now - self.last < (0.5 if self.tty else 10.0) and stats.tiles_read < stats.tiles_total):
-            return
-        self.last = now
-        rate = stats.tiles_read / stats.seconds if stats.seconds else 0.0
-        eta = (stats.tiles_total - stats.tiles_read) / rate if rate else float("nan")
-        line = (f"tiles {stats.tiles_read}/{stats.tiles_total} ({100 * stats.tiles_read / max(stats.tiles_total, 1):.0f} %), "
-                f"{rate:.1f} tiles/s, ETA {eta:.0f} s, panels {stats.polygons}")
-        click.echo(("\r" + line + "   ") if self.tty else line, err=True, nl=not self.tty)
-
-    def done(self) -> None:
-        if self.tty and not self.quiet:
-            click.echo("", err=True)
 
 
 def _sigterm_as_interrupt() -> None:
@@ -62,26 +34,19 @@ def _unoutlined_note(count: int, scorer) -> str:
 
 
 class _RegionalProgress:
-    """Progress of a regional run: chunks and tiles done across the cluster."""
+    """A regional run's progress: the dashboard's address once, then tiles across the cluster."""
 
     def __init__(self, quiet: bool):
-        self.quiet, self.last, self.shown_dashboard = quiet, 0.0, False
+        from solarmap.cli.progress import Progress
+
+        self.quiet, self.shown_dashboard = quiet, False
+        self.bar = Progress(quiet)
 
     def __call__(self, stats) -> None:
-        import time
-
-        if self.quiet:
-            return
-        if stats.dashboard and not self.shown_dashboard:
+        if stats.dashboard and not self.shown_dashboard and not self.quiet:
             click.echo(f"dask dashboard: {stats.dashboard}", err=True)
             self.shown_dashboard = True
-        now = time.monotonic()
-        if now - self.last < 2.0 and stats.chunks_done < stats.chunks_total:
-            return
-        self.last = now
-        rate = stats.tiles_done / stats.seconds if stats.seconds else 0.0
-        click.echo(f"chunks {stats.chunks_done}/{stats.chunks_total}, tiles {stats.tiles_done}/{stats.tiles_total}, "
-                   f"{rate:.1f} tiles/s", err=True)
+        self.bar.show(stats.tiles_done, stats.tiles_total, chunks=f"{stats.chunks_done}/{stats.chunks_total}")
 
 
 @click.command()
@@ -223,9 +188,13 @@ def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, ou
     if not single:
         from solarmap.pipeline.regional import detect_regional
 
-        _, rstats = detect_regional(expanded, out_path, scorer_spec=spec, config=config, scheduler=scheduler,
-                                    out_crs=out_crs, rows_per_chunk=rows_per_chunk, overwrite=overwrite, resume=resume,
-                                    metadata={"cam_method": scorer.method.value}, progress=_RegionalProgress(quiet))
+        progress = _RegionalProgress(quiet)
+        try:
+            _, rstats = detect_regional(expanded, out_path, scorer_spec=spec, config=config, scheduler=scheduler,
+                                        out_crs=out_crs, rows_per_chunk=rows_per_chunk, overwrite=overwrite,
+                                        resume=resume, metadata={"cam_method": scorer.method.value}, progress=progress)
+        finally:
+            progress.bar.close()
         if not quiet:
             click.echo(f"rasters: {rstats.rasters}, chunks: {rstats.chunks_done} ({rstats.chunks_resumed} resumed), "
                        f"tiles: {rstats.tiles_total}, {rstats.tiles_positive} positive"
@@ -234,11 +203,15 @@ def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, ou
                        f"{rstats.installations} installations; time {rstats.seconds:.1f} s", err=True)
         click.echo(f"wrote {out_path}")
         return getattr(rstats, "source_gsd_m", None)  # None from a run finished by an older solarmap
-    progress = _Progress(quiet)
-    stats = detect_to_file(raster, out_path, scorer=scorer, config=config, overwrite=overwrite, resume=resume,
-                           heatmap=heatmap, progress=progress, metadata=scorer.metadata(),
-                           checkpoint_interval_s=checkpoint_s)
-    progress.done()
+    from solarmap.cli.progress import Progress
+
+    bar = Progress(quiet)
+    try:
+        stats = detect_to_file(raster, out_path, scorer=scorer, config=config, overwrite=overwrite, resume=resume,
+                               heatmap=heatmap, metadata=scorer.metadata(), checkpoint_interval_s=checkpoint_s,
+                               progress=lambda s: bar.show(s.tiles_read, s.tiles_total, panels=s.polygons))
+    finally:
+        bar.close()
     if not quiet:
         st = stats.stage_seconds
         resumed = (f" ({stats.tiles_resumed} done before the interruption, {stats.tiles_read - stats.tiles_resumed} "

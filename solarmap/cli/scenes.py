@@ -113,6 +113,7 @@ def info(raster: str, model_path: str | None, tile_size_px: int | None, overlap_
     ground = src.ground_resolution()
     click.echo(f"raster: {raster}")
     click.echo(f"crs: {src.crs.to_string()}")
+    click.echo(f"georeferencing: {scene.georeferencing}")
     click.echo(f"size: {src.width} x {src.height} px, {ground.describe()}, dtype {scene.dtype}, "
                f"values / {scene.scale:g} -> [0, 1]")
     if ground.variation > GSD_VARIATION_WARNING:

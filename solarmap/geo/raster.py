@@ -28,6 +28,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioIOError
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from solarmap.errors import GeoreferenceError, InputError, OptionError
@@ -72,6 +73,7 @@ class SceneInfo:
     scale: float
     has_mask: bool
     block_shape: tuple[int, int]
+    georeferencing: str = "geotransform"  # or how the raster was placed (e.g. read through its GCPs)
 
 
 def parse_bands(text: str | None) -> tuple[int, ...]:
@@ -125,17 +127,55 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _open(path: str | os.PathLike):
+class _WarpedFromGcps(WarpedVRT):
+    """A raster placed by ground control points only, seen through a warped view onto a north-up
+    grid in its GCPs' CRS (GDAL fits the GCPs with a polynomial: exact where they come from an
+    affine transform); closing it closes the raster too."""
+
+    def __init__(self, source, **options):
+        super().__init__(source, **options)
+        self._source = source
+
+    def close(self) -> None:
+        super().close()
+        self._source.close()
+
+
+def _georeferenced(dataset, path: str, src_crs: str | None):
+    """``dataset`` as solarmap reads it, and how it is placed: its geotransform, or a warped view
+    where it carries only GCPs; a raster placed by RPCs alone is refused with what to do."""
+    if dataset.transform != Affine.identity():
+        return dataset, "geotransform"
+    gcps, gcp_crs = dataset.gcps
+    if gcps:
+        crs = gcp_crs or (parse_crs(src_crs) if src_crs else None)
+        if crs is None:
+            dataset.close()
+            raise GeoreferenceError(f"{path}: its ground control points carry no CRS; pass it with --src-crs "
+                                    f"(e.g. --src-crs EPSG:32611)")
+        warped = _WarpedFromGcps(dataset, src_crs=crs, resampling=Resampling.bilinear, add_alpha=True)
+        return warped, f"{len(gcps)} ground control points in {crs.to_string()} (read through a warped view)"
+    if dataset.rpcs:
+        dataset.close()
+        raise GeoreferenceError(f"{path} is placed by RPCs only (a satellite sensor model), which solarmap does not "
+                                f"read; orthorectify it first, e.g. gdalwarp -rpc -t_srs EPSG:xxxx {path} out.tif")
+    return dataset, "none"
+
+
+def _open(path: str | os.PathLike, src_crs: str | None = None):
+    """The raster at ``path`` as solarmap reads it (GCP-only rasters through a warped view) and how
+    it is georeferenced."""
     path = str(path)
     if not path.startswith(("/vsi", "http://", "https://", "s3://")) and not os.path.exists(path):
         raise InputError(f"input raster not found: {path}")
     if os.path.isdir(path):
         raise InputError(f"input is a directory, not a raster: {path}")
     try:
-        return rasterio.open(path)
+        dataset = rasterio.open(path)
     except RasterioIOError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else "unreadable"
         raise InputError(f"cannot read {path} as a raster ({first_line})") from None
+    return _georeferenced(dataset, path, src_crs)
 
 
 def _scale_for(dataset, bands: tuple[int, ...]) -> float:
@@ -163,8 +203,9 @@ def _scale_for(dataset, bands: tuple[int, ...]) -> float:
 def describe_scene(path: str | os.PathLike, *, bands: Sequence[int] = DEFAULT_BANDS,
                    gsd_m: float | None = None, src_crs: str | None = None) -> SceneInfo:
     """Open ``path`` briefly to check it and work out its grids, bands and value scale."""
-    with _open(path) as dataset:
-        return _describe(dataset, str(path), tuple(bands), gsd_m, src_crs)
+    dataset, georeferencing = _open(path, src_crs)
+    with dataset:
+        return _describe(dataset, str(path), tuple(bands), gsd_m, src_crs, georeferencing)
 
 
 def parse_crs(text: str) -> CRS:
@@ -176,13 +217,13 @@ def parse_crs(text: str) -> CRS:
 
 
 def _describe(dataset, path: str, bands: tuple[int, ...], gsd_m: float | None,
-              src_crs: str | None = None) -> SceneInfo:
+              src_crs: str | None = None, georeferencing: str = "geotransform") -> SceneInfo:
     if dataset.count < max(bands):
         raise InputError(
             f"{path} has {dataset.count} band(s) but band {max(bands)} is needed; "
             f"solarmap needs RGB imagery (pick bands with --bands R,G,B)"
         )
-    if dataset.transform == Affine.identity() and not dataset.gcps[0]:
+    if dataset.transform == Affine.identity():
         raise GeoreferenceError(
             f"{path} is not georeferenced (no geotransform); give it one first, e.g. "
             f"gdal_translate -a_srs EPSG:xxxx -a_ullr ULX ULY LRX LRY {path} out.tif"
@@ -207,6 +248,7 @@ def _describe(dataset, path: str, bands: tuple[int, ...], gsd_m: float | None,
         scale=_scale_for(dataset, bands),
         has_mask=has_mask,
         block_shape=tuple(dataset.block_shapes[0]),
+        georeferencing=georeferencing,
     )
 
 
@@ -250,9 +292,9 @@ class SceneReader:
 
     def __init__(self, path: str | os.PathLike, *, bands: Sequence[int] = DEFAULT_BANDS,
                  gsd_m: float | None = None, src_crs: str | None = None, window_px: int = 512):
-        self._dataset = _open(path)
+        self._dataset, georeferencing = _open(path, src_crs)
         try:
-            self.info = _describe(self._dataset, str(path), tuple(bands), gsd_m, src_crs)
+            self.info = _describe(self._dataset, str(path), tuple(bands), gsd_m, src_crs, georeferencing)
         except Exception:
             self._dataset.close()
             raise

@@ -4,7 +4,6 @@ into a GeoPackage with a resume journal (:func:`detect_to_file`)."""
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -117,15 +116,21 @@ def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config:
 def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None = None, out: str | Path | None = None,
            overwrite: bool = False, progress: ProgressCallback | None = None, model: str | Path | None = None,
            method: str | None = None, device: str = "auto", cam_fallback: bool | None = None,
-           cam_fallback_min_score: float | None = None, **overrides):
+           cam_fallback_min_score: float | None = None, source_name: str | None = None, **overrides):
     """Detect panels in ``source`` (a raster path, or an xarray DataArray with ``.rio`` CRS/transform).
 
     Returns a GeoDataFrame of panel polygons in the source's CRS; with ``out`` also writes the
-    GeoPackage. Without ``scorer``, the checkpoint ``model`` (default: the bundled one) scores with
-    CAM ``method`` (default: the model's) on ``device``, exactly as ``solarmap detect --cam-method
-    METHOD [--cam-fallback] [--cam-fallback-min-score S]`` does. Without
+    GeoPackage (panels and installations). Without ``scorer``, the checkpoint ``model`` (default: the
+    bundled one) scores with CAM ``method`` (default: the model's) on ``device``, exactly as
+    ``solarmap detect --cam-method METHOD [--cam-fallback] [--cam-fallback-min-score S]`` does. Without
     ``config`` the scorer's calibrated settings are used, with ``overrides`` (DetectConfig fields,
     e.g. ``min_area_m2=0``) on top.
+
+    A DataArray is read from memory (GDAL's ``/vsimem``, no temporary file on disk); its panels'
+    ``source`` is ``source_name``, else the array's ``name``, else ``"array"``.
+
+    .. versionchanged:: 0.1
+       A DataArray's panels name it, not a temporary ``input.tif``.
     """
     if scorer is None:
         from solarmap.model.scorer import build_scorer
@@ -134,22 +139,30 @@ def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None 
                               cam_fallback_min_score=cam_fallback_min_score)
     if config is None:
         config = DetectConfig.for_scorer(scorer, **overrides)
-    with tempfile.TemporaryDirectory(prefix="solarmap-") as tmp:
-        path = source
-        if hasattr(source, "rio"):  # xarray + rioxarray: spill to a GeoTIFF the tiler can window
-            path = str(Path(tmp) / "input.tif")
-            large = min(source.rio.height, source.rio.width) >= 512
-            source.rio.to_raster(path, compress="deflate",
-                                 **({"tiled": True, "blockxsize": 256, "blockysize": 256} if large else {}))
+    path, name, in_memory = source, source_name or str(source), None
+    if hasattr(source, "rio"):  # xarray + rioxarray: an in-memory GeoTIFF the tiler can window
+        import uuid
+
+        name = source_name or (str(source.name) if source.name is not None else "array")
+        in_memory = path = f"/vsimem/solarmap-{uuid.uuid4().hex}.tif"
+        large = min(source.rio.height, source.rio.width) >= 512
+        source.rio.to_raster(path, **({"tiled": True, "blockxsize": 256, "blockysize": 256} if large else {}))
+    try:
         frame, stats = detect_scene(path, scorer=scorer, config=config, progress=progress)
-        if out is not None:
-            with GeoPackageWriter(out, overwrite=overwrite) as writer:
-                writer.append(frame)
-                writer.finish(empty_frame=frame.iloc[:0], style_qml=panels_qml(),
-                              metadata=run_metadata(config=config, model_name=scorer.name, source=str(path),
-                                                    stats=stats))
-                add_installations(writer, frame, config)
-                writer.publish()
+    finally:
+        if in_memory is not None:
+            import rasterio.shutil
+
+            rasterio.shutil.delete(in_memory)
+    if in_memory is not None or source_name:
+        frame["source"] = name
+    if out is not None:
+        with GeoPackageWriter(out, overwrite=overwrite) as writer:
+            writer.append(frame)
+            writer.finish(empty_frame=frame.iloc[:0], style_qml=panels_qml(),
+                          metadata=run_metadata(config=config, model_name=scorer.name, source=name, stats=stats))
+            add_installations(writer, frame, config)
+            writer.publish()
     return frame
 
 

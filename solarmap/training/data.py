@@ -17,7 +17,6 @@ from typing import Sequence
 import geopandas as gpd
 import numpy as np
 import torch
-from affine import Affine
 from rasterio.features import rasterize
 
 from solarmap.errors import InputError
@@ -89,15 +88,19 @@ def scene_samples(scene: str | Path, truth: str | Path, *, model: ModelConfig, m
             truth_frame = truth_frame.to_crs(grid.crs.to_wkt())
         gx, gy = grid.ground_resolution_m()
         pixel_m2 = gx * gy
-        shapes = [(g, 1) for g in truth_frame.geometry if g is not None]
+        shapes = [(g, 1) for g in truth_frame.geometry if g is not None and not g.is_empty]
+        # the truth rasterized once on the scene's grid, each tile's panel pixels a slice of it (one
+        # rasterize per tile costs ~40 ms with 5,000 polygons: half an hour on a 20k px scene)
+        truth_mask = rasterize(shapes, out_shape=(grid.height, grid.width), transform=grid.transform,
+                               dtype=np.uint8) if shapes else None
         for tile in iter_tiles(grid, spec):
             if tile.valid.width < spec.window_px or tile.valid.height < spec.window_px:
                 continue  # only whole windows for training
             image = reader.read_tile(tile)
             if image.is_empty:
                 continue
-            centre = tile.transform @ Affine.translation(context_px, context_px)
-            panel_px = rasterize(shapes, out_shape=(size, size), transform=centre).sum() if shapes else 0
+            row, col = int(tile.window.row_off) + context_px, int(tile.window.col_off) + context_px
+            panel_px = int(truth_mask[row: row + size, col: col + size].sum()) if truth_mask is not None else 0
             panel_m2 = panel_px * pixel_m2
             if 0 < panel_m2 < min_panel_m2:
                 continue  # ambiguous: a sliver of an array
