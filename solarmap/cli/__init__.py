@@ -13,6 +13,7 @@ import click
 
 from solarmap import __version__
 from solarmap.cli.detect import detect
+from solarmap.cli.inventory import compare, summarize
 from solarmap.cli.scenes import demo, evaluate, info, synth
 from solarmap.cli.train import classify, train
 from solarmap.errors import SolarmapError
@@ -68,5 +69,5 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 
-for _command in (synth, demo, info, detect, evaluate, train, classify):
+for _command in (synth, demo, info, detect, evaluate, summarize, compare, train, classify):
     main.add_command(_command)

@@ -21,8 +21,11 @@ from solarmap.geo.vectorize import centroids_lonlat, connected_groups, geodesic_
 __all__ = ["DEFAULT_JOIN_M", "INSTALLATION_COLUMNS", "group_installations"]
 
 DEFAULT_JOIN_M = 4.0  # chosen on NREL validation footprints (docs/real-imagery.md, "Installations")
-INSTALLATION_COLUMNS = ("id", "panel_area_m2", "footprint_area_m2", "n_panels", "kind", "score", "centroid_lon",
-                        "centroid_lat", "source")
+# rated kWp per m² of drawn module area: a module of 20 % efficiency under the 1 kW/m² of standard test
+# conditions; docs/inventory.md measures it against the Swiss register
+KWP_PER_M2 = 0.20
+INSTALLATION_COLUMNS = ("id", "panel_area_m2", "footprint_area_m2", "capacity_kwp", "n_panels", "kind", "score",
+                        "centroid_lon", "centroid_lat", "source")
 
 
 def _metric_crs(frame):
@@ -39,7 +42,8 @@ def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M):
     ``score`` and ``source``, one row per group of panels closer than ``join_m`` to each other.
 
     Columns: ``id`` (1, 2, ... by the group's first panel), ``panel_area_m2`` (the sum of its panels'
-    areas), ``footprint_area_m2`` (geodesic), ``n_panels``, ``kind`` (``unknown``: the model does not
+    areas), ``footprint_area_m2`` (geodesic), ``capacity_kwp`` (module area x ``KWP_PER_M2``: from
+    the modules, never the footprint, whose gaps hold none), ``n_panels``, ``kind`` (``unknown``: the model does not
     yet tell rooftop from ground-mounted), ``score`` (its panels' highest), centroid and ``source``.
     Panels of different sources (rasters) are never joined."""
     import geopandas as gpd
@@ -50,7 +54,7 @@ def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M):
     if not len(panels):
         empty = gpd.GeoDataFrame({name: [] for name in INSTALLATION_COLUMNS}, geometry=[], crs=panels.crs)
         return empty.astype({"id": "int64", "n_panels": "int64", "panel_area_m2": "float64",
-                             "footprint_area_m2": "float64", "score": "float64", "centroid_lon": "float64",
+                             "footprint_area_m2": "float64", "capacity_kwp": "float64", "score": "float64", "centroid_lon": "float64",
                              "centroid_lat": "float64"})
     metric = _metric_crs(panels)
     geoms = panels.geometry.to_crs(metric).to_numpy()
@@ -77,6 +81,7 @@ def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M):
         columns["source"].append(sources[members[0]])
     out_geoms = gpd.GeoSeries(footprints, crs=metric).to_crs(panels.crs).to_numpy()
     columns["footprint_area_m2"] = geodesic_area_m2(out_geoms, panels.crs)
+    columns["capacity_kwp"] = np.asarray(columns["panel_area_m2"]) * KWP_PER_M2
     lon, lat = centroids_lonlat(out_geoms, panels.crs)
     frame = gpd.GeoDataFrame({**{k: np.asarray(v) for k, v in columns.items()}, "centroid_lon": lon,
                               "centroid_lat": lat}, geometry=gpd.GeoSeries(out_geoms, crs=panels.crs), crs=panels.crs)

@@ -78,3 +78,40 @@ def _graduated_qml(attribute: str, classes, map_tip: str, fill_alpha: int = 50) 
         "<layerGeometryType>2</layerGeometryType>"
         "</qgis>\n"
     )
+
+
+# summary regions by capacity density (kWp per km²): filled, so a map of regions reads as a choropleth
+DENSITY_CLASSES = (
+    (0.0, 1.0, "255,255,204", "< 1 kWp/km²"),
+    (1.0, 100.0, "254,217,118", "1 – 100 kWp/km²"),
+    (100.0, 1000.0, "253,141,60", "100 – 1,000 kWp/km²"),
+    (1000.0, 10000.0, "227,26,28", "1,000 – 10,000 kWp/km²"),
+    (10000.0, 1.0e15, "128,0,38", "≥ 10,000 kWp/km²"),
+)
+CHANGE_TIP = '[% "change" %]: [% "capacity_kwp_before" %] -> [% "capacity_kwp_after" %] kWp'
+CHANGE_COLOURS = {"new": "0,170,0", "removed": "220,0,0", "grown": "0,120,255", "shrunk": "255,140,0",
+                  "unchanged": "150,150,150"}
+
+
+def summary_qml() -> str:
+    """The summary layer's style: regions filled by capacity per km²."""
+    return _graduated_qml("capacity_kwp_per_km2", DENSITY_CLASSES,
+                          '[% "installations" %] installations, [% "capacity_kwp" %] kWp', fill_alpha=160)
+
+
+def changes_qml() -> str:
+    """The changes layer's style: one colour per kind of change."""
+    categories = "".join(f'<category value={quoteattr(kind)} symbol="{i}" label={quoteattr(kind)} render="true"/>'
+                         for i, kind in enumerate(CHANGE_COLOURS))
+    symbols = "".join(_fill_symbol(i, rgb, 90) for i, rgb in enumerate(CHANGE_COLOURS.values()))
+    return (
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        '<qgis version="3.28.0" styleCategories="Symbology|Fields|MapTips">'
+        '<renderer-v2 type="categorizedSymbol" attr="change" symbollevels="0" enableorderby="0" forceraster="0" '
+        'referencescale="-1">'
+        f"<categories>{categories}</categories><symbols>{symbols}</symbols>"
+        "</renderer-v2>"
+        f"<mapTip>{escape(CHANGE_TIP)}</mapTip>"
+        "<layerGeometryType>2</layerGeometryType>"
+        "</qgis>\n"
+    )
