@@ -20,7 +20,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,8 +33,8 @@ from solarmap.model.outline import FOOTPRINT, PANEL, OutlineNet
 from solarmap.training.mask_data import MaskedImage
 from solarmap.training.views import ViewConfig, _photometric
 
-__all__ = ["OutlineTrainConfig", "OutlineViewConfig", "evaluate_outline", "outline_loss", "outline_view",
-           "train_outline"]
+__all__ = ["OutlineTrainConfig", "OutlineViewConfig", "attach_outline", "evaluate_outline", "outline_loss",
+           "outline_view", "predict_images", "train_outline"]
 
 
 @dataclass(frozen=True)
@@ -336,5 +336,19 @@ def evaluate_outline(probabilities: Sequence[np.ndarray], images: Sequence[Maske
     return results
 
 
-def dumps(config: OutlineTrainConfig) -> str:
-    return json.dumps(asdict(config))
+def attach_outline(model, outline: OutlineNet, *, threshold: float, make_default: bool = True):
+    """``model`` (a SolarNet: its classifier keeps gating tiles) with ``outline`` as its outline
+    network, its mask threshold ``threshold`` and, with ``make_default``, ``outline`` as the method
+    ``detect`` uses unless told."""
+    from dataclasses import replace
+
+    from solarmap.model.network import SolarNet
+
+    spec = {"encoder": outline.spec.encoder, "decoder_channels": tuple(outline.spec.decoder_channels)}
+    config = replace(model.config, outline=spec, mask_rules={**model.config.mask_rules, "outline": (threshold, None)},
+                     default_cam_method="outline" if make_default else model.config.default_cam_method)
+    net = SolarNet(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("outline.")}
+    state.update({f"outline.{k}": v for k, v in outline.state_dict().items()})
+    net.load_state_dict(state)
+    return net.eval()
