@@ -35,10 +35,10 @@ from solarmap.training.real_data import _read_rgb, load_source
 REACH_M = 8.0  # installations this close to the chip centre belong to the registered building
 
 
-def drawn_areas(scorer, data: Path, ids: list[str], workdir: Path) -> dict[str, float]:
-    """Drawn module area (m²) near the centre of each chip."""
+def drawn_areas(scorer, data: Path, ids: list[str], workdir: Path, cache: Path, out: dict) -> dict[str, float]:
+    """Drawn module area (m²) near the centre of each chip, added to ``out`` and saved to ``cache``
+    every 250 chips (rerunning continues)."""
     config = DetectConfig.for_scorer(scorer)
-    out = {}
     for k, chip in enumerate(ids):
         east, north = (int(v) for v in chip.split("_")[1:3])
         pixels = _read_rgb(data / "bern-pv-positives" / "chips" / f"{chip}.jpg")
@@ -52,7 +52,9 @@ def drawn_areas(scorer, data: Path, ids: list[str], workdir: Path) -> dict[str, 
             area = float(installations.loc[near, "panel_area_m2"].sum())
         out[chip] = area
         if (k + 1) % 250 == 0:
+            cache.write_text(json.dumps(out))
             print(f"  {k + 1}/{len(ids)} chips", flush=True)
+    cache.write_text(json.dumps(out))
     return out
 
 
@@ -74,8 +76,7 @@ def main() -> None:
     drawn = json.loads(cache.read_text()) if cache.exists() else {}
     missing = [i for i in ids if i not in drawn]
     if missing:
-        drawn.update(drawn_areas(build_scorer(args.model), args.data, missing, args.workdir))
-        cache.write_text(json.dumps(drawn))
+        drawn_areas(build_scorer(args.model), args.data, missing, args.workdir, cache, drawn)
     year = {i: int(register[i]["first_operation"][:4]) for i in ids}
     by_year = {}
     for i in ids:

@@ -3,6 +3,7 @@ sets' validation splits (choices) or, once, their test splits, per source, at ea
 and degraded to 0.6 m (NAIP).
 
     python scripts/validate_outline.py --model FILE [--split val|test] [--gsd native,0.6] [--json OUT]
+                                       [--joins 4,2,6,8]
 
 Scenes: Bolzano and NREL images one scene each (NREL without its logo strip); PV01 (4 x 4) and
 Bradbury (8 x 8) chips laid out side by side, as in validate_real.py. Georeferenced at their own
@@ -66,8 +67,9 @@ def scenes_of(source: str, data: Path, split: str) -> list[MaskedImage]:
 
 
 def detect_on(scorer, config: DetectConfig, image: MaskedImage, workdir: Path, gsd_m: float | None,
-              index: int) -> np.ndarray:
-    """(panels drawn, installations drawn) as float32 (2, h, w) on the image's own grid."""
+              index: int, joins_m: tuple[float, ...]) -> list[np.ndarray]:
+    """(panels drawn, installations drawn) as float32 (2, h, w) on the image's own grid, one for each
+    join distance of the installations."""
     native = image.native_gsd_m
     origin = (500_000.0 + 2_000.0 * index, 4_000_000.0)
     transform = Affine(native, 0, origin[0], 0, -native, origin[1])
@@ -80,39 +82,60 @@ def detect_on(scorer, config: DetectConfig, image: MaskedImage, workdir: Path, g
                           overwrite=True)
     frame, _ = detect_scene(str(scene), scorer=scorer, config=config)
     shape = image.panel.shape
-    drawn = np.zeros((2, *shape), np.float32)
-    if len(frame):
-        drawn[0] = rasterize(list(frame.geometry), out_shape=shape, transform=transform)
-        installations = group_installations(frame, join_m=config.join_m)
-        drawn[1] = rasterize(list(installations.geometry), out_shape=shape, transform=transform)
-    return drawn
+    out = []
+    for join_m in joins_m:
+        drawn = np.zeros((2, *shape), np.float32)
+        if len(frame):
+            drawn[0] = rasterize(list(frame.geometry), out_shape=shape, transform=transform)
+            installations = group_installations(frame, join_m=join_m)
+            drawn[1] = rasterize(list(installations.geometry), out_shape=shape, transform=transform)
+        out.append(drawn)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Checkpoint (default: the bundled model).")
     parser.add_argument("--method", default=None, help="Outline method (default: the model's).")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="Tile probability that gates the outlines (default: the model's).")
     parser.add_argument("--split", choices=["val", "test"], default="val")
     parser.add_argument("--gsd", default="native,0.6", help="Comma-separated: native and/or metres.")
     parser.add_argument("--sources", default="pv01,bradbury,bolzano,nrel")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "solarmap-validate-outline")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--negative-scene", action="store_true",
+                        help="Also the area drawn on validate_real.py's negative scene (UC Merced images of the split).")
+    parser.add_argument("--joins", default=None, help="Installations' join distances to measure, m (default: the "
+                                                      "model's); the first is the one reported per source.")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    scorer = build_scorer(args.model, method=args.method)
+    scorer = build_scorer(args.model, method=args.method, decision_threshold=args.score_threshold)
     config = DetectConfig.for_scorer(scorer)
     t0 = time.perf_counter()
+    joins_m = tuple(float(v) for v in args.joins.split(",")) if args.joins else (config.join_m,)
     result = {"model": args.model or "bundled", "method": scorer.method.value, "split": args.split,
-              "mask_threshold": config.mask_threshold, "join_m": config.join_m}
+              "mask_threshold": config.mask_threshold, "score_threshold": config.score_threshold, "join_m": joins_m[0]}
     for gsd in args.gsd.split(","):
         gsd_m = None if gsd == "native" else float(gsd)
         for source in args.sources.split(","):
             images = scenes_of(source, args.data, args.split)
-            drawn = [detect_on(scorer, config, image, args.workdir, gsd_m, i) for i, image in enumerate(images)]
-            metrics = evaluate_outline(drawn, images, thresholds=(0.5,), gsd_m=NATIVE_GSD_M[source])["0.5"][source]
-            result[f"{source}@{gsd}"] = metrics
-            print(f"{source} at {gsd}: {json.dumps(metrics)}", flush=True)
+            drawn = [detect_on(scorer, config, image, args.workdir, gsd_m, i, joins_m) for i, image in enumerate(images)]
+            for k, join_m in enumerate(joins_m):
+                metrics = evaluate_outline([d[k] for d in drawn], images, thresholds=(0.5,),
+                                           gsd_m=NATIVE_GSD_M[source])["0.5"][source]
+                key = f"{source}@{gsd}" + (f" join {join_m:g} m" if k else "")
+                result[key] = metrics
+                print(f"{key.replace('@', ' at ')}: {json.dumps(metrics)}", flush=True)
+    if args.negative_scene:
+        from validate_real import negative_scene
+
+        from solarmap.training.real_data import load_source
+
+        negatives = [im for im in load_source("ucmerced", args.data, gsd_m=0.3) if im.split == args.split]
+        result["negative_scene"] = negative_scene(scorer, negatives, args.workdir)
+        print(f"negative scene: {json.dumps(result['negative_scene'])}", flush=True)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=1))
     if args.json:

@@ -118,3 +118,18 @@ def test_nrel_panels_are_unknown_inside_its_footprints_and_its_farms_are_in_ever
         assert image.pixels.shape[1:] == image.footprint.shape
     farms = {im.split for im in images if im.footprint.mean() >= NREL_FARM_COVER}
     assert farms == {"train", "val", "test"}
+
+
+def test_attaching_an_outline_network_keeps_the_classifier_and_makes_it_the_default(tmp_path):
+    from solarmap.model.scorer import build_scorer
+    from solarmap.training.outline import attach_outline
+
+    torch.manual_seed(0)
+    base = M.SolarNet(tiny_config(backbone="efficientnet-lite0", branch_levels=1, decision_threshold=0.3)).eval()
+    outline = OutlineNet(OutlineSpec(**SMALL)).eval()
+    net = attach_outline(base, outline, threshold=0.35)
+    assert net.config.default_cam_method == "outline" and net.config.decision_threshold == 0.3
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in base.state_dict().items())
+    assert all(torch.equal(v, net.outline.state_dict()[k]) for k, v in outline.state_dict().items())
+    scorer = build_scorer(M.load(M.save(net, tmp_path / "with-outline.pt")))
+    assert scorer.method.value == "outline" and scorer.detect_settings()["mask_threshold"] == 0.35

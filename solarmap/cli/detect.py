@@ -90,7 +90,7 @@ class _RegionalProgress:
               help="Simplify outlines with this tolerance in metres (0: keep pixel outlines).")
 @click.option("--join", "join_m", type=click.FloatRange(min=0), default=None,
               help="Panels closer than this many metres form one installation (the installations layer; "
-                   "default: 4, chosen on solar farms' footprints).")
+                   "default: 8, chosen on solar farms' footprints).")
 @click.option("--heatmap", type=click.Path(dir_okay=False), default=None, help="Also write the stitched CAM as a GeoTIFF.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same inputs and settings.")
 @click.option("--checkpoint-every", "checkpoint_s", type=click.FloatRange(min=0), default=10.0, show_default=True,

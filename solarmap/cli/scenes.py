@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from solarmap.cli.detect import detect
@@ -43,25 +45,43 @@ def _check_synth_outputs(out_dir: str, overwrite: bool) -> None:
                 raise OutputError(f"output exists: {out / name} (use --overwrite to replace it)")
 
 
+DEMO_DATA = Path(__file__).parent / "data"
+
+
 @click.command()
 @click.option("--out-dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo writes its files (replaced on each run).")
-@click.option("--seed", default=20261121, show_default=True, help="Seed of the demo town (never used in training).")
+@click.option("--synthetic", is_flag=True, help="A synthetic town instead of the bundled real scene.")
+@click.option("--seed", default=20261121, show_default=True, help="Seed of the synthetic town (never used in training).")
 @click.option("--model", "model_path", type=click.Path(), default=None, help="Checkpoint (default: bundled model).")
-def demo(out_dir: str, seed: int, model_path: str | None) -> None:
-    """The main job on a bundled example: a synthetic town -> detect -> evaluate against its truth."""
-    from pathlib import Path
+def demo(out_dir: str, synthetic: bool, seed: int, model_path: str | None) -> None:
+    """The main job on a bundled example: a real scene (16 PV01 UAV images, 0.1 m, CC BY 4.0) or a
+    synthetic town -> detect -> evaluate against its truth."""
+    import shutil
 
     from solarmap.model.checkpoint import DEFAULT_MODEL_PATH
-    from solarmap.training.synth import SynthConfig, render_town, write_town
 
     out = Path(out_dir)
-    town = render_town(SynthConfig(size_px=1024, seed=seed))
-    scene, truth = write_town(town, out, overwrite=True)
-    frame = town.truth_frame()
-    click.echo(f"synthetic town: {scene} (1024 x 1024 px at 0.3 m, {town.crs})")
-    click.echo(f"truth: {truth}: {len(frame)} panel arrays ({(frame['kind'] == 'roof').sum()} on roofs, "
-               f"{(frame['kind'] == 'ground').sum()} ground-mounted), {frame['area_m2'].sum():.1f} m²")
+    out.mkdir(parents=True, exist_ok=True)
+    if synthetic:
+        from solarmap.training.synth import SynthConfig, render_town, write_town
+
+        town = render_town(SynthConfig(size_px=1024, seed=seed))
+        scene, truth = write_town(town, out, overwrite=True)
+        frame = town.truth_frame()
+        click.echo(f"synthetic town: {scene} (1024 x 1024 px at 0.3 m, {town.crs})")
+        click.echo(f"truth: {truth}: {len(frame)} panel arrays ({(frame['kind'] == 'roof').sum()} on roofs, "
+                   f"{(frame['kind'] == 'ground').sum()} ground-mounted), {frame['area_m2'].sum():.1f} m²")
+    else:
+        import geopandas as gpd
+
+        scene, truth = str(out / "scene.tif"), str(out / "truth.gpkg")
+        shutil.copy(DEMO_DATA / "demo_pv01.tif", scene)
+        shutil.copy(DEMO_DATA / "demo_pv01_truth.gpkg", truth)
+        frame = gpd.read_file(truth, layer="panels")
+        click.echo(f"real scene: {scene} (16 PV01 UAV images from Jiangsu, China, 1024 x 1024 px at 0.1 m; "
+                   f"Jiang et al. 2021, CC BY 4.0; never used in training)")
+        click.echo(f"truth: {truth}: {len(frame)} panel outlines, {frame.area.sum():.1f} m²")
     if model_path is None and not DEFAULT_MODEL_PATH.exists():
         click.echo("the bundled model is not in this installation yet: detection skipped (see README, Status)")
         return
@@ -73,7 +93,8 @@ def demo(out_dir: str, seed: int, model_path: str | None) -> None:
     click.echo("")
     ctx.invoke(evaluate, predicted=str(out / "panels.gpkg"), truth=truth, scene=scene, tile_size_px=299,
                min_panel_m2=2.0, as_json=False)
-    click.echo(f"\nopen {out / 'scene.tif'}, {out / 'heat.tif'} and {out / 'panels.gpkg'} in QGIS to look at them")
+    click.echo(f"\nopen {scene}, {out / 'heat.tif'} and {out / 'panels.gpkg'} (panels and installations) in QGIS "
+               f"to look at them")
 
 
 @click.command()

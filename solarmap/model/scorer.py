@@ -52,7 +52,7 @@ class ModelScorer:
     model: SolarNet
     method: CamMethod = CamMethod.BRANCH
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    decision_threshold: float | None = None  # None: the checkpoint's
+    decision_threshold: float | None = None  # None: the checkpoint's (the outline method: its outline_gate, if set)
     gradcam_layer: str | None = None  # None: the backbone's default
     name: str = "solarmap"
     context_px: int | None = None  # None: the model's
@@ -82,7 +82,8 @@ class ModelScorer:
         self.shift_px = self._measured_shift(self.shift_key, self.method)
         self.model = self.model.to(self.device, memory_format=torch.channels_last).eval()
         if self.decision_threshold is None:
-            self.decision_threshold = config.decision_threshold
+            gate = config.outline_gate if self.method is CamMethod.OUTLINE else None
+            self.decision_threshold = config.decision_threshold if gate is None else gate
         # a floor given without --cam-fallback asks for the fallback too
         asked = self.cam_fallback or (self.cam_fallback is None and self.cam_fallback_min_score is not None)
         if asked and self.method is not CamMethod.PSEUDO_SEG:
