@@ -21,9 +21,9 @@ from solarmap.geo.vectorize import centroids_lonlat, connected_groups, geodesic_
 __all__ = ["DEFAULT_JOIN_M", "INSTALLATION_COLUMNS", "group_installations"]
 
 DEFAULT_JOIN_M = 8.0  # chosen on NREL validation footprints (docs/real-imagery.md, "The outline network")
-# rated kWp per m² of drawn module area: a module of 20 % efficiency under the 1 kW/m² of standard test
-# conditions; docs/inventory.md measures it against the Swiss register
-KWP_PER_M2 = 0.20
+# rated kWp per m² of module area drawn by the bundled model: total registered kWp / total drawn area over
+# the Bern plants of the training and validation blocks (scripts/capacity_register.py; model card, Capacity)
+KWP_PER_M2 = 0.238
 INSTALLATION_COLUMNS = ("id", "panel_area_m2", "footprint_area_m2", "capacity_kwp", "n_panels", "kind", "score",
                         "centroid_lon", "centroid_lat", "source")
 
