@@ -23,7 +23,6 @@ given; the ten farm chips, which look like ten different farms, split apart from
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -37,6 +36,7 @@ from solarmap.training.real_data import (
     _read_rgb,
     _resample,
     assign_splits,
+    load_cached,
     load_source,
 )
 
@@ -165,18 +165,5 @@ def load_masked(data_root: str | Path, *, gsd_m: float,
                 sources: tuple[str, ...] = (*MASK_SOURCES, *NEGATIVE_SOURCES),
                 cache_dir: str | Path | None = None) -> list[MaskedImage]:
     """Every available set (missing ones skipped), cached as one pickle per set and GSD."""
-    images: list[MaskedImage] = []
-    for name in sources:
-        cache = Path(cache_dir) / f"masked-{name}-{gsd_m:g}m.pkl" if cache_dir else None
-        if cache is not None and cache.exists():
-            images += pickle.loads(cache.read_bytes())
-            continue
-        try:
-            loaded = load_masked_source(name, data_root, gsd_m=gsd_m)
-        except InputError:
-            continue
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_bytes(pickle.dumps(loaded))
-        images += loaded
-    return images
+    return load_cached(sources, lambda name: load_masked_source(name, data_root, gsd_m=gsd_m), cache_dir=cache_dir,
+                       cache_name=lambda name: f"masked-{name}-{gsd_m:g}m.pkl")

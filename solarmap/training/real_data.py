@@ -23,7 +23,7 @@ import numpy as np
 
 from solarmap.errors import InputError
 
-__all__ = ["NEGATIVE_SOURCES", "RealImage", "SOURCES", "assign_splits", "load_all", "load_source"]
+__all__ = ["NEGATIVE_SOURCES", "RealImage", "SOURCES", "assign_splits", "load_all", "load_cached", "load_source"]
 
 SPLITS = ("train", "val", "test")
 # (validation, test) fractions of each set's groups; PV01's 80 images in 34 blocks need more than 15 %
@@ -166,19 +166,20 @@ def load_source(name: str, data_root: str | Path, *, gsd_m: float) -> list[RealI
     return assign_splits(read(root, gsd_m), val_fraction=val, test_fraction=test)
 
 
-def load_all(data_root: str | Path, *, gsd_m: float, sources: tuple[str, ...] = tuple(SOURCES),
-             cache_dir: str | Path | None = None) -> list[RealImage]:
-    """Every available set (missing ones are skipped), cached as one pickle per set and GSD."""
+def load_cached(sources: tuple[str, ...], load_one: Callable[[str], list], *, cache_dir: str | Path | None,
+                cache_name: Callable[[str], str]) -> list:
+    """Every set ``load_one(name)`` can read (those it cannot find, an InputError, are skipped), each
+    cached under ``cache_dir`` as one pickle named ``cache_name(name)``."""
     import pickle
 
-    images: list[RealImage] = []
+    images: list = []
     for name in sources:
-        cache = Path(cache_dir) / f"{name}-{gsd_m:g}m.pkl" if cache_dir else None
+        cache = Path(cache_dir) / cache_name(name) if cache_dir else None
         if cache is not None and cache.exists():
             images += pickle.loads(cache.read_bytes())
             continue
         try:
-            loaded = load_source(name, data_root, gsd_m=gsd_m)
+            loaded = load_one(name)
         except InputError:
             continue
         if cache is not None:
@@ -186,6 +187,13 @@ def load_all(data_root: str | Path, *, gsd_m: float, sources: tuple[str, ...] = 
             cache.write_bytes(pickle.dumps(loaded))
         images += loaded
     return images
+
+
+def load_all(data_root: str | Path, *, gsd_m: float, sources: tuple[str, ...] = tuple(SOURCES),
+             cache_dir: str | Path | None = None) -> list[RealImage]:
+    """Every available set (missing ones are skipped), cached as one pickle per set and GSD."""
+    return load_cached(sources, lambda name: load_source(name, data_root, gsd_m=gsd_m), cache_dir=cache_dir,
+                       cache_name=lambda name: f"{name}-{gsd_m:g}m.pkl")
 
 
 def write_pv01_scenes(data_root: str | Path, names: list[str], out_dir: str | Path, *,
