@@ -30,6 +30,17 @@ def read(path):
     return gpd.read_file(path, layer="panels").sort_values("id").reset_index(drop=True)
 
 
+def stop_at_call(n):
+    """A progress callback that interrupts the run (raises Stop) at its ``n``-th call."""
+    calls = {"n": 0}
+
+    def stop(stats):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Stop
+
+    return stop
+
 
 def test_records_and_outputs_are_flushed_and_a_damaged_record_falls_back_to_the_one_before(scene, tmp_path,
                                                                                           monkeypatch):
@@ -44,15 +55,9 @@ def test_records_and_outputs_are_flushed_and_a_damaged_record_falls_back_to_the_
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     out = tmp_path / "panels.gpkg"
-    calls = {"n": 0}
-
-    def stop_midway(stats):
-        calls["n"] += 1
-        if calls["n"] == 9:  # batches of 3 tiles: past the third tile row
-            raise Stop
-
-    with pytest.raises(Stop):
-        detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, progress=stop_midway, checkpoint_interval_s=0)
+    with pytest.raises(Stop):  # batches of 3 tiles: the 9th is past the third tile row
+        detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, progress=stop_at_call(9),
+                       checkpoint_interval_s=0)
     journal = tmp_path / ".panels.gpkg.partial"
     assert str(journal / "state.pkl.tmp") in synced and str(journal) in synced  # the record, then its directory
     state, before = journal / "state.pkl", pickle.loads((journal / "state.pkl.prev").read_bytes())
@@ -65,21 +70,15 @@ def test_records_and_outputs_are_flushed_and_a_damaged_record_falls_back_to_the_
     a, b = read(reference), read(out)
     assert len(a) == len(b) and all(x.equals(y) for x, y in zip(a.geometry, b.geometry))
 
+
 def test_interrupted_run_resumes_to_the_same_output(scene, tmp_path, monkeypatch):
     from solarmap.geo.raster import SceneReader
 
     reference = tmp_path / "reference.gpkg"
     detect_to_file(scene, reference, scorer=BandOneScorer(), config=CONFIG)
     out = tmp_path / "panels.gpkg"
-    calls = {"n": 0}
-
-    def stop_midway(stats):
-        calls["n"] += 1
-        if calls["n"] == 6:  # batches of 3 tiles: past the second tile row
-            raise Stop
-
-    with pytest.raises(Stop):  # journalled at every row boundary
-        detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, progress=stop_midway, heatmap=tmp_path / "h.tif",
+    with pytest.raises(Stop):  # journalled at every row boundary; batches of 3 tiles: the 6th is past the second row
+        detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, progress=stop_at_call(6), heatmap=tmp_path / "h.tif",
                        checkpoint_interval_s=0)
     assert not out.exists() and not (tmp_path / "h.tif").exists()  # nothing half-written at the outputs
     assert (tmp_path / ".panels.gpkg.partial" / "state.pkl").exists()

@@ -48,6 +48,9 @@ class _RegionalProgress:
             self.shown_dashboard = True
         self.bar.show(stats.tiles_done, stats.tiles_total, chunks=f"{stats.chunks_done}/{stats.chunks_total}")
 
+    def close(self) -> None:
+        self.bar.close()
+
 
 @click.command()
 @click.argument("rasters", nargs=-1, required=True, type=click.Path())
@@ -194,7 +197,7 @@ def _run(single, expanded, raster, out_path, spec, scorer, config, scheduler, ou
                                         out_crs=out_crs, rows_per_chunk=rows_per_chunk, overwrite=overwrite,
                                         resume=resume, metadata={"cam_method": scorer.method.value}, progress=progress)
         finally:
-            progress.bar.close()
+            progress.close()
         if not quiet:
             click.echo(f"rasters: {rstats.rasters}, chunks: {rstats.chunks_done} ({rstats.chunks_resumed} resumed), "
                        f"tiles: {rstats.tiles_total}, {rstats.tiles_positive} positive"

@@ -7,21 +7,29 @@ from pathlib import Path
 
 import click
 
-__all__ = ["compare", "summarize"]
+__all__ = ["compare", "layer_names", "summarize"]
+
+
+def layer_names(path: str, what: str) -> list[str]:
+    """The layers of a vector file; one clear line (reading ``what``) where it cannot be read."""
+    import pyogrio
+
+    from solarmap.errors import InputError
+
+    try:
+        return [name for name, _ in pyogrio.list_layers(path)]
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InputError(f"cannot read {what} from {path} ({type(exc).__name__})") from None
 
 
 def read_detection(path: str):
     """A detection's installations (its ``installations`` layer, else its ``panels`` grouped)."""
     import geopandas as gpd
-    import pyogrio
 
     from solarmap.errors import InputError
     from solarmap.geo.inventory import installations_of
 
-    try:
-        layers = [name for name, _ in pyogrio.list_layers(path)]
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise InputError(f"cannot read {path} as a GeoPackage of panels ({type(exc).__name__})") from None
+    layers = layer_names(path, "panels")
     layer = next((name for name in ("installations", "panels") if name in layers), None)
     if layer is None:
         raise InputError(f"{path} has no panels or installations layer (it has: {', '.join(layers) or 'none'}); "
@@ -34,14 +42,10 @@ def read_detection(path: str):
 
 def read_regions(path: str, layer: str | None):
     import geopandas as gpd
-    import pyogrio
 
     from solarmap.errors import InputError
 
-    try:
-        layers = [name for name, _ in pyogrio.list_layers(path)]
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot read regions from {path} ({type(exc).__name__})") from None
+    layers = layer_names(path, "regions")
     if layer is not None and layer not in layers:
         raise InputError(f"{path} has no layer {layer!r} (it has: {', '.join(layers)})")
     return gpd.read_file(path, layer=layer or layers[0])

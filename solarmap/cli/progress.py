@@ -8,7 +8,7 @@ import sys
 
 __all__ = ["Progress", "stderr_is_terminal"]
 
-BAR_FORMAT = "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tiles [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
+BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tiles [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
 
 
 def stderr_is_terminal() -> bool:
@@ -20,9 +20,8 @@ class Progress:
     :meth:`close` at the end. Tiles done before the first call (a resumed run) do not count towards
     the rate, so the ETA is the remaining tiles at the rate of this run."""
 
-    def __init__(self, quiet: bool, *, description: str = ""):
+    def __init__(self, quiet: bool):
         self.enabled = not quiet and stderr_is_terminal()
-        self.description = description
         self.bar = None
 
     def show(self, done: int, total: int, **postfix) -> None:
@@ -32,7 +31,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=done, unit="tiles", file=sys.stderr, dynamic_ncols=True,
-                            mininterval=0.5, smoothing=0.1, bar_format=BAR_FORMAT, desc=self.description)
+                            mininterval=0.5, smoothing=0.1, bar_format=BAR_FORMAT)
         self.bar.total = total
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(done - self.bar.n)

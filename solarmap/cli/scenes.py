@@ -175,12 +175,12 @@ def evaluate(predicted, truth, scene, tile_size_px, min_panel_m2, as_json) -> No
 
 def _read_panels(path: str):
     import geopandas as gpd
-    import pyogrio
 
+    from solarmap.cli.inventory import layer_names
     from solarmap.errors import InputError
 
+    layers = layer_names(path, "polygons")
     try:
-        layers = [name for name, _ in pyogrio.list_layers(path)]
         return gpd.read_file(path, layer="panels" if "panels" in layers else layers[0])
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise InputError(f"cannot read polygons from {path} ({type(exc).__name__})") from None

@@ -18,7 +18,7 @@ import shapely
 
 from solarmap.geo.vectorize import centroids_lonlat, connected_groups, geodesic_area_m2
 
-__all__ = ["DEFAULT_JOIN_M", "INSTALLATION_COLUMNS", "group_installations"]
+__all__ = ["DEFAULT_JOIN_M", "INSTALLATION_COLUMNS", "KWP_PER_M2", "group_installations", "metric_crs"]
 
 DEFAULT_JOIN_M = 8.0  # chosen on NREL validation footprints (docs/real-imagery.md, "The outline network")
 # rated kWp per m² of module area drawn by the bundled model: total registered kWp / total drawn area over
@@ -28,8 +28,9 @@ INSTALLATION_COLUMNS = ("id", "panel_area_m2", "footprint_area_m2", "capacity_kw
                         "centroid_lon", "centroid_lat", "source")
 
 
-def _metric_crs(frame):
-    """A CRS in metres for ``frame``: its own where it is projected in metres, else the local UTM zone."""
+def metric_crs(frame):
+    """A CRS in metres for measuring distances between ``frame``'s shapes: its own where it is
+    projected in metres (web mercator's are not ground metres), else the local UTM zone."""
     crs = frame.crs
     if crs is not None and crs.is_projected and crs.axis_info[0].unit_name in ("metre", "meter") \
             and not crs.equals("EPSG:3857"):
@@ -48,7 +49,6 @@ def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M):
     Panels of different sources (rasters) are never joined."""
     import geopandas as gpd
 
-    columns = {name: [] for name in INSTALLATION_COLUMNS if name not in ("centroid_lon", "centroid_lat")}
     if panels.crs is None:
         raise ValueError("panels without a CRS cannot be grouped in metres")
     if not len(panels):
@@ -56,7 +56,7 @@ def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M):
         return empty.astype({"id": "int64", "n_panels": "int64", "panel_area_m2": "float64",
                              "footprint_area_m2": "float64", "capacity_kwp": "float64", "score": "float64", "centroid_lon": "float64",
                              "centroid_lat": "float64"})
-    metric = _metric_crs(panels)
+    metric = metric_crs(panels)
     geoms = panels.geometry.to_crs(metric).to_numpy()
     half = join_m / 2.0
     grown = shapely.buffer(geoms, half, quad_segs=4) if half > 0 else geoms
@@ -67,22 +67,18 @@ def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M):
     groups = connected_groups(len(geoms), zip(left[same].tolist(), right[same].tolist()))
     groups.sort(key=min)
     footprints = []
-    areas, scores = panels["area_m2"].to_numpy(float), panels["score"].to_numpy(float)
-    for number, members in enumerate(groups, start=1):
+    for members in groups:
         union = shapely.union_all(grown[members])
         footprint = shapely.buffer(union, -half, quad_segs=4) if half > 0 else union
-        footprint = shapely.union_all([footprint, *geoms[members]])  # never smaller than its own panels
-        footprints.append(footprint)
-        columns["id"].append(number)
-        columns["panel_area_m2"].append(float(areas[members].sum()))
-        columns["n_panels"].append(len(members))
-        columns["kind"].append("unknown")
-        columns["score"].append(float(scores[members].max()))
-        columns["source"].append(sources[members[0]])
+        footprints.append(shapely.union_all([footprint, *geoms[members]]))  # never smaller than its own panels
+    areas, scores = panels["area_m2"].to_numpy(float), panels["score"].to_numpy(float)
+    panel_area = np.array([areas[members].sum() for members in groups])
     out_geoms = gpd.GeoSeries(footprints, crs=metric).to_crs(panels.crs).to_numpy()
-    columns["footprint_area_m2"] = geodesic_area_m2(out_geoms, panels.crs)
-    columns["capacity_kwp"] = np.asarray(columns["panel_area_m2"]) * KWP_PER_M2
     lon, lat = centroids_lonlat(out_geoms, panels.crs)
-    frame = gpd.GeoDataFrame({**{k: np.asarray(v) for k, v in columns.items()}, "centroid_lon": lon,
-                              "centroid_lat": lat}, geometry=gpd.GeoSeries(out_geoms, crs=panels.crs), crs=panels.crs)
-    return frame[[*INSTALLATION_COLUMNS, "geometry"]]
+    columns = {"id": np.arange(1, len(groups) + 1, dtype=np.int64), "panel_area_m2": panel_area,
+               "footprint_area_m2": geodesic_area_m2(out_geoms, panels.crs), "capacity_kwp": panel_area * KWP_PER_M2,
+               "n_panels": np.array([len(members) for members in groups], dtype=np.int64),
+               "kind": np.array(["unknown"] * len(groups), dtype=object),
+               "score": np.array([scores[members].max() for members in groups]), "centroid_lon": lon,
+               "centroid_lat": lat, "source": np.array([sources[members[0]] for members in groups], dtype=object)}
+    return gpd.GeoDataFrame(columns, geometry=gpd.GeoSeries(out_geoms, crs=panels.crs), crs=panels.crs)

@@ -24,12 +24,14 @@ import numpy as np
 import shapely
 
 from solarmap.errors import InputError
-from solarmap.geo.installations import KWP_PER_M2, group_installations
+from solarmap.geo.installations import KWP_PER_M2, group_installations, metric_crs
 from solarmap.geo.vectorize import connected_groups, geodesic_area_m2
 
 __all__ = ["CHANGES", "ChangeSummary", "compare", "installations_of", "regular_grid", "summarize"]
 
 CHANGES = ("new", "removed", "grown", "shrunk", "unchanged")
+CHANGE_COLUMNS = ("change", "n_before", "n_after", "panel_area_m2_before", "panel_area_m2_after", "capacity_kwp_before",
+                  "capacity_kwp_after")
 SUMMARY_COLUMNS = ("installations", "panel_area_m2", "capacity_kwp", "installations_per_km2", "panel_area_m2_per_km2",
                    "capacity_kwp_per_km2", "region_area_km2")
 
@@ -126,7 +128,7 @@ def compare(before, after, *, tolerance_m: float = 3.0, change_fraction: float =
         raise InputError("both detections need a CRS")
     crs = before.crs
     after = after.to_crs(crs) if not after.crs.equals(crs) else after
-    metric = (before if len(before) else after).estimate_utm_crs() if len(before) + len(after) else crs
+    metric = metric_crs(before if len(before) else after) if len(before) + len(after) else crs
     a = before.geometry.to_crs(metric).to_numpy()
     b = after.geometry.to_crs(metric).to_numpy()
     pairs = []
@@ -155,9 +157,8 @@ def compare(before, after, *, tolerance_m: float = 3.0, change_fraction: float =
                          panel_area_m2_after=after_m2, capacity_kwp_before=float(kwp_a[ma].sum()),
                          capacity_kwp_after=float(kwp_b[mb].sum())))
         geoms.append(shapely.union_all(b[mb] if mb else a[ma]))
-    frame = gpd.GeoDataFrame(rows, geometry=gpd.GeoSeries(geoms, crs=metric), crs=metric).to_crs(crs) if rows else \
-        gpd.GeoDataFrame({k: [] for k in ("change", "n_before", "n_after", "panel_area_m2_before", "panel_area_m2_after",
-                                          "capacity_kwp_before", "capacity_kwp_after")}, geometry=[], crs=crs)
+    frame = gpd.GeoDataFrame(rows, columns=list(CHANGE_COLUMNS), geometry=gpd.GeoSeries(geoms, crs=metric),
+                             crs=metric).to_crs(crs)
     frame.insert(0, "id", np.arange(1, len(frame) + 1, dtype=np.int64))
     counts = {kind: int((frame["change"] == kind).sum()) for kind in CHANGES}
     gained = frame["capacity_kwp_after"] - frame["capacity_kwp_before"]

@@ -67,13 +67,17 @@ def _graduated_qml(attribute: str, classes, map_tip: str, fill_alpha: int = 50) 
         for i, (lo, hi, _, label) in enumerate(classes)
     )
     symbols = "".join(_fill_symbol(i, rgb, fill_alpha) for i, (_, _, rgb, _) in enumerate(classes))
+    return _qml(f'<renderer-v2 type="graduatedSymbol" attr={quoteattr(attribute)} graduatedMethod="GraduatedColor" '
+                'symbollevels="0" enableorderby="0" forceraster="0" referencescale="-1">'
+                f"<ranges>{ranges}</ranges><symbols>{symbols}</symbols></renderer-v2>", map_tip)
+
+
+def _qml(renderer: str, map_tip: str) -> str:
+    """A QGIS QML document for a polygon layer: ``renderer`` (a ``renderer-v2`` element) and a map tip."""
     return (
         "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
         '<qgis version="3.28.0" styleCategories="Symbology|Fields|MapTips">'
-        f'<renderer-v2 type="graduatedSymbol" attr={quoteattr(attribute)} graduatedMethod="GraduatedColor" '
-        'symbollevels="0" enableorderby="0" forceraster="0" referencescale="-1">'
-        f"<ranges>{ranges}</ranges><symbols>{symbols}</symbols>"
-        "</renderer-v2>"
+        f"{renderer}"
         f"<mapTip>{escape(map_tip)}</mapTip>"
         "<layerGeometryType>2</layerGeometryType>"
         "</qgis>\n"
@@ -104,14 +108,6 @@ def changes_qml() -> str:
     categories = "".join(f'<category value={quoteattr(kind)} symbol="{i}" label={quoteattr(kind)} render="true"/>'
                          for i, kind in enumerate(CHANGE_COLOURS))
     symbols = "".join(_fill_symbol(i, rgb, 90) for i, rgb in enumerate(CHANGE_COLOURS.values()))
-    return (
-        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
-        '<qgis version="3.28.0" styleCategories="Symbology|Fields|MapTips">'
-        '<renderer-v2 type="categorizedSymbol" attr="change" symbollevels="0" enableorderby="0" forceraster="0" '
-        'referencescale="-1">'
-        f"<categories>{categories}</categories><symbols>{symbols}</symbols>"
-        "</renderer-v2>"
-        f"<mapTip>{escape(CHANGE_TIP)}</mapTip>"
-        "<layerGeometryType>2</layerGeometryType>"
-        "</qgis>\n"
-    )
+    return _qml('<renderer-v2 type="categorizedSymbol" attr="change" symbollevels="0" enableorderby="0" '
+                'forceraster="0" referencescale="-1">'
+                f"<categories>{categories}</categories><symbols>{symbols}</symbols></renderer-v2>", CHANGE_TIP)

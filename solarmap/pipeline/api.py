@@ -10,8 +10,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from solarmap import __version__
-import geopandas as gpd
-
 from solarmap.geo.installations import group_installations
 from solarmap.geo.output import GeoPackageWriter, HeatmapWriter, check_output_path
 from solarmap.geo.raster import describe_scene
@@ -168,6 +166,8 @@ def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None 
 
 def read_panels(path: str | Path):
     """The panels layer of a GeoPackage (finished or a run's work file)."""
+    import geopandas as gpd
+
     return gpd.read_file(path, layer="panels")
 
 

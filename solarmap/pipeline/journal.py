@@ -125,7 +125,6 @@ class Journal:
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_bytes(pickle.dumps(value))
         fault_point("journal")
-        fsync_path(tmp)
         if target.exists():
             os.replace(target, target.with_name(target.name + ".prev"))  # the last whole record, kept
         durable_replace(tmp, target)

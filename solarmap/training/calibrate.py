@@ -7,7 +7,6 @@ test data decide nothing.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,7 +25,7 @@ from solarmap.model.scorer import ModelScorer
 from solarmap.model.seg import BLOB_LEVELS
 from solarmap.pipeline import DetectConfig, detect_scene
 from solarmap.training.data import Sample, stack_samples
-from solarmap.training.stages import binary_scores, predict_probabilities
+from solarmap.training.stages import array_digest, binary_scores, predict_probabilities
 
 __all__ = ["MASK_THRESHOLDS", "best_rule", "calibrate", "calibrate_cam_scales", "calibrate_cam_shifts",
            "calibrate_cam_threshold", "calibrate_mask_rules", "calibrate_refine_rule", "calibrate_seg_rule",
@@ -104,16 +103,6 @@ def calibrate_cam_scales(model: SolarNet, windows: Sequence[Sample]) -> dict[str
     scales = cam_scales(model, windows, {"branch": dict(method="branch"), "gap": dict(method="gap")})
     model.config = replace(model.config, cam_scale=scales["branch"], gap_cam_scale=scales["gap"])
     return scales
-
-
-def array_digest(array: np.ndarray) -> bytes:
-    """A collision-free cache key for an array: a digest of its dtype, shape and bytes (a 32-bit
-    checksum would give two of 20,000 tiles one key about 5 % of the time, and one tile the other's
-    scores, silently)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{array.dtype.str}{array.shape};".encode())
-    h.update(np.ascontiguousarray(array).tobytes())
-    return h.digest()
 
 
 class _CachingScorer:

@@ -96,7 +96,7 @@ def outline_view(image: MaskedImage, rng: np.random.Generator, config: OutlineVi
         stack = _stack(image)
     _, h, w = stack.shape
     crop = min(crop, h, w)
-    if image.has_panels and rng.random() < config.p_on_panel and stack is not None:
+    if image.has_panels and rng.random() < config.p_on_panel:
         rows, cols = np.nonzero(np.nan_to_num(stack[4]) > 0.5)
         if len(rows):
             k = int(rng.integers(len(rows)))
@@ -258,8 +258,8 @@ def train_outline(net: OutlineNet, train: list[MaskedImage], *, workdir: str | P
 # -- validation ---------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict_images(net: OutlineNet, images: Sequence[MaskedImage], *, max_side_px: int = 1088) -> list[np.ndarray]:
-    """Panel and footprint probabilities (2, h, w) of whole images (large ones in overlapping windows)."""
+def predict_images(net: OutlineNet, images: Sequence[MaskedImage]) -> list[np.ndarray]:
+    """Panel and footprint probabilities (2, h, w) of whole images, each in one pass."""
     net.eval()
     out = []
     for image in images:
@@ -268,15 +268,12 @@ def predict_images(net: OutlineNet, images: Sequence[MaskedImage], *, max_side_p
     return out
 
 
-def _components_found(truth: np.ndarray, drawn: np.ndarray, min_px: int) -> tuple[int, int]:
-    """(arrays, arrays found): 8-connected truth blobs of at least ``min_px`` with a fifth drawn."""
+def _truth_arrays(image: MaskedImage) -> tuple[np.ndarray, np.ndarray]:
+    """The image's truth arrays (NREL: footprints, else modules) as 8-connected labels and the size
+    of each in pixels: what arrays found are counted on, whatever the threshold."""
+    truth = np.nan_to_num(image.footprint if image.source == "nrel" else image.panel) >= 0.5
     labels, count = ndimage.label(truth, structure=np.ones((3, 3)))
-    if not count:
-        return 0, 0
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    hits = np.bincount(labels.ravel(), weights=drawn.ravel(), minlength=count + 1)
-    big = sizes[1:] >= min_px
-    return int(big.sum()), int(((hits[1:] >= 0.2 * sizes[1:]) & big).sum())
+    return labels, np.bincount(labels.ravel(), minlength=count + 1)[1:]
 
 
 def evaluate_outline(probabilities: Sequence[np.ndarray], images: Sequence[MaskedImage], *,
@@ -286,10 +283,11 @@ def evaluate_outline(probabilities: Sequence[np.ndarray], images: Sequence[Maske
     of pixels drawn on images without panels, and on Bolzano the area drawn on roofs without panels
     as a fraction of the panel area."""
     small_px = 20.0 / gsd_m ** 2
+    arrays = [_truth_arrays(image) for image in images]
     results: dict = {}
     for t in thresholds:
         per: dict = {}
-        for prob, image in zip(probabilities, images):
+        for prob, image, (labels, sizes) in zip(probabilities, images, arrays):
             s = per.setdefault(image.source, {"inter": [0.0, 0.0], "union": [0.0, 0.0], "drawn": [0.0, 0.0],
                                               "true": [0.0, 0.0], "arrays": [0, 0, 0, 0], "neg_px": 0,
                                               "neg_drawn": 0, "roof_drawn": 0.0})
@@ -301,15 +299,12 @@ def evaluate_outline(probabilities: Sequence[np.ndarray], images: Sequence[Maske
                 s["union"][channel] += float((truth | drawn).sum())
                 s["drawn"][channel] += float(drawn.sum())
                 s["true"][channel] += float(truth.sum())
-            truth = np.nan_to_num(image.footprint if image.source == "nrel" else image.panel) >= 0.5
             drawn = prob[FOOTPRINT if image.source == "nrel" else PANEL] >= t
-            if truth.any():
-                labels = ndimage.label(truth, structure=np.ones((3, 3)))[0]
-                sizes = np.bincount(labels.ravel())[1:]
-                small = np.isin(labels, 1 + np.nonzero(sizes < small_px)[0])
-                a, f = _components_found(small, drawn, 1)
-                A, F_ = _components_found(truth & ~small, drawn, 1)
-                s["arrays"] = [s["arrays"][0] + a, s["arrays"][1] + f, s["arrays"][2] + A, s["arrays"][3] + F_]
+            if len(sizes):
+                hits = np.bincount(labels.ravel(), weights=drawn.ravel(), minlength=len(sizes) + 1)[1:]
+                found, small = hits >= 0.2 * sizes, sizes < small_px  # a fifth of the array drawn
+                counts = (small.sum(), (found & small).sum(), (~small).sum(), (found & ~small).sum())
+                s["arrays"] = [total + int(n) for total, n in zip(s["arrays"], counts)]
             else:
                 s["neg_px"] += drawn.size
                 s["neg_drawn"] += int(drawn.sum())

@@ -9,11 +9,11 @@ Every stage checkpoints each epoch under its workdir, so rerunning it resumes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
-import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -268,15 +268,20 @@ def _cached_features(model: SolarNet, pixels: torch.Tensor, config: TrainConfig,
     return features
 
 
-def _tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
-    """A collision-free name for a model state: a 32-bit checksum gives two of 20,000 states one
-    name about 5 % of the time, and a cache then silently serves one the other's features."""
+def array_digest(*arrays: np.ndarray) -> bytes:
+    """A collision-free cache key for arrays (tiles, a model's state): a digest of each one's dtype,
+    shape and bytes. A 32-bit checksum would give two of 20,000 tiles one key about 5 % of the time,
+    and a cache would then silently serve one the other's scores or features."""
     h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        array = t.detach().contiguous().cpu().numpy()
+    for array in arrays:
         h.update(f"{array.dtype.str}{array.shape};".encode())
-        h.update(array.tobytes())
-    return h.hexdigest()
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.digest()
+
+
+def _tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
+    """The name of a model state's cached features (:func:`array_digest` of its tensors)."""
+    return array_digest(*(t.detach().cpu().numpy() for t in tensors)).hex()
 
 
 def score_samples(model: SolarNet, samples: Sequence[Sample], *, threshold: float | None = None) -> Scores:
