@@ -2,24 +2,18 @@
 attach an epoch's network to a released model.
 
     python scripts/train_outline.py --workdir DIR [--data ../shared/data] [--epochs 12]
-    python scripts/train_outline.py --workdir DIR --init TEACHER.pt --pseudo --epochs 5 --lr-scale 0.33
     python scripts/train_outline.py --workdir DIR --attach EPOCH --threshold T --base MODEL --out NEW.pt.xz
 
 Rerunning the same command resumes after the last finished epoch. Validation only: the test splits
 are read by scripts/validate_outline.py, once, for a final model. ``--attach`` keeps ``--base``'s
 classifier, branch and calibration (default: the bundled model) and makes the outline network its
 default method with mask threshold ``T``.
-
-``--init`` starts from an earlier run's epoch weights; with ``--pseudo`` that network is also the
-teacher of pseudo-masks on the training split of the image-level positives (Bern, Fresno; see
-:func:`solarmap.training.outline.pseudo_masked`), made once and cached in the working directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,12 +21,11 @@ import torch
 
 from solarmap.model.outline import OutlineNet, OutlineSpec
 from solarmap.training.mask_data import load_masked
-from solarmap.training.outline import OutlineTrainConfig, evaluate_outline, predict_images, pseudo_masked, train_outline
+from solarmap.training.outline import OutlineTrainConfig, evaluate_outline, predict_images, train_outline
 from solarmap.training.pretrained import lite_imagenet_classifier
 
 GSD_M = 0.3
 VAL_NEGATIVES_PER_SOURCE = 60  # of each negative set's validation images: enough to see a share of pixels
-PSEUDO_VIEWS = {"bern-pseudo": 250, "fresno-pseudo": 100}  # per epoch, beside the masked sets' views
 
 
 def imagenet_outline_net(spec: OutlineSpec = OutlineSpec()) -> OutlineNet:
@@ -66,10 +59,6 @@ def main() -> None:
     parser.add_argument("--data", default=Path(__file__).resolve().parents[2] / "shared" / "data", type=Path)
     parser.add_argument("--epochs", type=int, default=OutlineTrainConfig.epochs)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--init", type=Path, default=None, help="Start from these outline weights (an outline-epoch-N.pt).")
-    parser.add_argument("--pseudo", action="store_true",
-                        help="Add pseudo-masked Bern and Fresno training positives, the --init network their teacher.")
-    parser.add_argument("--lr-scale", type=float, default=1.0, help="Multiply both learning rates (fine-tuning).")
     parser.add_argument("--attach", type=int, default=None, metavar="EPOCH")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--gate", type=float, default=None,
@@ -88,47 +77,17 @@ def main() -> None:
     for image in images:
         counts.setdefault(image.source, {}).setdefault(image.split, 0)
         counts[image.source][image.split] += 1
-    net = imagenet_outline_net()
-    if args.init is not None:
-        net.load_state_dict(torch.load(args.init, map_location="cpu"))
-    config = OutlineTrainConfig(epochs=args.epochs)
-    config = replace(config, lr=config.lr * args.lr_scale, encoder_lr=config.encoder_lr * args.lr_scale)
-    if args.pseudo:
-        if args.init is None:
-            raise SystemExit("--pseudo needs --init: the network whose sure pixels become the targets")
-        train += pseudo_training_images(net, args)
-        config = replace(config, views_per_epoch={**config.views_per_epoch, **PSEUDO_VIEWS})
-    for image in train:
-        if image.source.endswith("-pseudo"):
-            counts.setdefault(image.source, {}).setdefault("train", 0)
-            counts[image.source]["train"] += 1
     print("images per source and split:", json.dumps(counts))
+    config = OutlineTrainConfig(epochs=args.epochs)
 
     def validate(net, epoch):
         results = evaluate_outline(predict_images(net, val), val)
         (args.workdir / f"val-epoch-{epoch}.json").write_text(json.dumps(results, indent=1))
         return results["0.5"]
 
+    net = imagenet_outline_net()
     train_outline(net, train, workdir=args.workdir, config=config, validate=validate,
                   log=lambda line: print(line, flush=True))
-
-
-def pseudo_training_images(teacher, args) -> list:
-    """The teacher's pseudo-masks on the training split of Bern and Fresno positives (cached)."""
-    from solarmap.training.real_data import load_source
-
-    cache = args.workdir / "pseudo-masks.pkl"
-    if cache.exists():
-        return pickle.loads(cache.read_bytes())
-    images = []
-    for name in ("bern", "fresno"):
-        train = [im for im in load_source(name, args.data, gsd_m=GSD_M) if im.split == "train"]
-        made = pseudo_masked(teacher, train)
-        print(f"pseudo-masks: {name}: {len(made)} of {sum(im.label for im in train)} training positives kept", flush=True)
-        images += made
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    cache.write_bytes(pickle.dumps(images))
-    return images
 
 
 def attach(args) -> None:

@@ -13,7 +13,7 @@ from solarmap import model as M
 from solarmap.errors import ModelError
 from solarmap.model.outline import FOOTPRINT, PANEL, OutlineNet, OutlineSpec
 from solarmap.training.mask_data import MaskedImage
-from solarmap.training.outline import OutlineViewConfig, evaluate_outline, outline_loss, outline_view, pseudo_masked
+from solarmap.training.outline import OutlineViewConfig, evaluate_outline, outline_loss, outline_view
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = {"encoder": "tf_efficientnet_lite0", "decoder_channels": (16, 16, 8, 8, 8)}
@@ -133,32 +133,3 @@ def test_attaching_an_outline_network_keeps_the_classifier_and_makes_it_the_defa
     assert all(torch.equal(v, net.outline.state_dict()[k]) for k, v in outline.state_dict().items())
     scorer = build_scorer(M.load(M.save(net, tmp_path / "with-outline.pt")))
     assert scorer.method.value == "outline" and scorer.detect_settings()["mask_threshold"] == 0.35
-
-
-class _FixedTeacher(torch.nn.Module):
-    """A stand-in teacher whose panel probability is a given map (its footprint output mirrors it)."""
-
-    def __init__(self, panel: np.ndarray):
-        super().__init__()
-        self.panel = torch.from_numpy(panel)
-
-    def probabilities(self, pixels):
-        return torch.stack([self.panel, self.panel])[None]
-
-
-def test_pseudo_masks_keep_what_the_teacher_is_sure_of_and_drop_what_it_missed():
-    from solarmap.training.real_data import RealImage
-
-    panel = np.full((8, 8), 0.05, np.float32)
-    panel[:3, :3] = 0.9  # 9 sure pixels
-    panel[5, 5] = 0.3  # unsure: left out of the loss
-    pixels = np.zeros((3, 8, 8), np.uint8)
-    positive = RealImage(pixels, 1, "bern", "bern:a", "bern:0:0", split="train")
-    negative = RealImage(pixels, 0, "fresno", "fresno:b", "fresno:b", split="train")
-    made = pseudo_masked(_FixedTeacher(panel), [positive, negative])
-    assert [im.key for im in made] == ["bern:a"] and made[0].source == "bern-pseudo" and made[0].split == "train"
-    target = made[0].panel
-    assert np.all(target[:3, :3] == 1) and np.isnan(target[5, 5]) and target[7, 7] == 0
-    assert np.array_equal(np.isnan(made[0].footprint), np.isnan(target))
-    # a positive whose array the teacher did not find says nothing about where it is: left out
-    assert pseudo_masked(_FixedTeacher(panel), [positive], min_px=10) == []

@@ -34,7 +34,7 @@ from solarmap.training.mask_data import MaskedImage
 from solarmap.training.views import ViewConfig, _photometric
 
 __all__ = ["OutlineTrainConfig", "OutlineViewConfig", "attach_outline", "evaluate_outline", "outline_loss",
-           "outline_view", "predict_images", "pseudo_masked", "train_outline"]
+           "outline_view", "predict_images", "train_outline"]
 
 
 @dataclass(frozen=True)
@@ -266,28 +266,6 @@ def predict_images(net: OutlineNet, images: Sequence[MaskedImage]) -> list[np.nd
         x = torch.from_numpy(image.pixels.astype(np.float32) / 255.0)[None]
         out.append(net.probabilities(x)[0].numpy())
     return out
-
-
-def pseudo_masked(net: OutlineNet, images: Sequence, *, sure: float = 0.5, unsure: float = 0.1,
-                  min_px: int = 4) -> list[MaskedImage]:
-    """Self-training targets for image-level positives that have no masks (Bern, Fresno): what
-    ``net`` (the teacher) is sure of. Panel = 1 where the teacher's panel probability is at least
-    ``sure``, 0 where at most ``unsure``, unknown (NaN, out of the loss) between; footprint the
-    same (these are rooftops). Images labelled negative, and positives where the teacher draws
-    fewer than ``min_px`` sure pixels (a missed or hidden array: nothing is known there), are left
-    out. Why: these sets add two looks (Swiss 0.2 m orthophotos, Fresno 0.3 m) the masks do not
-    have; the teacher's confident pixels carry them into the student without a labelling effort."""
-    kept = []
-    for image in images:
-        if not image.label:
-            continue
-        panel = predict_images(net, [MaskedImage(image.pixels, None, None, image.source, image.key, image.group)])[0][PANEL]
-        if int((panel >= sure).sum()) < min_px:
-            continue
-        target = np.where(panel >= sure, 1.0, np.where(panel <= unsure, 0.0, np.nan)).astype(np.float32)
-        kept.append(MaskedImage(image.pixels, target, target.copy(), f"{image.source}-pseudo", image.key,
-                                image.group, image.split))
-    return kept
 
 
 def _truth_arrays(image: MaskedImage) -> tuple[np.ndarray, np.ndarray]:
