@@ -28,10 +28,11 @@ import numpy as np
 import shapely
 from affine import Affine
 
-from solarmap.geo.installations import KWP_PER_M2, group_installations
+from solarmap.geo.installations import KWP_PER_M2
 from solarmap.geo.output import write_geotiff
 from solarmap.model.scorer import build_scorer
 from solarmap.pipeline import DetectConfig, detect_scene
+from solarmap.pipeline.footprints import installations_with_footprints
 from solarmap.training.real_data import _read_rgb, load_source
 
 # Which drawn installations are the registered plant's: each candidate rule gives a plant's drawn
@@ -57,7 +58,8 @@ def drawn_installations(scorer, data: Path, ids: list[str], workdir: Path, cache
         frame, _ = detect_scene(str(scene), scorer=scorer, config=config)
         found = []
         if len(frame):
-            installations = group_installations(frame, join_m=config.join_m)
+            installations = installations_with_footprints(frame, sources=[(scene.name, scene)], scorer=scorer,
+                                                          config=config)
             distance = installations.geometry.distance(shapely.Point(east, north)).to_numpy()
             found = [[round(float(d), 3), round(float(a), 3)]
                      for d, a in zip(distance, installations["panel_area_m2"].to_numpy())]
@@ -101,7 +103,7 @@ def main() -> None:
     register = {r["id"]: r for r in csv.DictReader(open(args.data / "bern-pv-positives" / "register.csv"))}
     split = {im.key.split(":")[1]: im.split for im in load_source("bern", args.data, gsd_m=1.0)}
     ids = sorted(register)[: args.limit]
-    cache = args.workdir / f"installations-{Path(args.model or 'bundled').name}.json"
+    cache = args.workdir / f"installations-{Path(args.model or 'bundled').name}-footprints.json"
     chips = json.loads(cache.read_text()) if cache.exists() else {}
     missing = [i for i in ids if i not in chips]
     if missing:

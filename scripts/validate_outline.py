@@ -23,16 +23,17 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from affine import Affine
 from rasterio.features import rasterize
 
-from solarmap.geo.installations import group_installations
 from solarmap.geo.output import write_geotiff
 from solarmap.model.scorer import build_scorer, resample
 from solarmap.pipeline import DetectConfig, detect_scene
+from solarmap.pipeline.footprints import installations_with_footprints
 from solarmap.training.mask_data import MaskedImage, load_masked_source
 from solarmap.training.outline import evaluate_outline
 
@@ -87,7 +88,8 @@ def detect_on(scorer, config: DetectConfig, image: MaskedImage, workdir: Path, g
         drawn = np.zeros((2, *shape), np.float32)
         if len(frame):
             drawn[0] = rasterize(list(frame.geometry), out_shape=shape, transform=transform)
-            installations = group_installations(frame, join_m=join_m)
+            installations = installations_with_footprints(frame, sources=[(scene.name, scene)], scorer=scorer,
+                                                          config=replace(config, join_m=join_m))
             drawn[1] = rasterize(list(installations.geometry), out_shape=shape, transform=transform)
         out.append(drawn)
     return out

@@ -98,3 +98,67 @@ def test_detect_writes_the_installations_layer_beside_the_panels(tmp_path, geoti
     assert len(gpd.read_file(tmp_path / "region.gpkg", layer="installations")) == 2
     with rasterio.open(scene) as src:
         assert src.res == (0.5, 0.5)
+
+
+def test_panels_touching_one_footprint_region_are_one_installation_that_covers_it():
+    """The outline network's footprint regions join rows farther apart than the join distance and
+    widen the footprint; regions of another raster, or touching no panel, change nothing."""
+    rows = [shapely.box(500_000, 4_000_000, 500_040, 4_000_002), shapely.box(500_000, 4_000_012, 500_040, 4_000_014)]
+    ground = shapely.box(499_999, 3_999_999, 500_041, 4_000_015)  # the farm with its 10 m gap
+    far = shapely.box(500_200, 4_000_200, 500_210, 4_000_210)
+    alone = group_installations(panels(rows), join_m=4.0)
+    assert len(alone) == 2
+    joined = group_installations(panels(rows), join_m=4.0, footprints=[("a.tif", ground), ("a.tif", far)])
+    assert len(joined) == 1 and joined.n_panels.iloc[0] == 2
+    assert joined.panel_area_m2.iloc[0] == pytest.approx(160)  # capacity still from the modules
+    assert shapely.symmetric_difference(joined.geometry.iloc[0], ground).area < 1e-6 * ground.area
+    assert joined.footprint_area_m2.iloc[0] == pytest.approx(ground.area, rel=0.01)
+    other_raster = group_installations(panels(rows), join_m=4.0, footprints=[("b.tif", ground)])
+    assert len(other_raster) == 2
+    in_degrees = group_installations(panels(rows, crs="EPSG:4326"), join_m=4.0, footprints=[
+        ("a.tif", gpd.GeoSeries([ground], crs=UTM).to_crs("EPSG:4326").iloc[0])])
+    assert len(in_degrees) == 1 and in_degrees.footprint_area_m2.iloc[0] == pytest.approx(ground.area, rel=0.01)
+
+
+class FootprintScorer:
+    """Test scorer: panels are band 1, the footprint output band 2 (as the outline network's two outputs)."""
+
+    name = "band-one-footprint-two"
+    has_footprints = True
+
+    def __call__(self, pixels):
+        maps = pixels[:, 0].astype(np.float32)
+        return (maps.reshape(len(maps), -1).max(axis=1) >= 0.5).astype(np.float32), maps
+
+    def footprint_maps(self, pixels):
+        return pixels[:, 1].astype(np.float32)
+
+
+def test_detect_joins_and_widens_installations_by_the_footprint_output(tmp_path, geotiff):
+    """Two rows 10 m apart (0.5 m pixels, join 4 m) inside one footprint region that spans tiles:
+    one installation covering the region, in single, API and regional runs; without a footprint
+    output, two."""
+    from solarmap.pipeline import DetectConfig, detect, detect_to_file
+    from solarmap.pipeline.regional import detect_regional
+
+    image = np.zeros((3, 120, 120), np.float32)
+    image[0, 20:24, 20:100] = 1.0
+    image[0, 44:48, 20:100] = 1.0  # 10 m below the first row
+    image[1, 18:50, 18:102] = 1.0  # the installation's ground, across a tile seam (tiles of 64 px)
+    image[1, 100:110, 100:110] = 1.0  # footprint without panels: never an installation
+    scene = geotiff(image)
+    config = DetectConfig(tile_size_px=64, overlap_px=8, join_m=4.0)
+    ground_m2 = 32 * 84 * 0.25
+    out = tmp_path / "out.gpkg"
+    stats = detect_to_file(scene, out, scorer=FootprintScorer(), config=config)
+    installations = gpd.read_file(out, layer="installations")
+    assert stats.installations == len(installations) == 1
+    assert installations.n_panels.iloc[0] == 2 and installations.footprint_area_m2.iloc[0] == pytest.approx(ground_m2, rel=0.03)
+    detect(scene, scorer=FootprintScorer(), config=config, out=tmp_path / "api.gpkg")
+    assert len(gpd.read_file(tmp_path / "api.gpkg", layer="installations")) == 1
+    _, rstats = detect_regional([scene], tmp_path / "region.gpkg", scorer_spec=FootprintScorer(), config=config)
+    regional = gpd.read_file(tmp_path / "region.gpkg", layer="installations")
+    assert rstats.installations == 1 and regional.footprint_area_m2.iloc[0] == pytest.approx(ground_m2, rel=0.03)
+    without = tmp_path / "without.gpkg"
+    assert detect_to_file(scene, without, scorer=type("NoFootprints", (FootprintScorer,), {"has_footprints": False})(),
+                          config=config).installations == 2

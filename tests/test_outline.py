@@ -53,6 +53,10 @@ def test_the_scorer_outlines_with_the_networks_panel_output_and_round_trips(tmp_
         expected = net.outline.probabilities(torch.from_numpy(windows))[:, PANEL].numpy()
     assert maps.shape == (2, 160, 160)
     assert np.abs(maps - expected).max() <= 1e-4  # channels-last in the scorer: float32 rounding apart
+    assert scorer.has_footprints and not ModelScorer(net, method="gap").has_footprints
+    with torch.no_grad():
+        footprint = net.outline.probabilities(torch.from_numpy(windows))[:, FOOTPRINT].numpy()
+    assert np.abs(scorer.footprint_maps(windows) - footprint).max() <= 1e-4
     again = M.load(M.save(net, tmp_path / "outline.pt"))
     assert again.config.outline == net.config.outline
     assert np.abs(ModelScorer(again, method="outline")(windows)[1] - maps).max() <= 1e-4

@@ -39,7 +39,7 @@ def metric_crs(frame):
     return frame.estimate_utm_crs()
 
 
-def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M):
+def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M, footprints=None):
     """Installations (a GeoDataFrame in ``panels``' CRS) from a panels GeoDataFrame with ``area_m2``,
     ``score`` and ``source``, one row per group of panels closer than ``join_m`` to each other.
 
@@ -47,7 +47,12 @@ def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M):
     areas), ``footprint_area_m2`` (geodesic), ``capacity_kwp`` (module area x ``KWP_PER_M2``: from
     the modules, never the footprint, whose gaps hold none), ``n_panels``, ``kind`` (``unknown``: the model does not
     yet tell rooftop from ground-mounted), ``score`` (its panels' highest), centroid and ``source``.
-    Panels of different sources (rasters) are never joined."""
+    Panels of different sources (rasters) are never joined.
+
+    ``footprints``: (source, polygon in ``panels``' CRS) pairs, the outline network's footprint
+    regions (:mod:`solarmap.pipeline.footprints`): panels of one source that touch the same region
+    belong to one installation however far apart, and its footprint takes in the regions its
+    panels touch (a farm's gaps wider than ``join_m``, faint edge rows)."""
     import geopandas as gpd
 
     if panels.crs is None:
@@ -65,13 +70,30 @@ def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M):
     left, right = tree.query(grown, predicate="intersects")
     sources = panels["source"].to_numpy()
     same = (left < right) & (sources[left] == sources[right])
-    groups = connected_groups(len(geoms), zip(left[same].tolist(), right[same].tolist()))
+    pairs = list(zip(left[same].tolist(), right[same].tolist()))
+    regions_of: dict[int, list[int]] = {}
+    regions = np.empty(0, dtype=object)
+    if footprints:
+        import geopandas as gpd
+
+        region_sources = np.array([source for source, _ in footprints], dtype=object)
+        regions = gpd.GeoSeries([shape for _, shape in footprints], crs=panels.crs).to_crs(metric).to_numpy()
+        panel_at, region_at = shapely.STRtree(regions).query(geoms, predicate="intersects")
+        keep = region_sources[region_at] == sources[panel_at]
+        for panel, region in zip(panel_at[keep].tolist(), region_at[keep].tolist()):
+            regions_of.setdefault(panel, []).append(region)
+        first_panel: dict[int, int] = {}
+        for panel, region in zip(panel_at[keep].tolist(), region_at[keep].tolist()):
+            pairs.append((first_panel.setdefault(region, panel), panel))
+    groups = connected_groups(len(geoms), pairs)
     groups.sort(key=min)
     footprints = []
     for members in groups:
         union = shapely.union_all(grown[members])
         footprint = shapely.buffer(union, -half, quad_segs=4) if half > 0 else union
-        footprints.append(shapely.union_all([footprint, *geoms[members]]))  # never smaller than its own panels
+        touched = sorted({region for member in members for region in regions_of.get(member, [])})
+        # never smaller than its own panels
+        footprints.append(shapely.union_all([footprint, *geoms[members], *regions[touched]]))
     areas, scores = panels["area_m2"].to_numpy(float), panels["score"].to_numpy(float)
     panel_area = np.array([areas[members].sum() for members in groups])
     out_geoms = gpd.GeoSeries(footprints, crs=metric).to_crs(panels.crs).to_numpy()

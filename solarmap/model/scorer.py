@@ -22,6 +22,7 @@ from solarmap.model.align import align_to_window
 from solarmap.model.cam import METHODS, CamMethod, autocast_for
 from solarmap.model.checkpoint import load
 from solarmap.model.network import SolarNet
+from solarmap.model.outline import FOOTPRINT
 
 __all__ = ["ModelScorer", "ScorerSpec", "build_scorer", "classify_images", "fit_square", "resample", "resolve_device"]
 
@@ -93,6 +94,21 @@ class ModelScorer:
             self.cam_fallback_min_score = config.seg_cam_fallback_min_score
         if self.cam_fallback is None:
             self.cam_fallback = asked or (self.method is CamMethod.PSEUDO_SEG and config.seg_cam_fallback)
+
+    @property
+    def has_footprints(self) -> bool:
+        """Whether installations take this scorer's footprint output (:meth:`footprint_maps`): with
+        the outline method, whose panels come from the same network."""
+        return self.method is CamMethod.OUTLINE and self.model.outline is not None
+
+    def footprint_maps(self, pixels: np.ndarray) -> np.ndarray:
+        """The outline network's footprint probability (batch, h, w) for whole windows
+        (:mod:`solarmap.pipeline.footprints`)."""
+        if self.model.outline is None:
+            raise ModelError("this model has no outline network, so no footprint output")
+        x = torch.from_numpy(pixels).to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self.autocast():
+            return self.model.outline.probabilities(x.float())[:, FOOTPRINT].float().cpu().numpy()
 
     @property
     def colour_prior(self) -> np.ndarray | None:

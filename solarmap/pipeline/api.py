@@ -10,11 +10,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from solarmap import __version__
-from solarmap.geo.installations import group_installations
 from solarmap.geo.output import GeoPackageWriter, HeatmapWriter, check_output_path
 from solarmap.geo.raster import describe_scene
 from solarmap.geo.style import installations_qml, panels_qml
 from solarmap.pipeline.config import DetectConfig, DetectStats, ProgressCallback, Scorer
+from solarmap.pipeline.footprints import installations_with_footprints
 from solarmap.pipeline.journal import Journal, run_key
 from solarmap.pipeline.scene import SceneRun
 
@@ -98,7 +98,10 @@ def detect_to_file(path: str | Path, out: str | Path, *, scorer: Scorer, config:
         writer.finish(empty_frame=last_frame[0].iloc[:0], style_qml=panels_qml(),
                       metadata=run_metadata(config=config, model_name=scorer.name, source=str(path), stats=stats,
                                             extra=metadata))
-        stats.installations = add_installations(writer, read_panels(writer.work_path), config)
+        panels = read_panels(writer.work_path)
+        installations = installations_with_footprints(panels, sources=[(run.source_name, path)], scorer=scorer,
+                                                      config=config)
+        stats.installations = add_installations(writer, installations, config)
         if heat_writer is not None:
             heat_writer.complete()
         for _, target in outputs:  # an output that appeared meanwhile is not replaced unasked
@@ -145,21 +148,26 @@ def detect(source, *, scorer: Scorer | None = None, config: DetectConfig | None 
         in_memory = path = f"/vsimem/solarmap-{uuid.uuid4().hex}.tif"
         large = min(source.rio.height, source.rio.width) >= 512
         source.rio.to_raster(path, **({"tiled": True, "blockxsize": 256, "blockysize": 256} if large else {}))
+    renamed = in_memory is not None or bool(source_name)
     try:
         frame, stats = detect_scene(path, scorer=scorer, config=config, progress=progress)
+        if renamed:
+            frame["source"] = name
+        installations = None
+        if out is not None:  # before an in-memory raster goes: the footprint output reads it again
+            installations = installations_with_footprints(
+                frame, sources=[(name if renamed else Path(str(path)).name, path)], scorer=scorer, config=config)
     finally:
         if in_memory is not None:
             import rasterio.shutil
 
             rasterio.shutil.delete(in_memory)
-    if in_memory is not None or source_name:
-        frame["source"] = name
     if out is not None:
         with GeoPackageWriter(out, overwrite=overwrite) as writer:
             writer.append(frame)
             writer.finish(empty_frame=frame.iloc[:0], style_qml=panels_qml(),
                           metadata=run_metadata(config=config, model_name=scorer.name, source=name, stats=stats))
-            add_installations(writer, frame, config)
+            add_installations(writer, installations, config)
             writer.publish()
     return frame
 
@@ -171,12 +179,13 @@ def read_panels(path: str | Path):
     return gpd.read_file(path, layer="panels")
 
 
-def add_installations(writer: GeoPackageWriter, panels, config: DetectConfig) -> int:
-    """The installations layer (panels grouped by ``config.join_m``) into ``writer``'s finished work
-    file, styled; returns how many there are."""
-    installations = group_installations(panels, join_m=config.join_m)
+def add_installations(writer: GeoPackageWriter, installations, config: DetectConfig) -> int:
+    """The installations layer (:func:`solarmap.pipeline.footprints.installations_with_footprints`)
+    into ``writer``'s finished work file, styled; returns how many there are."""
     writer.add_layer(installations, layer="installations", style_qml=installations_qml(),
                      style_description="Installation footprints graduated by area",
-                     metadata={"join_m": config.join_m, "rule": "panels closer than join_m, closed by join_m"})
+                     metadata={"join_m": config.join_m,
+                               "rule": "panels closer than join_m, closed by join_m, joined and widened by the "
+                                       "outline network's footprint regions they touch (outline method)"})
     return len(installations)
 

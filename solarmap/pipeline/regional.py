@@ -56,6 +56,7 @@ from solarmap.geo.vectorize import (
     panels_frame,
 )
 from solarmap.pipeline.api import add_installations, run_metadata
+from solarmap.pipeline.footprints import installations_with_footprints
 from solarmap.pipeline.config import DetectConfig
 from solarmap.pipeline.journal import Journal, run_key
 from solarmap.pipeline.scene import SceneRun
@@ -388,7 +389,10 @@ def detect_regional(inputs: Sequence[str], out: str | os.PathLike, *, scorer_spe
     if len(frame):
         writer.append(frame)
     writer.finish(empty_frame=frame.iloc[:0], style_qml=panels_qml(), metadata=meta)
-    stats.installations = add_installations(writer, frame, config)
+    # in this process, raster by raster: the footprint output reads the tiles around their panels again
+    installations = installations_with_footprints(frame, sources=[(Path(r).name, r) for r in rasters],
+                                                  scorer=_scorer_for(scorer_spec) if len(frame) else None, config=config)
+    stats.installations = add_installations(writer, installations, config)
     check_output_path(out, overwrite=overwrite)  # an output that appeared meanwhile is not replaced unasked
     stats.seconds = time.perf_counter() - started
     journal.finish(stats, outputs)
