@@ -59,6 +59,7 @@ def test_compare_with_itself_shifted_removed_and_added():
     assert summary.kwp_removed == pytest.approx(panels.area_m2.iloc[:5].sum() * KWP_PER_M2)
     changes, summary = compare(fewer, before)
     assert summary.counts["new"] == 5 and summary.counts["removed"] == 0
+    assert summary.line().endswith(f"{summary.kwp_added:.1f} kWp added, 0.0 kWp removed")  # never "-0.0"
     grown_panels = panels.copy()
     grown_panels.loc[0, "geometry"] = shapely.box(*panels.geometry.iloc[0].bounds[:2],
                                                    panels.geometry.iloc[0].bounds[2] + 6, panels.geometry.iloc[0].bounds[3])

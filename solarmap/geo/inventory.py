@@ -113,7 +113,8 @@ class ChangeSummary:
 
     def line(self) -> str:
         parts = ", ".join(f"{self.counts.get(kind, 0)} {kind}" for kind in CHANGES)
-        return f"installations: {parts}; {self.kwp_added:+.1f} kWp added, {-self.kwp_removed:+.1f} kWp removed"
+        # + 0.0: a sum over nothing negated is -0.0, which would print as "-0.0"
+        return f"installations: {parts}; {self.kwp_added + 0.0:.1f} kWp added, {self.kwp_removed + 0.0:.1f} kWp removed"
 
 
 def compare(before, after, *, tolerance_m: float = 3.0, change_fraction: float = 0.2):
