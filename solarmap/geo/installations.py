@@ -74,16 +74,13 @@ def group_installations(panels, *, join_m: float = DEFAULT_JOIN_M, footprints=No
     regions_of: dict[int, list[int]] = {}
     regions = np.empty(0, dtype=object)
     if footprints:
-        import geopandas as gpd
-
         region_sources = np.array([source for source, _ in footprints], dtype=object)
         regions = gpd.GeoSeries([shape for _, shape in footprints], crs=panels.crs).to_crs(metric).to_numpy()
         panel_at, region_at = shapely.STRtree(regions).query(geoms, predicate="intersects")
         keep = region_sources[region_at] == sources[panel_at]
+        first_panel: dict[int, int] = {}  # each region links its panels through the first one it met
         for panel, region in zip(panel_at[keep].tolist(), region_at[keep].tolist()):
             regions_of.setdefault(panel, []).append(region)
-        first_panel: dict[int, int] = {}
-        for panel, region in zip(panel_at[keep].tolist(), region_at[keep].tolist()):
             pairs.append((first_panel.setdefault(region, panel), panel))
     groups = connected_groups(len(geoms), pairs)
     groups.sort(key=min)

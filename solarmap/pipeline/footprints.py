@@ -21,11 +21,11 @@ from typing import Sequence
 
 import numpy as np
 import shapely
-from affine import Affine
 
 from solarmap.geo.installations import group_installations
 from solarmap.geo.raster import SceneReader
 from solarmap.geo.tiling import axis_cores, axis_offsets, iter_tiles
+from solarmap.geo.vectorize import batch_core_pieces, to_map_coordinates
 from solarmap.pipeline.config import DetectConfig, Scorer
 
 __all__ = ["installations_with_footprints", "network_footprints"]
@@ -47,8 +47,7 @@ def network_footprints(path: str | Path, panels, *, scorer: Scorer, config: Dete
     """Polygons (in ``panels``' CRS) where the scorer's footprint output reaches the mask threshold,
     on the tiles of raster ``path`` within ``config.join_m`` of a panel; [] for a scorer without a
     footprint output or no panels. ``panels`` are those of this raster."""
-    footprint_maps = getattr(scorer, "footprint_maps", None)
-    if footprint_maps is None or not len(panels) or not getattr(scorer, "has_footprints", False):
+    if not len(panels) or not getattr(scorer, "has_footprints", False):  # such a scorer offers footprint_maps
         return []
     spec = config.tile_spec
     with SceneReader(str(path), bands=config.bands, gsd_m=config.gsd_m, src_crs=config.src_crs,
@@ -70,33 +69,19 @@ def network_footprints(path: str | Path, panels, *, scorer: Scorer, config: Dete
             images = [image for image in images if not image.is_empty]
             if not images:
                 continue
-            maps = footprint_maps(np.stack([image.pixels for image in images]))
-            for image, prob in zip(images, maps):
-                tile = image.tile
-                mask = (prob >= config.mask_threshold) & image.valid
-                shapes += _polygons(mask[tile.core_slices], int(tile.core.col_off), int(tile.core.row_off))
+            maps = scorer.footprint_maps(np.stack([image.pixels for image in images]))
+            masks = [(image.tile, (prob >= config.mask_threshold) & image.valid, 0.0, None)
+                     for image, prob in zip(images, maps)]
+            shapes += [piece.geometry for pieces in batch_core_pieces(masks) for piece in pieces]
     if not shapes:
         return []
     merged = shapely.union_all(shapes)  # cores abut on pixel edges: seams merge exactly
     simplify_px = config.simplify_m / gsd
     parts = shapely.get_parts(shapely.simplify(merged, simplify_px) if simplify_px > 0 else merged)
-    t = grid.transform
-    placed = shapely.transform(parts, lambda xy: np.column_stack([t.a * xy[:, 0] + t.b * xy[:, 1] + t.c,
-                                                                   t.d * xy[:, 0] + t.e * xy[:, 1] + t.f]))
     import geopandas as gpd
 
+    placed = to_map_coordinates(list(parts), grid.transform)
     return list(gpd.GeoSeries(placed, crs=grid.crs).to_crs(panels.crs).to_numpy())
-
-
-def _polygons(mask: np.ndarray, col_off: int, row_off: int) -> list:
-    """Polygons (grid pixel coordinates) of a core's True pixels."""
-    if not mask.any():
-        return []
-    from rasterio.features import shapes
-
-    transform = Affine.translation(col_off, row_off)
-    return [shapely.geometry.shape(geometry) for geometry, value in
-            shapes(mask.astype(np.uint8), mask=mask, transform=transform, connectivity=8) if value]
 
 
 def installations_with_footprints(panels, *, sources: Sequence[tuple[str, str | Path]], scorer: Scorer | None,
