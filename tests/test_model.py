@@ -129,3 +129,40 @@ def test_imagenet_init_from_a_local_file(tmp_path):
     net = init_from_imagenet(M.SolarNet(tiny_config()), weights)
     assert torch.equal(net.backbone.Mixed_5d.branch1x1.conv.weight, reference.Mixed_5d.branch1x1.conv.weight)
     assert net.backbone.fc.out_features == 2
+
+
+def _with_random_norm_statistics(net):
+    """Batch norms as training leaves them (a fresh network's are the identity, which folds trivially)."""
+    generator = torch.Generator().manual_seed(1)
+    for norm in net.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            n = norm.num_features
+            norm.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+            norm.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            if norm.affine:
+                norm.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+                norm.bias.data.copy_(torch.randn(n, generator=generator) * 0.2)
+    return net
+
+
+@pytest.mark.parametrize("backbone,method", [("efficientnet-lite0", "outline"), ("inception-v3", "branch")])
+def test_the_built_scorer_folds_batch_norms_in_a_copy_with_the_same_outputs(backbone, method):
+    import numpy as np
+
+    from solarmap.model.scorer import ModelScorer, build_scorer
+
+    torch.manual_seed(0)
+    outline = {"encoder": "tf_efficientnet_lite0", "decoder_channels": (16, 16, 8, 8, 8)} if method == "outline" else None
+    net = _with_random_norm_statistics(M.SolarNet(tiny_config(
+        backbone=backbone, context_px=32, decision_threshold=0.0, outline=outline, branch_levels=1,
+        mask_rules={method: (0.4, None)})).eval())
+    norms_before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    windows = np.random.default_rng(0).random((3, 3, 160, 160), dtype=np.float32)
+    probs, maps = ModelScorer(net, method=method)(windows)
+    folded = build_scorer(net, method=method, device="cpu")
+    folded_probs, folded_maps = folded(windows)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules()) == 0
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == norms_before > 0  # untouched
+    assert np.abs(folded_probs - probs).max() <= 1e-4
+    assert_close_on_scale(folded_maps, maps, rel=1e-4)
+    assert float(np.abs(maps).max()) > 0  # the maps compared are not all zero

@@ -9,6 +9,7 @@ same ``--cam-method``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from solarmap.geo.refine import ColourRefine
 from solarmap.model.align import align_to_window
 from solarmap.model.cam import METHODS, CamMethod, autocast_for
 from solarmap.model.checkpoint import load
+from solarmap.model.fold import fold_batchnorm
 from solarmap.model.network import SolarNet
 from solarmap.model.outline import FOOTPRINT
 
@@ -225,8 +227,9 @@ def build_scorer(model: str | Path | SolarNet | None = None, *, method: str | Ca
                  cam_fallback_min_score: float | None = None) -> ModelScorer:
     """A scorer from a checkpoint path (None: the bundled model) or a loaded network, named for
     the run metadata. Every option left at None takes the checkpoint's calibrated value (``method``:
-    the checkpoint's default outline method)."""
-    net = model if isinstance(model, SolarNet) else load(model)
+    the checkpoint's default outline method). The scorer's network has its batch norms folded
+    (:mod:`solarmap.model.fold`): a copy of a network passed in, which stays as it was."""
+    net = fold_batchnorm(copy.deepcopy(model) if isinstance(model, SolarNet) else load(model))
     name = "bundled" if model is None else str(model) if not isinstance(model, SolarNet) else "solarmap"
     method = CamMethod(method or net.config.default_cam_method)
     return ModelScorer(net, method=method, device=resolve_device(str(device)),
