@@ -305,3 +305,38 @@ def test_a_raster_placed_by_gcps_only_is_read_where_it_lies(tmp_path):
         dst.write(image)
     with pytest.raises(GeoreferenceError, match="placed by RPCs only"):
         detect_scene(str(rpc_only), scorer=BandOneScorer(), config=config)
+
+
+@pytest.mark.parametrize("kind", ["uint8", "uint8 with nodata", "float32 with nan", "resampled"])
+def test_reading_tiles_from_row_strips_gives_what_reading_each_gives(geotiff, kind):
+    rng = np.random.default_rng(3)
+    array = rng.integers(1, 256, (3, 45, 61)).astype(np.uint8)
+    options, gsd = {}, None
+    if kind == "uint8 with nodata":
+        array[:, 10:20, 30:50] = 0
+        options["nodata"] = 0
+    elif kind == "float32 with nan":
+        array = array.astype(np.float32)
+        array[1, 30:33, 5:9] = np.nan
+    elif kind == "resampled":
+        gsd = 0.7  # the file is 0.5 m
+    with SceneReader(geotiff(array, **options), gsd_m=gsd) as reader:
+        assert reader.info.has_mask == (kind == "uint8 with nodata")
+        tiles = list(iter_tiles(reader.info.grid, TileSpec(16, 4, context_px=5)))
+        assert len({t.tile_row for t in tiles}) > 2
+        size = tiles[0].window.height
+        block = np.full((len(tiles), 3, size, size), np.nan, dtype=np.float32)  # stale values must go
+        images = reader.read_tiles(tiles, block)
+        for tile, slot, image in zip(tiles, block, images):
+            alone = reader.read_tile(tile)
+            assert image.tile == tile and np.shares_memory(image.pixels, slot)
+            if kind == "resampled":  # GDAL's kernel over another window: a rounding step at most
+                assert np.abs(alone.pixels - slot).max() <= 1.01 / 255
+            else:
+                assert alone.pixels.tobytes() == slot.tobytes()
+            assert (alone.valid == image.valid).all()
+        # batched otherwise (as a resumed run would), the same pixels to the bit
+        again = np.zeros_like(block)
+        for start in range(0, len(tiles), 5):
+            reader.read_tiles(tiles[start:start + 5][::-1], again[start:start + 5][::-1])
+        assert again.tobytes() == block.tobytes()

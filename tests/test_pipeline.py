@@ -84,8 +84,8 @@ def test_interrupted_run_resumes_to_the_same_output(scene, tmp_path, monkeypatch
     assert (tmp_path / ".panels.gpkg.partial" / "state.pkl").exists()
     rows_done = pickle.loads((tmp_path / ".panels.gpkg.partial" / "state.pkl").read_bytes()).rows_done
     reads = []
-    real_read = SceneReader.read_tile
-    monkeypatch.setattr(SceneReader, "read_tile", lambda self, tile, **kw: reads.append(tile) or real_read(self, tile, **kw))
+    real_read = SceneReader.read_tiles
+    monkeypatch.setattr(SceneReader, "read_tiles", lambda self, tiles, out: reads.extend(tiles) or real_read(self, tiles, out))
     stats = detect_to_file(scene, out, scorer=BandOneScorer(), config=CONFIG, resume=True, heatmap=tmp_path / "h.tif")
     assert stats.tiles_read == stats.tiles_total == 25
     # the rows recorded are not read again: the reader is asked only for the others

@@ -94,27 +94,29 @@ class RunState:
 
 def read_batches(reader: SceneReader, spec: TileSpec, *, rows: tuple[int, int], batch_size: int,
                  stats: DetectStats) -> Iterator[ReadBatch]:
-    """Tiles of tile rows [start, stop) in batches, each read straight into its batch's array."""
+    """Tiles of tile rows [start, stop) in batches, each read straight into its batch's array (a run
+    of neighbours in a row in one read: :meth:`SceneReader.read_tiles`)."""
     start_row, stop_row = rows
     bands = len(reader.info.bands)
-    batch: list[TileImage] = []
-    block = None
+    tiles = []
     for tile in iter_tiles(reader.info.grid, spec):
         if tile.tile_row < start_row:
             continue
         if tile.tile_row >= stop_row:
             break
-        with timed(stats, "read"):
-            if block is None:
-                block = np.empty((batch_size, bands, int(tile.window.height), int(tile.window.width)),
-                                 dtype=np.float32)
-            batch.append(reader.read_tile(tile, out=block[len(batch)]))
-            ready = ReadBatch.of(batch, block) if len(batch) == batch_size else None
-        if ready is not None:
-            yield ready  # not timed: waits here while the model is busy
-            batch, block = [], None
-    if batch:
-        yield ReadBatch.of(batch, block[:len(batch)])
+        tiles.append(tile)
+        if len(tiles) == batch_size:
+            yield _read_batch(reader, tiles, bands, stats)  # waits here while the model is busy
+            tiles = []
+    if tiles:
+        yield _read_batch(reader, tiles, bands, stats)
+
+
+def _read_batch(reader: SceneReader, tiles: list, bands: int, stats: DetectStats) -> ReadBatch:
+    with timed(stats, "read"):
+        window = tiles[0].window
+        block = np.empty((len(tiles), bands, int(window.height), int(window.width)), dtype=np.float32)
+        return ReadBatch.of(reader.read_tiles(tiles, block), block)
 
 
 class PostProcessor:
