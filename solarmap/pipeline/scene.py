@@ -94,10 +94,9 @@ class RunState:
 
 def read_batches(reader: SceneReader, spec: TileSpec, *, rows: tuple[int, int], batch_size: int,
                  stats: DetectStats) -> Iterator[ReadBatch]:
-    """Tiles of tile rows [start, stop) in batches, each read straight into its batch's array (a run
-    of neighbours in a row in one read: :meth:`SceneReader.read_tiles`)."""
+    """Tiles of tile rows [start, stop) in batches, each read straight into its batch's array, cut
+    from one read of each tile row's strip (:meth:`SceneReader.read_tiles`)."""
     start_row, stop_row = rows
-    bands = len(reader.info.bands)
     tiles = []
     for tile in iter_tiles(reader.info.grid, spec):
         if tile.tile_row < start_row:
@@ -106,16 +105,17 @@ def read_batches(reader: SceneReader, spec: TileSpec, *, rows: tuple[int, int], 
             break
         tiles.append(tile)
         if len(tiles) == batch_size:
-            yield _read_batch(reader, tiles, bands, stats)  # waits here while the model is busy
+            yield _read_batch(reader, tiles, stats)  # waits here while the model is busy
             tiles = []
     if tiles:
-        yield _read_batch(reader, tiles, bands, stats)
+        yield _read_batch(reader, tiles, stats)
 
 
-def _read_batch(reader: SceneReader, tiles: list, bands: int, stats: DetectStats) -> ReadBatch:
+def _read_batch(reader: SceneReader, tiles: list, stats: DetectStats) -> ReadBatch:
     with timed(stats, "read"):
         window = tiles[0].window
-        block = np.empty((len(tiles), bands, int(window.height), int(window.width)), dtype=np.float32)
+        block = np.empty((len(tiles), len(reader.info.bands), int(window.height), int(window.width)),
+                         dtype=np.float32)
         return ReadBatch.of(reader.read_tiles(tiles, block), block)
 
 
