@@ -111,19 +111,14 @@ def main() -> None:
                         help="Also the area drawn on validate_real.py's negative scene (UC Merced images of the split).")
     parser.add_argument("--joins", default=None, help="Installations' join distances to measure, m (default: the "
                                                       "model's); the first is the one reported per source.")
-    parser.add_argument("--flips", choices=["on", "off"], default=None,
-                        help="The outline network's outputs averaged over flips, or not (default: the model's).")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     scorer = build_scorer(args.model, method=args.method, decision_threshold=args.score_threshold)
-    if args.flips:
-        scorer.outline_flips = args.flips == "on"
     config = DetectConfig.for_scorer(scorer)
     t0 = time.perf_counter()
     joins_m = tuple(float(v) for v in args.joins.split(",")) if args.joins else (config.join_m,)
     result = {"model": args.model or "bundled", "method": scorer.method.value, "split": args.split,
-              "mask_threshold": config.mask_threshold, "score_threshold": config.score_threshold, "join_m": joins_m[0],
-              "flips": scorer.outline_flips}
+              "mask_threshold": config.mask_threshold, "score_threshold": config.score_threshold, "join_m": joins_m[0]}
     for gsd in args.gsd.split(","):
         gsd_m = None if gsd == "native" else float(gsd)
         for source in args.sources.split(","):

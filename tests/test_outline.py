@@ -39,24 +39,6 @@ def test_the_outline_network_maps_windows_of_any_size_to_two_probabilities():
         net(torch.rand(1, 3, 70, 64))
 
 
-def test_outputs_averaged_over_flips_follow_the_window_when_it_is_flipped():
-    """The flip average is the mean of four passes, each flipped back: flipping the window flips
-    the output (a pass not flipped back would break this), padding included."""
-    torch.manual_seed(0)
-    net = OutlineNet(OutlineSpec(**SMALL)).eval()
-    window = torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        mean = net.probabilities(window, flips=True)
-        for dims in ((-1,), (-2,), (-2, -1)):
-            torch.testing.assert_close(net.probabilities(window.flip(dims), flips=True), mean.flip(dims),
-                                       atol=1e-5, rtol=0)
-        passes = [net.probabilities(window.flip(d)).flip(d) if d else net.probabilities(window)
-                  for d in ((), (-1,), (-2,), (-2, -1))]
-        torch.testing.assert_close(mean, sum(passes) / 4, atol=1e-5, rtol=0)
-        assert (mean - net.probabilities(window)).abs().max() > 1e-4  # the flips change something
-        assert net.probabilities(torch.rand(1, 3, 85, 70), flips=True).shape == (1, 2, 85, 70)
-
-
 def test_the_scorer_outlines_with_the_networks_panel_output_and_round_trips(tmp_path):
     from solarmap.model.scorer import ModelScorer
 

@@ -269,7 +269,7 @@ class OutlineMaps(CamMethodImpl):
 
     def raw_maps(self, scorer, x, features):
         with torch.inference_mode(), scorer.autocast():
-            return scorer.model.outline.probabilities(x.float(), flips=scorer.outline_flips)[:, PANEL].float()
+            return scorer.model.outline.probabilities(x.float())[:, PANEL].float()
 
     def normalise(self, raw, config, scale=None):
         return raw  # already a probability

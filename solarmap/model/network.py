@@ -61,7 +61,6 @@ class ModelConfig:
     seg_cam_fallback_min_score: float = 0.0  # ... only where the tile is at least this probable (0: every positive)
     outline: dict = field(default_factory=dict)  # an outline network (solarmap.model.outline.OutlineSpec fields), {}: none
     outline_gate: float | None = None  # the outline method outlines tiles at least this probable (None: decision_threshold)
-    outline_flips: bool = False  # the outline network's outputs averaged over each window's flips (chosen on validation)
     default_cam_method: str = "branch"  # the outline method `detect` uses unless told (chosen on validation)
     mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
     colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.geo.refine), bins³ entries

@@ -74,20 +74,12 @@ class OutlineNet(nn.Module):
             raise ModelError(f"the outline network reads windows whose sides are multiples of 32, not {height} x {width}")
         return self.net(pixels * 2.0 - 1.0)
 
-    def probabilities(self, pixels: torch.Tensor, *, flips: bool = False) -> torch.Tensor:
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
         """Panel and footprint probabilities (batch, 2, H, W) for windows of any size (reflect-padded
-        to a multiple of 32 and cropped back). ``flips``: the mean over the window and its left-right,
-        up-down and double flips, one batch four times as large. Why: a U-Net's output is not
-        equivariant to flips, and averaging them steadies the edges of small arrays."""
+        to a multiple of 32 and cropped back)."""
         height, width = pixels.shape[-2:]
         pad_h, pad_w = -height % 32, -width % 32
         if pad_h or pad_w:
             mode = "reflect" if pad_h < height and pad_w < width else "replicate"
             pixels = nn.functional.pad(pixels, (0, pad_w, 0, pad_h), mode=mode)
-        if not flips:
-            return torch.sigmoid(self(pixels).float())[..., :height, :width]
-        views = ((), (-1,), (-2,), (-2, -1))
-        batch = torch.cat([pixels.flip(dims) if dims else pixels for dims in views])
-        probs = torch.sigmoid(self(batch).float()).chunk(len(views))
-        mean = sum(p.flip(dims) if dims else p for p, dims in zip(probs, views)) / len(views)
-        return mean[..., :height, :width]
+        return torch.sigmoid(self(pixels).float())[..., :height, :width]

@@ -66,7 +66,6 @@ class ModelScorer:
     refine: bool | None = None  # colour refinement: None = the method's default
     cam_fallback: bool | None = None  # pseudo-seg: branch CAM where the head draws nothing (None: the checkpoint's)
     cam_fallback_min_score: float | None = None  # ... on tiles at least this probable (None: the checkpoint's)
-    outline_flips: bool | None = None  # the outline network's outputs averaged over flips (None: the checkpoint's)
 
     def __post_init__(self) -> None:
         self.method = CamMethod(self.method)
@@ -93,8 +92,6 @@ class ModelScorer:
         if asked and self.method is not CamMethod.PSEUDO_SEG:
             raise OptionError("--cam-fallback, --cam-fallback-min-score: only the pseudo-seg method falls back to the "
                               "branch CAM")
-        if self.outline_flips is None:
-            self.outline_flips = config.outline_flips
         if self.cam_fallback_min_score is None:
             self.cam_fallback_min_score = config.seg_cam_fallback_min_score
         if self.cam_fallback is None:
@@ -113,8 +110,7 @@ class ModelScorer:
             raise ModelError("this model has no outline network, so no footprint output")
         x = torch.from_numpy(pixels).to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self.autocast():
-            probs = self.model.outline.probabilities(x.float(), flips=self.outline_flips)
-            return probs[:, FOOTPRINT].float().cpu().numpy()
+            return self.model.outline.probabilities(x.float())[:, FOOTPRINT].float().cpu().numpy()
 
     @property
     def colour_prior(self) -> np.ndarray | None:
@@ -167,8 +163,6 @@ class ModelScorer:
             meta["seg_gate"] = seg_gate_text(self.model.config)
             floor = f" on tiles scoring >= {self.cam_fallback_min_score:g}" if self.cam_fallback_min_score > 0 else ""
             meta["cam_fallback"] = f"branch CAM where the head draws nothing{floor}" if self.cam_fallback else "none"
-        if self.method is CamMethod.OUTLINE:
-            meta["outline_flips"] = "mean over the window's flips" if self.outline_flips else "none"
         return meta
 
     def autocast(self):
