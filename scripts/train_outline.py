@@ -59,8 +59,6 @@ def main() -> None:
     parser.add_argument("--data", default=Path(__file__).resolve().parents[2] / "shared" / "data", type=Path)
     parser.add_argument("--epochs", type=int, default=OutlineTrainConfig.epochs)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--views", default="", metavar="SOURCE=N,...",
-                        help="Views per epoch of these sources instead of the defaults (e.g. bradbury=800).")
     parser.add_argument("--attach", type=int, default=None, metavar="EPOCH")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--gate", type=float, default=None,
@@ -80,14 +78,7 @@ def main() -> None:
         counts.setdefault(image.source, {}).setdefault(image.split, 0)
         counts[image.source][image.split] += 1
     print("images per source and split:", json.dumps(counts))
-    views = dict(OutlineTrainConfig().views_per_epoch)
-    for item in filter(None, args.views.split(",")):
-        source, count = item.split("=")
-        if source not in views:
-            raise SystemExit(f"--views: no source {source!r} (sources: {', '.join(views)})")
-        views[source] = int(count)
-    config = OutlineTrainConfig(epochs=args.epochs, views_per_epoch=views)
-    print("views per epoch:", json.dumps(views))
+    config = OutlineTrainConfig(epochs=args.epochs)
 
     def validate(net, epoch):
         results = evaluate_outline(predict_images(net, val), val)
