@@ -254,7 +254,7 @@ def test_the_coarse_raster_note_counts_from_the_pixel_sizes_it_is_given():
     (["--batch-size", "0"], "must be positive"),
     (["--branch-levels", "3"], "--branch-levels"),
     (["--cam-method", "gap", "--refine"], "no colour prior"),
-    (["--cam-method", "gap", "--cam-fallback"], "only the pseudo-seg method"),
+    (["--cam-method", "gap", "--cam-fallback"], "only the pseudo-seg and outline methods"),
     (["--cam-fallback-min-score", "-0.1"], "between 0 and 1"),
 ])
 def test_detect_option_errors(runner, tmp_path, tiny_model_file, geotiff, args, message):

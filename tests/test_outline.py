@@ -64,6 +64,30 @@ def test_the_scorer_outlines_with_the_networks_panel_output_and_round_trips(tmp_
         ModelScorer(M.SolarNet(tiny_config(backbone="efficientnet-lite0")), method="outline")
 
 
+def test_the_outline_method_falls_back_to_the_branch_cam_only_when_asked():
+    """--cam-fallback with the outline method: a positive tile whose panel output never reaches the
+    mask threshold gets the branch CAM (scaled so its threshold lands on the mask's); off by default."""
+    from solarmap.errors import OptionError
+    from solarmap.model.scorer import ModelScorer
+
+    torch.manual_seed(0)
+    config = tiny_config(backbone="efficientnet-lite0", context_px=32, decision_threshold=0.0, branch_levels=2,
+                         cam_scale=1e-6, cam_threshold=0.5, outline=SMALL, mask_rules={"outline": (1.5, None)})
+    net = M.SolarNet(config).eval()
+    windows = np.random.default_rng(0).random((2, 3, 160, 160), dtype=np.float32)
+    outline = ModelScorer(net, method="outline")(windows)[1]
+    fallen = ModelScorer(net, method="outline", cam_fallback=True)(windows)[1]
+    branch = ModelScorer(net, method="branch")(windows)[1]
+    assert outline.max() <= 1.0  # a probability never reaches 1.5: every tile falls back when asked
+    assert np.abs(fallen - branch * 3.0).max() <= 1e-4 * max(1.0, float(np.abs(branch).max()) * 3.0)
+    assert ModelScorer(net, method="outline", cam_fallback=True).metadata()["cam_fallback"].startswith("branch CAM")
+    assert ModelScorer(net, method="outline").metadata()["cam_fallback"] == "none"
+    with pytest.raises(OptionError, match="pseudo-seg and outline"):
+        ModelScorer(net, method="gap", cam_fallback=True)
+    with pytest.raises(ModelError, match="no trained CAM branch"):
+        ModelScorer(M.SolarNet(replace(config, branch_levels=0)), method="outline", cam_fallback=True)
+
+
 def test_a_view_keeps_pixels_and_truth_together():
     """Whatever the cut, scale, turn and look, the truth of a view lies on the dark array's pixels."""
     image = square_image()

@@ -25,9 +25,9 @@ def _unoutlined_note(count: int, scorer) -> str:
     if not count:
         return ""
     hint = ""
-    if scorer.method.value == "pseudo-seg" and not scorer.cam_fallback:
+    if scorer.method.value in ("pseudo-seg", "outline") and not scorer.cam_fallback:
         hint = "; --cam-fallback outlines them roughly"
-    elif scorer.method.value == "pseudo-seg" and scorer.cam_fallback_min_score > scorer.decision_threshold:
+    elif scorer.method.value in ("pseudo-seg", "outline") and scorer.cam_fallback_min_score > scorer.decision_threshold:
         hint = (f"; the fallback outlines only tiles scoring at least {scorer.cam_fallback_min_score:g}: "
                 f"--cam-fallback-min-score 0 outlines the others roughly")
     return f" ({count} with nothing outlined: a false call or an array the outline stage misses{hint})"
@@ -82,8 +82,9 @@ class _RegionalProgress:
               help="Outline masks by the model's learnt panel colours near the CAM (default: on for the branch "
                    "CAM when the model has a colour prior, as the bundled one does).")
 @click.option("--cam-fallback/--no-cam-fallback", default=None,
-              help="pseudo-seg: where the segmentation head draws nothing on a positive tile, outline the branch "
-                   "CAM instead (default: the model's; the bundled one does, on tiles scoring at least 0.7).")
+              help="pseudo-seg, outline: where the head or outline network draws nothing on a positive tile, "
+                   "outline the branch CAM instead (default: the model's for pseudo-seg; off for outline, where it "
+                   "finds more arrays and draws more on roofs without panels; on tiles scoring at least 0.7).")
 @click.option("--cam-fallback-min-score", type=float, default=None, callback=unit_interval,
               help="The fallback only on tiles scoring at least this (default: the model's; 0: every positive tile).")
 @click.option("--score-threshold", type=float, default=None, callback=unit_interval,

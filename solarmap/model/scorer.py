@@ -29,6 +29,9 @@ from solarmap.model.outline import FOOTPRINT
 __all__ = ["ModelScorer", "ScorerSpec", "build_scorer", "classify_images", "fit_square", "resample", "resolve_device"]
 
 
+FALLBACK_METHODS = (CamMethod.PSEUDO_SEG, CamMethod.OUTLINE)  # the methods --cam-fallback applies to
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> first GPU if present else CPU; 'cuda' without a GPU is an error."""
     if name == "auto":
@@ -89,9 +92,11 @@ class ModelScorer:
             self.decision_threshold = config.decision_threshold if gate is None else gate
         # a floor given without --cam-fallback asks for the fallback too
         asked = self.cam_fallback or (self.cam_fallback is None and self.cam_fallback_min_score is not None)
-        if asked and self.method is not CamMethod.PSEUDO_SEG:
-            raise OptionError("--cam-fallback, --cam-fallback-min-score: only the pseudo-seg method falls back to the "
-                              "branch CAM")
+        if asked and self.method not in FALLBACK_METHODS:
+            raise OptionError("--cam-fallback, --cam-fallback-min-score: only the pseudo-seg and outline methods fall "
+                              "back to the branch CAM")
+        if asked and config.branch_levels < 1:
+            raise ModelError("--cam-fallback: this model has no trained CAM branch to fall back on")
         if self.cam_fallback_min_score is None:
             self.cam_fallback_min_score = config.seg_cam_fallback_min_score
         if self.cam_fallback is None:
@@ -161,6 +166,7 @@ class ModelScorer:
                 "branch_levels": self.branch_levels or self.model.config.branch_levels}
         if self.method is CamMethod.PSEUDO_SEG:
             meta["seg_gate"] = seg_gate_text(self.model.config)
+        if self.method in FALLBACK_METHODS:
             floor = f" on tiles scoring >= {self.cam_fallback_min_score:g}" if self.cam_fallback_min_score > 0 else ""
             meta["cam_fallback"] = f"branch CAM where the head draws nothing{floor}" if self.cam_fallback else "none"
         return meta
@@ -192,12 +198,15 @@ class ModelScorer:
         return probs.cpu().numpy(), maps
 
     def _fall_back_to_cam(self, x: torch.Tensor, maps: np.ndarray, positive: np.ndarray) -> None:
-        """Positive tiles whose head map never reaches its mask threshold inside the tile take the
-        branch CAM instead, rescaled so that the CAM's own calibrated threshold lands on the head's.
+        """Positive tiles whose head (or outline network) map never reaches its mask threshold inside
+        the tile take the branch CAM instead, rescaled so that the CAM's own calibrated threshold lands
+        on the head's.
 
-        Why: the head learnt outlines from one UAV set (PV01) and draws nothing on many arrays in
-        other imagery (residential roofs at 0.3 m), where the classifier and its CAM branch, trained
-        on every real set, still point at them; a rough outline beats none for an inventory."""
+        Why: the pseudo-seg head learnt outlines from one UAV set (PV01) and draws nothing on many
+        arrays in other imagery, where the classifier and its CAM branch, trained on every real set,
+        still point at them; a rough outline beats none for an inventory. The outline network too
+        draws nothing on a fifth of the Swiss register's chips the classifier gates (dark arrays set
+        into dark roofs): there it is an opt-in, as it also draws more on roofs without panels."""
         if not len(positive):
             return
         config, c = self.model.config, self.context_px
