@@ -1,6 +1,6 @@
 """Capacity from drawn module area, measured against the Swiss register of PV plants (Bern chips).
 
-    python scripts/capacity_register.py --model FILE [--data ../shared/data] [--json OUT]
+    python scripts/capacity_register.py --model FILE [--data ../shared/data] [--json OUT] [--cam-fallback]
 
 Each Bern chip (25 m at 0.2 m, EPSG:2056, centred on a registered plant's building) is detected as
 its own GeoTIFF with the model's default outline method and its installations kept as (distance to
@@ -97,17 +97,20 @@ def main() -> None:
                         help="Attribution rule (default: chosen on the training blocks' plants).")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=None, help="Only the first N plants (a quick look).")
+    parser.add_argument("--cam-fallback", action="store_true", help="Detect as `detect --cam-fallback` does.")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     register = {r["id"]: r for r in csv.DictReader(open(args.data / "bern-pv-positives" / "register.csv"))}
     split = {im.key.split(":")[1]: im.split for im in load_source("bern", args.data, gsd_m=1.0)}
     ids = sorted(register)[: args.limit]
-    cache = args.workdir / f"installations-{Path(args.model or 'bundled').name}-footprints.json"
+    variant = "-fallback" if args.cam_fallback else ""
+    cache = args.workdir / f"installations-{Path(args.model or 'bundled').name}-footprints{variant}.json"
     chips = json.loads(cache.read_text()) if cache.exists() else {}
     missing = [i for i in ids if i not in chips]
     if missing:
-        drawn_installations(build_scorer(args.model), args.data, missing, args.workdir, cache, chips)
+        scorer = build_scorer(args.model, cam_fallback=True if args.cam_fallback else None)
+        drawn_installations(scorer, args.data, missing, args.workdir, cache, chips)
     year = {i: int(register[i]["first_operation"][:4]) for i in ids}
     kwp = {i: float(register[i]["total_power_kw"]) for i in ids}
     any_drawn = {i: ATTRIBUTION["within 8 m"](chips[i]) for i in ids}
@@ -125,7 +128,7 @@ def main() -> None:
     chosen = args.rule or min(rules, key=lambda n: (round(rules[n]["median_abs_error"], 2), -rules[n]["found"]))
     drawn = {i: ATTRIBUTION[chosen](chips[i]) for i in ids}
     fitted = fit_factor(part["train"] + part["val"], drawn, kwp)
-    result = {"model": args.model or "bundled", "flown_before": flown, "found_by_first_year": found_by_year,
+    result = {"model": args.model or "bundled", "cam_fallback": args.cam_fallback, "flown_before": flown, "found_by_first_year": found_by_year,
               "rules_on_training_blocks": rules, "rule": chosen,
               "kwp_per_m2_fitted": round(fitted, 4), "kwp_per_m2_default": KWP_PER_M2,
               "train_part": measure(part["train"], drawn, kwp, fitted), "val_part": measure(part["val"], drawn, kwp, fitted),
