@@ -128,8 +128,8 @@ def main() -> None:
     chosen = args.rule or min(rules, key=lambda n: (round(rules[n]["median_abs_error"], 2), -rules[n]["found"]))
     drawn = {i: ATTRIBUTION[chosen](chips[i]) for i in ids}
     fitted = fit_factor(part["train"] + part["val"], drawn, kwp)
-    result = {"model": args.model or "bundled", "cam_fallback": args.cam_fallback, "flown_before": flown, "found_by_first_year": found_by_year,
-              "rules_on_training_blocks": rules, "rule": chosen,
+    result = {"model": args.model or "bundled", "cam_fallback": args.cam_fallback, "flown_before": flown,
+              "found_by_first_year": found_by_year, "rules_on_training_blocks": rules, "rule": chosen,
               "kwp_per_m2_fitted": round(fitted, 4), "kwp_per_m2_default": KWP_PER_M2,
               "train_part": measure(part["train"], drawn, kwp, fitted), "val_part": measure(part["val"], drawn, kwp, fitted),
               "test_part_fitted": measure(part["test"], drawn, kwp, fitted),

@@ -22,14 +22,17 @@ def _unoutlined_note(count: int, scorer) -> str:
     """What the summary says of positive tiles with nothing drawn in them: either a false call the outline
     stage rejected or an array it misses (the pseudo-seg head, taught outlines by one UAV set, draws nothing
     on many residential arrays), so the user knows where to look and what to try."""
+    from solarmap.model.scorer import FALLBACK_METHODS  # after a run: torch is loaded already
+
     if not count:
         return ""
     hint = ""
-    if scorer.method.value in ("pseudo-seg", "outline") and not scorer.cam_fallback:
-        hint = "; --cam-fallback outlines them roughly"
-    elif scorer.method.value in ("pseudo-seg", "outline") and scorer.cam_fallback_min_score > scorer.decision_threshold:
-        hint = (f"; the fallback outlines only tiles scoring at least {scorer.cam_fallback_min_score:g}: "
-                f"--cam-fallback-min-score 0 outlines the others roughly")
+    if scorer.method in FALLBACK_METHODS:
+        if not scorer.cam_fallback:
+            hint = "; --cam-fallback outlines them roughly"
+        elif scorer.cam_fallback_min_score > scorer.decision_threshold:
+            hint = (f"; the fallback outlines only tiles scoring at least {scorer.cam_fallback_min_score:g}: "
+                    f"--cam-fallback-min-score 0 outlines the others roughly")
     return f" ({count} with nothing outlined: a false call or an array the outline stage misses{hint})"
 
 
