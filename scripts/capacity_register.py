@@ -1,14 +1,15 @@
 """Capacity from drawn module area, measured against the Swiss register of PV plants (Bern chips).
 
-    python scripts/capacity_register.py --model FILE [--data ../shared/data] [--json OUT] [--cam-fallback]
+    python scripts/capacity_register.py --model FILE [--data ../shared/data] [--json OUT]
+        [--[no-]cam-fallback] [--cam-fallback-min-score S]
 
 Each Bern chip (25 m at 0.2 m, EPSG:2056, centred on a registered plant's building) is detected as
 its own GeoTIFF with the model's default outline method and its installations kept as (distance to
 the centre, panel area). Which of them are the registered plant's is a rule (``ATTRIBUTION``: all
 within 8 m, 4 m or 2 m of the centre, or the nearest one), chosen on the training blocks' plants
 (lowest median error). Plants that began operating after the orthophoto was flown cannot be seen:
-the flight year is read off the data (the first year from which fewer than half the plants get a
-polygon within 8 m, ``--flown`` to give it). The kWp per m² factor is fitted (total kWp / total
+the flight year is read off the data (the first year whose plants get a polygon within 8 m markedly
+less often than those of the years before, ``flight_year``; ``--flown`` to give it). The kWp per m² factor is fitted (total kWp / total
 drawn area) on the training and validation blocks' plants; figures per part (the test blocks are
 held out from the classifier's training too): plants found, median absolute error per found
 plant, and the aggregate error over all plants (missed ones count as zero).
@@ -87,6 +88,19 @@ def fit_factor(part: list[str], drawn: dict[str, float], kwp: dict[str, float]) 
     return sum(kwp[i] for i in part if drawn[i] > 0) / max(sum(drawn[i] for i in part if drawn[i] > 0), 1e-9)
 
 
+def flight_year(found_by_year: dict[int, float], after_all: int, drop: float = 0.15) -> int:
+    """The first year (2015 on) whose plants get a polygon within 8 m at least ``drop`` less often than
+    the median of the years before: plants built after the flight show no panels on their chip.
+
+    A drop, not a level: with the CAM fallback, chips of plants built after the flight get polygons
+    too (neighbours' panels, roofs), so their share stays above a half."""
+    years = sorted(found_by_year)
+    for k, year in enumerate(years):
+        if year >= 2015 and found_by_year[year] < float(np.median([found_by_year[y] for y in years[:k]])) - drop:
+            return year
+    return after_all
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -97,19 +111,22 @@ def main() -> None:
                         help="Attribution rule (default: chosen on the training blocks' plants).")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=None, help="Only the first N plants (a quick look).")
-    parser.add_argument("--cam-fallback", action="store_true", help="Detect as `detect --cam-fallback` does.")
+    parser.add_argument("--cam-fallback", action=argparse.BooleanOptionalAction, default=None,
+                        help="As detect's --[no-]cam-fallback (default: the model's).")
+    parser.add_argument("--cam-fallback-min-score", type=float, default=None, metavar="S",
+                        help="As detect's --cam-fallback-min-score (default: the model's).")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     register = {r["id"]: r for r in csv.DictReader(open(args.data / "bern-pv-positives" / "register.csv"))}
     split = {im.key.split(":")[1]: im.split for im in load_source("bern", args.data, gsd_m=1.0)}
     ids = sorted(register)[: args.limit]
-    variant = "-fallback" if args.cam_fallback else ""
+    scorer = build_scorer(args.model, cam_fallback=args.cam_fallback, cam_fallback_min_score=args.cam_fallback_min_score)
+    variant = f"-fallback{scorer.cam_fallback_min_score:g}" if scorer.cam_fallback else ""
     cache = args.workdir / f"installations-{Path(args.model or 'bundled').name}-footprints{variant}.json"
     chips = json.loads(cache.read_text()) if cache.exists() else {}
     missing = [i for i in ids if i not in chips]
     if missing:
-        scorer = build_scorer(args.model, cam_fallback=True if args.cam_fallback else None)
         drawn_installations(scorer, args.data, missing, args.workdir, cache, chips)
     year = {i: int(register[i]["first_operation"][:4]) for i in ids}
     kwp = {i: float(register[i]["total_power_kw"]) for i in ids}
@@ -118,7 +135,7 @@ def main() -> None:
     for i in ids:
         by_year.setdefault(year[i], []).append(any_drawn[i] > 0)
     found_by_year = {y: round(float(np.mean(v)), 3) for y, v in sorted(by_year.items()) if len(v) >= 20}
-    flown = args.flown or next((y for y, share in found_by_year.items() if share < 0.5 and y >= 2015), max(year.values()) + 1)
+    flown = args.flown or flight_year(found_by_year, after_all=max(year.values()) + 1)
     seen = [i for i in ids if year[i] < flown]
     part = {name: [i for i in seen if split[i] == name] for name in ("train", "val", "test")}
     rules = {}
@@ -128,7 +145,8 @@ def main() -> None:
     chosen = args.rule or min(rules, key=lambda n: (round(rules[n]["median_abs_error"], 2), -rules[n]["found"]))
     drawn = {i: ATTRIBUTION[chosen](chips[i]) for i in ids}
     fitted = fit_factor(part["train"] + part["val"], drawn, kwp)
-    result = {"model": args.model or "bundled", "cam_fallback": args.cam_fallback, "flown_before": flown,
+    result = {"model": args.model or "bundled", "cam_fallback": scorer.cam_fallback,
+              "cam_fallback_min_score": scorer.cam_fallback_min_score if scorer.cam_fallback else None, "flown_before": flown,
               "found_by_first_year": found_by_year, "rules_on_training_blocks": rules, "rule": chosen,
               "kwp_per_m2_fitted": round(fitted, 4), "kwp_per_m2_default": KWP_PER_M2,
               "train_part": measure(part["train"], drawn, kwp, fitted), "val_part": measure(part["val"], drawn, kwp, fitted),

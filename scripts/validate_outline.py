@@ -3,7 +3,7 @@ sets' validation splits (choices) or, once, their test splits, per source, at ea
 and degraded to 0.6 m (NAIP).
 
     python scripts/validate_outline.py --model FILE [--split val|test] [--gsd native,0.6] [--json OUT]
-                                       [--joins 4,2,6,8]
+                                       [--joins 4,2,6,8] [--[no-]cam-fallback] [--cam-fallback-min-score S]
 
 Scenes: Bolzano and NREL images one scene each (NREL without its logo strip); PV01 (4 x 4) and
 Bradbury (8 x 8) chips laid out side by side, as in validate_real.py. Georeferenced at their own
@@ -101,6 +101,10 @@ def main() -> None:
     parser.add_argument("--method", default=None, help="Outline method (default: the model's).")
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="Tile probability that gates the outlines (default: the model's).")
+    parser.add_argument("--cam-fallback", action=argparse.BooleanOptionalAction, default=None,
+                        help="As detect's --[no-]cam-fallback (default: the model's).")
+    parser.add_argument("--cam-fallback-min-score", type=float, default=None, metavar="S",
+                        help="As detect's --cam-fallback-min-score (default: the model's).")
     parser.add_argument("--split", choices=["val", "test"], default="val")
     parser.add_argument("--gsd", default="native,0.6", help="Comma-separated: native and/or metres.")
     parser.add_argument("--sources", default="pv01,bradbury,bolzano,nrel")
@@ -113,12 +117,14 @@ def main() -> None:
                                                       "model's); the first is the one reported per source.")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    scorer = build_scorer(args.model, method=args.method, decision_threshold=args.score_threshold)
+    scorer = build_scorer(args.model, method=args.method, decision_threshold=args.score_threshold,
+                          cam_fallback=args.cam_fallback, cam_fallback_min_score=args.cam_fallback_min_score)
     config = DetectConfig.for_scorer(scorer)
     t0 = time.perf_counter()
     joins_m = tuple(float(v) for v in args.joins.split(",")) if args.joins else (config.join_m,)
     result = {"model": args.model or "bundled", "method": scorer.method.value, "split": args.split,
-              "mask_threshold": config.mask_threshold, "score_threshold": config.score_threshold, "join_m": joins_m[0]}
+              "mask_threshold": config.mask_threshold, "score_threshold": config.score_threshold, "join_m": joins_m[0],
+              "cam_fallback": scorer.metadata().get("cam_fallback")}
     for gsd in args.gsd.split(","):
         gsd_m = None if gsd == "native" else float(gsd)
         for source in args.sources.split(","):

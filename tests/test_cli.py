@@ -389,7 +389,7 @@ def test_the_summary_says_how_many_positive_tiles_got_no_outline_and_what_to_try
     head = scorer()
     assert _unoutlined_note(0, head) == ""
     assert "3 with nothing outlined" in _unoutlined_note(3, head) and "--cam-fallback" in _unoutlined_note(3, head)
-    assert "--cam-fallback outlines them" in _unoutlined_note(3, scorer(method=CamMethod.OUTLINE))  # opt-in there
+    assert "--cam-fallback outlines them" in _unoutlined_note(3, scorer(method=CamMethod.OUTLINE))  # refused there
     floored = _unoutlined_note(3, scorer(fallback=True, floor=0.7))  # the bundled model's: sure tiles only
     assert "at least 0.7" in floored and "--cam-fallback-min-score 0" in floored
     for other in (scorer(fallback=True), scorer(fallback=True, floor=0.5), scorer(method=CamMethod.BRANCH)):

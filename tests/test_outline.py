@@ -1,6 +1,7 @@
 """The outline network: shapes, the scorer's method, training views and loss, validation metrics,
 and the masked sets (skipped where ../shared/data is absent)."""
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,9 +65,10 @@ def test_the_scorer_outlines_with_the_networks_panel_output_and_round_trips(tmp_
         ModelScorer(M.SolarNet(tiny_config(backbone="efficientnet-lite0")), method="outline")
 
 
-def test_the_outline_method_falls_back_to_the_branch_cam_only_when_asked():
-    """--cam-fallback with the outline method: a positive tile whose panel output never reaches the
-    mask threshold gets the branch CAM (scaled so its threshold lands on the mask's); off by default."""
+def test_the_outline_method_falls_back_to_the_branch_cam_on_sure_tiles():
+    """The outline method's fallback: a positive tile whose panel output never reaches the mask
+    threshold gets the branch CAM (scaled so its threshold lands on the mask's); by default only on
+    tiles at least the checkpoint's floor probable, never without a branch, off when refused."""
     from solarmap.errors import OptionError
     from solarmap.model.scorer import ModelScorer
 
@@ -74,14 +76,29 @@ def test_the_outline_method_falls_back_to_the_branch_cam_only_when_asked():
     config = tiny_config(backbone="efficientnet-lite0", context_px=32, decision_threshold=0.0, branch_levels=2,
                          cam_scale=1e-6, cam_threshold=0.5, outline=SMALL, mask_rules={"outline": (1.5, None)})
     net = M.SolarNet(config).eval()
+    with torch.no_grad():
+        net.backbone.classifier_weights.mul_(1e-3)  # tile probabilities away from 0 and 1, so floors tell them apart
     windows = np.random.default_rng(0).random((2, 3, 160, 160), dtype=np.float32)
-    outline = ModelScorer(net, method="outline")(windows)[1]
-    fallen = ModelScorer(net, method="outline", cam_fallback=True)(windows)[1]
+    outline = ModelScorer(net, method="outline", cam_fallback=False)(windows)[1]
+    fallen = ModelScorer(net, method="outline", cam_fallback_min_score=0.0)(windows)[1]  # every positive tile
     branch = ModelScorer(net, method="branch")(windows)[1]
     assert outline.max() <= 1.0  # a probability never reaches 1.5: every tile falls back when asked
     assert np.abs(fallen - branch * 3.0).max() <= 1e-4 * max(1.0, float(np.abs(branch).max()) * 3.0)
     assert ModelScorer(net, method="outline", cam_fallback=True).metadata()["cam_fallback"].startswith("branch CAM")
-    assert ModelScorer(net, method="outline").metadata()["cam_fallback"] == "none"
+    assert ModelScorer(net, method="outline", cam_fallback=False).metadata()["cam_fallback"] == "none"
+    by_default = ModelScorer(net, method="outline")
+    assert by_default.cam_fallback and by_default.cam_fallback_min_score == config.outline_cam_fallback_min_score == 0.8
+    assert by_default.metadata()["cam_fallback"].endswith("on tiles scoring >= 0.8")
+    probs = by_default(windows)[0]
+    floor = float(probs.mean())  # between the two tiles' probabilities: one falls back, one does not
+    assert probs.min() < floor <= probs.max()
+    floored = M.with_config(copy.deepcopy(net), outline_cam_fallback_min_score=floor)  # the same weights
+    probs, fell = ModelScorer(floored, method="outline")(windows)
+    for tile, prob in enumerate(probs):
+        expected = fallen[tile] if prob >= floor else outline[tile]
+        assert np.abs(fell[tile] - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+    assert not ModelScorer(M.SolarNet(replace(config, outline_cam_fallback_min_score=None)), method="outline").cam_fallback
+    assert not ModelScorer(M.SolarNet(replace(config, branch_levels=0)), method="outline").cam_fallback
     with pytest.raises(OptionError, match="pseudo-seg and outline"):
         ModelScorer(net, method="gap", cam_fallback=True)
     with pytest.raises(ModelError, match="no trained CAM branch"):

@@ -24,7 +24,7 @@ DEFAULT_JOIN_M = 8.0  # chosen on NREL validation footprints (docs/real-imagery.
 # rated kWp per m² of module area drawn by the bundled model: total registered kWp / total drawn area over
 # the Bern plants of the training and validation blocks, a plant's area being that of the installations
 # within 2 m of its register point (scripts/capacity_register.py; model card, Capacity)
-KWP_PER_M2 = 0.217
+KWP_PER_M2 = 0.206
 INSTALLATION_COLUMNS = ("id", "panel_area_m2", "footprint_area_m2", "capacity_kwp", "n_panels", "kind", "score",
                         "centroid_lon", "centroid_lat", "source")
 

@@ -67,7 +67,7 @@ class ModelScorer:
     seg_scales: tuple[float, ...] = (1.0,)  # pseudo-seg: e.g. (0.5, 0.75, 1.0), fused by maximum
     cam_scale: float | None = None  # None: the checkpoint's scale for the method
     refine: bool | None = None  # colour refinement: None = the method's default
-    cam_fallback: bool | None = None  # pseudo-seg: branch CAM where the head draws nothing (None: the checkpoint's)
+    cam_fallback: bool | None = None  # pseudo-seg, outline: branch CAM where the head draws nothing (None: the checkpoint's)
     cam_fallback_min_score: float | None = None  # ... on tiles at least this probable (None: the checkpoint's)
 
     def __post_init__(self) -> None:
@@ -97,10 +97,14 @@ class ModelScorer:
                               "back to the branch CAM")
         if asked and config.branch_levels < 1:
             raise ModelError("--cam-fallback: this model has no trained CAM branch to fall back on")
+        outline_floor = config.outline_cam_fallback_min_score if self.method is CamMethod.OUTLINE else None
         if self.cam_fallback_min_score is None:
-            self.cam_fallback_min_score = config.seg_cam_fallback_min_score
+            self.cam_fallback_min_score = (config.seg_cam_fallback_min_score if outline_floor is None
+                                           else outline_floor)
         if self.cam_fallback is None:
-            self.cam_fallback = asked or (self.method is CamMethod.PSEUDO_SEG and config.seg_cam_fallback)
+            by_default = (config.seg_cam_fallback if self.method is CamMethod.PSEUDO_SEG
+                          else outline_floor is not None and config.branch_levels >= 1)
+            self.cam_fallback = asked or by_default
 
     @property
     def has_footprints(self) -> bool:
@@ -206,7 +210,8 @@ class ModelScorer:
         arrays in other imagery, where the classifier and its CAM branch, trained on every real set,
         still point at them; a rough outline beats none for an inventory. The outline network too
         draws nothing on a fifth of the Swiss register's chips the classifier gates (dark arrays set
-        into dark roofs): there it is an opt-in, as it also draws more on roofs without panels."""
+        into dark roofs): there it falls back only on tiles the classifier is sure of
+        (``ModelConfig.outline_cam_fallback_min_score``), as it also draws more on roofs without panels."""
         if not len(positive):
             return
         config, c = self.model.config, self.context_px
