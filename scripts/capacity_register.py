@@ -9,10 +9,11 @@ the centre, panel area). Which of them are the registered plant's is a rule (``A
 within 8 m, 4 m or 2 m of the centre, or the nearest one), chosen on the training blocks' plants
 (lowest median error). Plants that began operating after the orthophoto was flown cannot be seen:
 the flight year is read off the data (the first year whose plants get a polygon within 8 m markedly
-less often than those of the years before, ``flight_year``; ``--flown`` to give it). The kWp per m² factor is fitted (total kWp / total
-drawn area) on the training and validation blocks' plants; figures per part (the test blocks are
-held out from the classifier's training too): plants found, median absolute error per found
-plant, and the aggregate error over all plants (missed ones count as zero).
+less often than those of the years before, ``flight_year``; ``--flown`` to give it). The kWp per m²
+factor is fitted (total kWp / total drawn area) on the training and validation blocks' plants;
+figures per part (the test blocks are held out from the classifier's training too): plants found,
+median absolute error per found plant, and the aggregate error over all plants (missed ones count as
+zero).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def main() -> None:
     register = {r["id"]: r for r in csv.DictReader(open(args.data / "bern-pv-positives" / "register.csv"))}
     split = {im.key.split(":")[1]: im.split for im in load_source("bern", args.data, gsd_m=1.0)}
     ids = sorted(register)[: args.limit]
-    scorer = build_scorer(args.model, cam_fallback=args.cam_fallback, cam_fallback_min_score=args.cam_fallback_min_score)
+    scorer = build_scorer(args.model, cam_fallback=args.cam_fallback,
+                          cam_fallback_min_score=args.cam_fallback_min_score)
     variant = f"-fallback{scorer.cam_fallback_min_score:g}" if scorer.cam_fallback else ""
     cache = args.workdir / f"installations-{Path(args.model or 'bundled').name}-footprints{variant}.json"
     chips = json.loads(cache.read_text()) if cache.exists() else {}

@@ -1,7 +1,7 @@
 """Train the outline network on the real masked sets and validate it per source every epoch; then
 attach an epoch's network to a released model.
 
-    python scripts/train_outline.py --workdir DIR [--data ../shared/data] [--epochs 12]
+    python scripts/train_outline.py --workdir DIR [--data ../shared/data] [--epochs 12] [--with-val-masks]
     python scripts/train_outline.py --workdir DIR --attach EPOCH --threshold T --base MODEL --out NEW.pt.xz
 
 Rerunning the same command resumes after the last finished epoch. Validation only: the test splits
@@ -23,6 +23,7 @@ from solarmap.model.outline import OutlineNet, OutlineSpec
 from solarmap.training.mask_data import load_masked
 from solarmap.training.outline import OutlineTrainConfig, evaluate_outline, predict_images, train_outline
 from solarmap.training.pretrained import lite_imagenet_classifier
+from solarmap.training.real_data import NEGATIVE_SOURCES
 
 GSD_M = 0.3
 VAL_NEGATIVES_PER_SOURCE = 60  # of each negative set's validation images: enough to see a share of pixels
@@ -45,7 +46,7 @@ def validation_images(images):
     val = [im for im in images if im.split == "val"]
     kept, seen = [], {}
     for image in val:
-        if not image.has_panels and image.source in ("ucmerced", "oam", "fresno"):
+        if not image.has_panels and image.source in NEGATIVE_SOURCES:
             seen[image.source] = seen.get(image.source, 0) + 1
             if seen[image.source] > VAL_NEGATIVES_PER_SOURCE:
                 continue
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--data", default=Path(__file__).resolve().parents[2] / "shared" / "data", type=Path)
     parser.add_argument("--epochs", type=int, default=OutlineTrainConfig.epochs)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--with-val-masks", action="store_true",
+                        help="Also train on the masked sets' validation images: a final refit once every choice was "
+                             "made on validation (the negatives' stay out; the per-epoch figures become fit, not accuracy).")
     parser.add_argument("--attach", type=int, default=None, metavar="EPOCH")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--gate", type=float, default=None,
@@ -71,13 +75,14 @@ def main() -> None:
         attach(args)
         return
     images = load_masked(args.data, gsd_m=GSD_M, cache_dir=args.workdir / "cache")
-    train = [im for im in images if im.split == "train"]
+    train = [im for im in images if im.split == "train" or (args.with_val_masks and im.split == "val"
+                                                            and im.source not in NEGATIVE_SOURCES)]
     val = validation_images(images)
     counts = {}
     for image in images:
         counts.setdefault(image.source, {}).setdefault(image.split, 0)
         counts[image.source][image.split] += 1
-    print("images per source and split:", json.dumps(counts))
+    print("images per source and split:", json.dumps(counts), f"; training on {len(train)}")
     config = OutlineTrainConfig(epochs=args.epochs)
 
     def validate(net, epoch):

@@ -97,7 +97,8 @@ def test_the_outline_method_falls_back_to_the_branch_cam_on_sure_tiles():
     for tile, prob in enumerate(probs):
         expected = fallen[tile] if prob >= floor else outline[tile]
         assert np.abs(fell[tile] - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
-    assert not ModelScorer(M.SolarNet(replace(config, outline_cam_fallback_min_score=None)), method="outline").cam_fallback
+    never = M.SolarNet(replace(config, outline_cam_fallback_min_score=None))
+    assert not ModelScorer(never, method="outline").cam_fallback
     assert not ModelScorer(M.SolarNet(replace(config, branch_levels=0)), method="outline").cam_fallback
     with pytest.raises(OptionError, match="pseudo-seg and outline"):
         ModelScorer(net, method="gap", cam_fallback=True)

@@ -67,7 +67,7 @@ class ModelScorer:
     seg_scales: tuple[float, ...] = (1.0,)  # pseudo-seg: e.g. (0.5, 0.75, 1.0), fused by maximum
     cam_scale: float | None = None  # None: the checkpoint's scale for the method
     refine: bool | None = None  # colour refinement: None = the method's default
-    cam_fallback: bool | None = None  # pseudo-seg, outline: branch CAM where the head draws nothing (None: the checkpoint's)
+    cam_fallback: bool | None = None  # branch CAM where the head or outline draws nothing (None: the checkpoint's)
     cam_fallback_min_score: float | None = None  # ... on tiles at least this probable (None: the checkpoint's)
 
     def __post_init__(self) -> None:
