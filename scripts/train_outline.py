@@ -1,7 +1,7 @@
 """Train the outline network on the real masked sets and validate it per source every epoch; then
 attach an epoch's network to a released model.
 
-    python scripts/train_outline.py --workdir DIR [--data ../shared/data] [--epochs 12] [--with-val-masks]
+    python scripts/train_outline.py --workdir DIR [--data ../shared/data] [--epochs 12]
     python scripts/train_outline.py --workdir DIR --attach EPOCH --threshold T --base MODEL --out NEW.pt.xz
 
 Rerunning the same command resumes after the last finished epoch. Validation only: the test splits
@@ -60,9 +60,6 @@ def main() -> None:
     parser.add_argument("--data", default=Path(__file__).resolve().parents[2] / "shared" / "data", type=Path)
     parser.add_argument("--epochs", type=int, default=OutlineTrainConfig.epochs)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--with-val-masks", action="store_true",
-                        help="Also train on the masked sets' validation images: a final refit once every choice was "
-                             "made on validation (the negatives' stay out; the per-epoch figures become fit, not accuracy).")
     parser.add_argument("--attach", type=int, default=None, metavar="EPOCH")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--gate", type=float, default=None,
@@ -75,8 +72,7 @@ def main() -> None:
         attach(args)
         return
     images = load_masked(args.data, gsd_m=GSD_M, cache_dir=args.workdir / "cache")
-    train = [im for im in images if im.split == "train" or (args.with_val_masks and im.split == "val"
-                                                            and im.source not in NEGATIVE_SOURCES)]
+    train = [im for im in images if im.split == "train"]
     val = validation_images(images)
     counts = {}
     for image in images:
