@@ -20,7 +20,9 @@ def first_tile(reader, size=16, overlap=0):
     return next(iter_tiles(reader.info.grid, TileSpec(size, overlap)))
 
 
-def test_read_tile_scales_uint8_and_pads_edges(geotiff):
+def test_read_tile_scales_uint8_and_pads_a_raster_smaller_than_a_tile_with_zeros(geotiff):
+    """A raster smaller than one window (a chip) is zero past its edges: mirrored, its windows would be
+    mostly mirror. ``valid`` marks the raster's own pixels only."""
     array = np.full((3, 10, 12), 51, dtype=np.uint8)
     with SceneReader(geotiff(array)) as reader:
         image = reader.read_tile(first_tile(reader))
@@ -30,7 +32,9 @@ def test_read_tile_scales_uint8_and_pads_edges(geotiff):
     assert image.valid[:10, :12].all() and not image.valid[10:, :].any() and not image.valid[:, 12:].any()
 
 
-def test_context_is_read_around_the_tile_and_padded_outside_the_raster(geotiff):
+def test_context_is_read_around_the_tile_and_mirrored_outside_the_raster(geotiff):
+    """On a raster of at least one window, the part of a window past its edges holds the raster
+    mirrored (as training views are padded), not black."""
     array = (np.arange(40 * 40, dtype=np.uint32).reshape(40, 40) % 251).astype(np.uint8)
     with SceneReader(geotiff(np.stack([array] * 3))) as reader:
         tiles = list(iter_tiles(reader.info.grid, TileSpec(16, 0, context_px=5)))
@@ -38,7 +42,8 @@ def test_context_is_read_around_the_tile_and_padded_outside_the_raster(geotiff):
         corner, middle = reader.read_tile(first), reader.read_tile(inner)
     assert corner.pixels.shape == (3, 26, 26)
     assert not corner.valid[:5].any() and not corner.valid[:, :5].any()  # before the raster: padding
-    assert (corner.pixels[:, :5] == 0).all()
+    assert (corner.pixels[:, 4::-1, 5:] == corner.pixels[:, 5:10, 5:]).all()  # the raster mirrored
+    assert (corner.pixels[:, :, 4::-1] == corner.pixels[:, :, 5:10]).all()
     assert corner.pixels[0, 5:, 5:] * 255 == pytest.approx(array[:21, :21], abs=1e-3)
     assert middle.valid.all()
     assert middle.pixels[0] * 255 == pytest.approx(array[11:37, 11:37], abs=1e-3)
@@ -52,12 +57,12 @@ def test_reading_into_a_given_array_gives_the_same_pixels_bit_for_bit(geotiff):
         for i, tile in enumerate(tiles):
             fresh, into = reader.read_tile(tile), reader.read_tile(tile, out=block[i])
             assert np.shares_memory(into.pixels, block)
-            assert fresh.pixels.tobytes() == block[i].tobytes()  # padding zeroed too
+            assert fresh.pixels.tobytes() == block[i].tobytes()  # the mirrored margin rewritten too
             assert (fresh.valid == into.valid).all()
         # the uint8 lookup is what dividing by the scale gives, to the bit
-        expected = np.zeros((3, 26, 26), np.float32)
-        np.divide(array[:, :21, :21], np.float32(reader.info.scale), out=expected[:, 5:, 5:], casting="unsafe")
-        assert block[0].tobytes() == expected.tobytes()
+        expected = np.zeros((3, 21, 21), np.float32)
+        np.divide(array[:, :21, :21], np.float32(reader.info.scale), out=expected, casting="unsafe")
+        assert block[0].tobytes() == np.pad(expected, ((0, 0), (5, 0), (5, 0)), mode="symmetric").tobytes()
         with pytest.raises(ValueError, match="out must be float32"):
             reader.read_tile(tiles[0], out=np.zeros((3, 16, 16), np.float32))
 

@@ -379,20 +379,30 @@ class SceneReader:
 
     def _tile_image(self, tile: Tile, raw: np.ndarray, mask: np.ndarray | None, out: np.ndarray | None) -> TileImage:
         """The tile's window from its valid part's pixels ``raw`` (and ``mask``): scaled to [0, 1],
-        zero-padded past the raster's edges, into ``out`` if given."""
+        mirrored past the raster's edges, or zero there on rasters smaller than one window; into
+        ``out`` if given. ``valid`` marks the raster's own pixels, so nothing is drawn past its edges.
+
+        Why mirrored: every training view is padded by reflection, and against a black border the
+        outline network drew crop rows, and arrays cut, at a raster's edge. Why not on rasters
+        smaller than a window (chip-sized ones): their windows would be mostly mirror, a
+        kaleidoscope: the Swiss register's plants found fell from 0.738 to 0.674 (docs/real-imagery.md,
+        "A raster's edges")."""
         size_h, size_w = int(tile.window.height), int(tile.window.width)
         valid_h, valid_w = int(tile.valid.height), int(tile.valid.width)
         r0, c0 = int(tile.valid.row_off - tile.window.row_off), int(tile.valid.col_off - tile.window.col_off)
         inside = (slice(r0, r0 + valid_h), slice(c0, c0 + valid_w))
         shape = (len(self.info.bands), size_h, size_w)
+        padded = (valid_h, valid_w) != (size_h, size_w)
+        grid = self.info.grid
+        mirror = padded and grid.height >= size_h and grid.width >= size_w
         if out is None:
             pixels = np.zeros(shape, dtype=np.float32)
         elif out.shape != shape or out.dtype != np.float32:
             raise ValueError(f"read_tile: out must be float32 {shape}, got {out.dtype} {out.shape}")
         else:
             pixels = out
-            if (valid_h, valid_w) != (size_h, size_w):
-                pixels[...] = 0.0  # the padding past the raster's edges
+            if padded and not mirror:
+                pixels[...] = 0.0  # the padding past a small raster's edges
         scaled = pixels[(slice(None), *inside)]  # a view: scaled in place, no temporaries
         if raw.dtype == np.uint8:  # the common case: a 256-entry table, the same values as dividing
             np.take(self._uint8_table, raw, out=scaled, mode="clip")
@@ -401,6 +411,9 @@ class SceneReader:
             if np.issubdtype(raw.dtype, np.floating):
                 np.nan_to_num(scaled, copy=False, nan=0.0)
             np.clip(scaled, 0.0, 1.0, out=scaled)
+        if mirror:
+            pixels[...] = np.pad(scaled, ((0, 0), (r0, size_h - r0 - valid_h), (c0, size_w - c0 - valid_w)),
+                                 mode="symmetric")
         valid = np.zeros((size_h, size_w), dtype=bool)
         valid[inside] = mask > 0 if mask is not None else True
         if np.issubdtype(raw.dtype, np.floating):
