@@ -87,8 +87,8 @@ def test_the_outline_method_falls_back_to_the_branch_cam_on_sure_tiles():
     assert ModelScorer(net, method="outline", cam_fallback=True).metadata()["cam_fallback"].startswith("branch CAM")
     assert ModelScorer(net, method="outline", cam_fallback=False).metadata()["cam_fallback"] == "none"
     by_default = ModelScorer(net, method="outline")
-    assert by_default.cam_fallback and by_default.cam_fallback_min_score == config.outline_cam_fallback_min_score == 0.8
-    assert by_default.metadata()["cam_fallback"].endswith("on tiles scoring >= 0.8")
+    assert by_default.cam_fallback and by_default.cam_fallback_min_score == config.outline_cam_fallback_min_score == 0.7
+    assert by_default.metadata()["cam_fallback"].endswith("on tiles scoring >= 0.7")
     probs = by_default(windows)[0]
     floor = float(probs.mean())  # between the two tiles' probabilities: one falls back, one does not
     assert probs.min() < floor <= probs.max()

@@ -87,7 +87,7 @@ class _RegionalProgress:
 @click.option("--cam-fallback/--no-cam-fallback", default=None,
               help="pseudo-seg, outline: where the head or outline network draws nothing on a positive tile, "
                    "outline the branch CAM instead (default: the model's; the bundled model's on tiles scoring at "
-                   "least 0.8, where it finds more arrays at little more area on roofs without panels).")
+                   "least 0.7, where it finds more arrays at little more area on roofs without panels).")
 @click.option("--cam-fallback-min-score", type=float, default=None, callback=unit_interval,
               help="The fallback only on tiles scoring at least this (default: the model's; 0: every positive tile).")
 @click.option("--score-threshold", type=float, default=None, callback=unit_interval,

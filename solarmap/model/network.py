@@ -62,9 +62,10 @@ class ModelConfig:
     outline: dict = field(default_factory=dict)  # an outline network (solarmap.model.outline.OutlineSpec fields), {}: none
     outline_gate: float | None = None  # the outline method outlines tiles at least this probable (None: decision_threshold)
     # The outline method falls back to the branch CAM on tiles at least this probable that its network leaves
-    # empty (None: only when asked). Checkpoints written before the field take 0.8: chosen on version 14's
-    # validation (docs/real-imagery.md, "The fallback's floor"); models without a CAM branch ignore it.
-    outline_cam_fallback_min_score: float | None = 0.8
+    # empty (None: only when asked). Checkpoints written before the field take 0.7: chosen on version 14's
+    # validation with a raster's edges mirrored (docs/real-imagery.md, "The fallback's floor"); models
+    # without a CAM branch ignore it.
+    outline_cam_fallback_min_score: float | None = 0.7
     default_cam_method: str = "branch"  # the outline method `detect` uses unless told (chosen on validation)
     mask_rules: dict = field(default_factory=dict)  # other CAM methods: method -> (threshold, peak fraction)
     colour_prior: tuple[float, ...] | None = None  # panel-colour log ratios (solarmap.geo.refine), bins³ entries
