@@ -78,7 +78,7 @@ def main() -> None:
     for image in images:
         counts.setdefault(image.source, {}).setdefault(image.split, 0)
         counts[image.source][image.split] += 1
-    print("images per source and split:", json.dumps(counts), f"; training on {len(train)}")
+    print("images per source and split:", json.dumps(counts))
     config = OutlineTrainConfig(epochs=args.epochs)
 
     def validate(net, epoch):
