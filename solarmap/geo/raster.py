@@ -396,7 +396,7 @@ class SceneReader:
         grid = self.info.grid
         mirror = padded and grid.height >= size_h and grid.width >= size_w
         if out is None:
-            pixels = np.zeros(shape, dtype=np.float32)
+            pixels = (np.empty if mirror else np.zeros)(shape, dtype=np.float32)  # mirroring writes every pixel
         elif out.shape != shape or out.dtype != np.float32:
             raise ValueError(f"read_tile: out must be float32 {shape}, got {out.dtype} {out.shape}")
         else:
