@@ -1,7 +1,7 @@
 """Train the outline network on the real masked sets and validate it per source every epoch; then
 attach an epoch's network to a released model.
 
-    python scripts/train_outline.py --workdir DIR [--data ../shared/data] [--epochs 12] [--panel-teacher MODEL]
+    python scripts/train_outline.py --workdir DIR [--data ../shared/data] [--epochs 12]
     python scripts/train_outline.py --workdir DIR --attach EPOCH --threshold T --base MODEL --out NEW.pt.xz
 
 Rerunning the same command resumes after the last finished epoch. Validation only: the test splits
@@ -17,13 +17,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from solarmap.model.outline import PANEL, OutlineNet, OutlineSpec
+from solarmap.model.outline import OutlineNet, OutlineSpec
 from solarmap.training.mask_data import load_masked
-from solarmap.training.outline import (OutlineTrainConfig, evaluate_outline, predict_images, teach_unlabelled_panels,
-                                       train_outline)
+from solarmap.training.outline import OutlineTrainConfig, evaluate_outline, predict_images, train_outline
 from solarmap.training.pretrained import lite_imagenet_classifier
 from solarmap.training.real_data import NEGATIVE_SOURCES
 
@@ -62,9 +60,6 @@ def main() -> None:
     parser.add_argument("--data", default=Path(__file__).resolve().parents[2] / "shared" / "data", type=Path)
     parser.add_argument("--epochs", type=int, default=OutlineTrainConfig.epochs)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--panel-teacher", default=None, metavar="MODEL",
-                        help="Teach the module pixels the masks leave unlabelled (NREL, inside its footprints) "
-                             "from this model's outline network's sure pixels ('bundled': the bundled model).")
     parser.add_argument("--attach", type=int, default=None, metavar="EPOCH")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--gate", type=float, default=None,
@@ -84,8 +79,6 @@ def main() -> None:
         counts.setdefault(image.source, {}).setdefault(image.split, 0)
         counts[image.source][image.split] += 1
     print("images per source and split:", json.dumps(counts))
-    if args.panel_teacher:
-        train = with_taught_panels(train, args.panel_teacher)
     config = OutlineTrainConfig(epochs=args.epochs)
 
     def validate(net, epoch):
@@ -96,22 +89,6 @@ def main() -> None:
     net = imagenet_outline_net()
     train_outline(net, train, workdir=args.workdir, config=config, validate=validate,
                   log=lambda line: print(line, flush=True))
-
-
-def with_taught_panels(train, teacher_path: str):
-    """``train`` with the unlabelled module pixels of its images taught by ``teacher_path``'s outline network."""
-    from solarmap.model import load
-
-    teacher = load(None if teacher_path == "bundled" else teacher_path).outline
-    if teacher is None:
-        raise SystemExit(f"--panel-teacher {teacher_path}: this model has no outline network")
-    teacher = teacher.float().eval()
-    unlabelled = [im for im in train if np.isnan(im.panel).any()]
-    with torch.no_grad():
-        probabilities = [prob[PANEL] for prob in predict_images(teacher, unlabelled)]
-    taught = dict(zip((im.key for im in unlabelled), teach_unlabelled_panels(unlabelled, probabilities)))
-    print(f"panels taught by {teacher_path} on {len(unlabelled)} images", flush=True)
-    return [taught.get(im.key, im) for im in train]
 
 
 def attach(args) -> None:

@@ -14,8 +14,7 @@ from solarmap import model as M
 from solarmap.errors import ModelError
 from solarmap.model.outline import FOOTPRINT, PANEL, OutlineNet, OutlineSpec
 from solarmap.training.mask_data import MaskedImage
-from solarmap.training.outline import (OutlineViewConfig, evaluate_outline, outline_loss, outline_view,
-                                       teach_unlabelled_panels)
+from solarmap.training.outline import OutlineViewConfig, evaluate_outline, outline_loss, outline_view
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = {"encoder": "tf_efficientnet_lite0", "decoder_channels": (16, 16, 8, 8, 8)}
@@ -133,24 +132,6 @@ def test_the_loss_ignores_unknown_pixels():
     targets[0, FOOTPRINT] = 1.0
     outline_loss(logits, targets).backward()
     assert logits.grad[0, PANEL].abs().sum() == 0 and logits.grad[0, FOOTPRINT].abs().sum() > 0
-
-
-def test_a_teacher_labels_only_the_unlabelled_module_pixels_and_only_where_it_is_sure():
-    farm = square_image(source="nrel")
-    panel = np.where(farm.footprint > 0, np.nan, 0.0).astype(np.float32)  # as NREL's: unknown inside
-    farm = replace(farm, panel=panel)
-    roof = square_image()
-    teacher = np.full((96, 96), 0.3, np.float32)
-    teacher[40:55, 20:40] = 0.9  # sure panel
-    teacher[55:60, 20:40] = 0.05  # sure background
-    teacher[0:10] = 0.9  # sure, but outside the footprint: labelled already
-    taught_farm, taught_roof = teach_unlabelled_panels([farm, roof], [teacher, teacher])
-    assert taught_roof is roof
-    got = taught_farm.panel
-    assert np.all(got[40:55, 20:40] == 1) and np.all(got[55:60, 20:40] == 0)
-    assert np.all(np.isnan(got[60:70, 20:40]))  # the teacher unsure: still unknown
-    assert np.all(got[0:10] == 0) and np.array_equal(taught_farm.footprint, farm.footprint)
-    assert np.isnan(farm.panel[40:70, 20:40]).all()  # the input untouched
 
 
 def test_validation_counts_iou_area_arrays_negatives_and_roofs():

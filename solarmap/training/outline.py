@@ -20,7 +20,7 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,7 +34,7 @@ from solarmap.training.mask_data import MaskedImage
 from solarmap.training.views import ViewConfig, _photometric
 
 __all__ = ["OutlineTrainConfig", "OutlineViewConfig", "attach_outline", "evaluate_outline", "outline_loss",
-           "outline_view", "predict_images", "teach_unlabelled_panels", "train_outline"]
+           "outline_view", "predict_images", "train_outline"]
 
 
 @dataclass(frozen=True)
@@ -167,27 +167,6 @@ class OutlineTrainConfig:
     ema_decay: float = 0.99
     seed: int = 0
     view: OutlineViewConfig = OutlineViewConfig()
-
-
-def teach_unlabelled_panels(images: Sequence[MaskedImage], panel_probabilities: Sequence[np.ndarray], *,
-                            sure_panel: float = 0.5, sure_background: float = 0.1) -> list[MaskedImage]:
-    """``images`` with their unlabelled module pixels (NaN panel truth: NREL, inside its footprints)
-    taught by a teacher network's panel probability (h, w) per image: panel where it is at least
-    ``sure_panel``, not where at most ``sure_background``, still unknown between; labelled pixels
-    untouched.
-
-    Why: NREL labels whole installations, so the panel output is never told what a farm's modules
-    look like; over a long schedule, trained on module masks of roofs, it stops drawing farm rows and
-    the installations built on its panels lose the farms. An earlier network's sure pixels keep them."""
-    taught = []
-    for image, prob in zip(images, panel_probabilities, strict=True):
-        unknown = np.isnan(image.panel)
-        if not unknown.any():
-            taught.append(image)
-            continue
-        guess = np.where(prob >= sure_panel, 1.0, np.where(prob <= sure_background, 0.0, np.nan))
-        taught.append(replace(image, panel=np.where(unknown, guess, image.panel).astype(np.float32)))
-    return taught
 
 
 def _epoch_views(train: list[MaskedImage], config: OutlineTrainConfig, rng: np.random.Generator):
@@ -356,6 +335,8 @@ def attach_outline(model, outline: OutlineNet, *, threshold: float, make_default
     """``model`` (a SolarNet: its classifier keeps gating tiles) with ``outline`` as its outline
     network, its mask threshold ``threshold`` and, with ``make_default``, ``outline`` as the method
     ``detect`` uses unless told."""
+    from dataclasses import replace
+
     from solarmap.model.network import SolarNet
 
     spec = {"encoder": outline.spec.encoder, "decoder_channels": tuple(outline.spec.decoder_channels)}
